@@ -1,0 +1,1 @@
+"""End-to-end orchestration for the README's main command. May import every other package."""

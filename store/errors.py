@@ -1,0 +1,60 @@
+"""The one error hierarchy of slidecache.
+
+Every error we raise derives from SlidecacheError and also from the builtin a caller would expect
+(ValueError for bad input, KeyError for a missing slide, FileNotFoundError for a missing store), so
+`except ValueError` still works for code that does not know us. Messages name the file, slide or line
+and say what to do. Lives in `store` because every other package imports `store`, never the reverse.
+"""
+
+from __future__ import annotations
+
+
+class SlidecacheError(Exception):
+    """Base of every error slidecache raises on purpose."""
+
+
+class ConfigError(SlidecacheError, ValueError):
+    """A configuration value or command-line option that cannot be used."""
+
+
+class StoreError(SlidecacheError):
+    """Something about an embedding store as a whole."""
+
+
+class StoreNotFound(StoreError, FileNotFoundError):
+    """Opening a store that does not exist for reading."""
+
+
+class StoreSchemaError(StoreError, ValueError):
+    """A store whose root attributes are missing, of another schema version, or of another kind."""
+
+
+class FingerprintMismatch(StoreError, ValueError):
+    """Writing into a store made with a different encoder or tiling: the numbers would not mix."""
+
+
+class SlideNotFound(StoreError, KeyError):
+    """A slide id that is not (completely) in the store."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message and add quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class SlideWriteError(StoreError, ValueError):
+    """Rows handed to a slide writer that do not fit the slide (shape, dtype, NaN, after commit)."""
+
+
+class InvalidSlideId(SlidecacheError, ValueError):
+    """A slide id that could escape its folder or cannot be a key (separators, '..', control chars)."""
+
+
+class CohortError(SlidecacheError, ValueError):
+    """A cohort table or folder that cannot be turned into a slide list."""
+
+
+class ClinicalTableError(SlidecacheError, ValueError):
+    """A clinical table cell or column that cannot be parsed: the message names file, row and column."""
+
+
+class InteropError(SlidecacheError, ValueError):
+    """A TRIDENT/CLAM .h5 file that does not have the expected layout."""

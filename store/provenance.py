@@ -1,0 +1,112 @@
+"""What produced an output: fingerprints (hashed, what changes the numbers) and provenance (recorded).
+
+A fingerprint hashes only what changes the embeddings (encoder weights, pooling, preprocessing, tiling),
+so upgrading a library does not lock a store; library and code versions and the full config are
+provenance: recorded beside the fingerprint, never hashed. Every output folder of slidecache (store,
+training run, evaluation) records `provenance(config)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+UNKNOWN = "unknown"  # a fingerprint field an import could not supply
+
+# Packages whose versions we record. Read from metadata, never imported (store stays torch-free).
+TRACKED_PACKAGES = (
+    "slidecache", "numpy", "zarr", "numcodecs", "fsspec", "s3fs", "h5py", "torch", "timm", "transformers",
+    "peft", "accelerate", "ray", "openslide-python", "openslide-bin", "cucim-cu13", "tiffslide", "tifffile",
+    "scikit-survival", "scikit-learn", "pandas", "pycocoevalcap",
+)
+_SECRET_PARTS = ("token", "secret", "password", "passwd", "credential", "api_key", "apikey", "access_key")
+_SECRET_NAMES = ("key",)  # s3fs storage_options spell the access key id plain "key"
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def fingerprint(spec: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of a fingerprint spec ({'encoder': {...}, 'tiling': {...}})."""
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()
+
+
+def spec_differences(expected: Mapping[str, Any], found: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths where two specs differ, with both values: for a refusal message a user can act on."""
+    out: list[str] = []
+    for key in sorted(set(expected) | set(found)):
+        path = f"{prefix}{key}"
+        a, b = expected.get(key, "<absent>"), found.get(key, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += spec_differences(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path}: store has {b!r}, this run has {a!r}")
+    return out
+
+
+def code_version() -> str:
+    """git commit (+dirty) of the source tree when it is a checkout, else the installed version."""
+    try:
+        head = subprocess.run(["git", "-C", str(_REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(_REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        return f"git:{head}{'+dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return f"slidecache=={metadata.version('slidecache')}"
+    except metadata.PackageNotFoundError:
+        return UNKNOWN
+
+
+def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def scrub_secrets(obj: Any) -> Any:
+    """Copy of a config with the values of secret-looking keys replaced, so they never reach disk."""
+    if isinstance(obj, Mapping):
+        return {
+            k: "<redacted>" if _is_secret(str(k)) and not isinstance(v, Mapping) else scrub_secrets(v)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [scrub_secrets(v) for v in obj]
+    return obj
+
+
+def _is_secret(name: str) -> bool:
+    name = name.lower()
+    return name in _SECRET_NAMES or any(part in name for part in _SECRET_PARTS)
+
+
+def provenance(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The record every output folder carries: resolved config, code and package versions, when, where."""
+    return {
+        "created_at": utc_now(),
+        "code_version": code_version(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "config": scrub_secrets(dict(config or {})),
+    }
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,37 @@
+"""Fingerprints hash what changes the numbers; provenance records the rest, without secrets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from store.provenance import fingerprint, provenance, scrub_secrets, spec_differences
+from tests.conftest import REPO_ROOT
+from tests.store.helpers import spec
+
+
+def test_fingerprint_is_order_independent_and_sensitive():
+    a = spec()
+    b = {"tiling": dict(reversed(list(a["tiling"].items()))), "encoder": a["encoder"]}
+    assert fingerprint(a) == fingerprint(b)
+    c = spec()
+    c["encoder"]["weights_sha256"] = "0" * 64
+    assert fingerprint(c) != fingerprint(a)
+    assert spec_differences(c, a) == [f"encoder.weights_sha256: store has None, this run has {'0' * 64!r}"]
+
+
+def test_provenance_records_versions_not_secrets():
+    record = provenance({"store": "s3://b/x", "storage_options": {"key": "AKIA", "secret": "s"},
+                         "nested": [{"hf_token": "hf_abc"}], "tile_px": 224})
+    assert record["packages"]["zarr"] and record["packages"]["numpy"]
+    assert record["config"]["tile_px"] == 224
+    text = repr(record)
+    assert "AKIA" not in text and "hf_abc" not in text and "'s'" not in text
+    assert scrub_secrets({"keys_to_sort": 1}) == {"keys_to_sort": 1}
+
+
+def test_store_imports_neither_torch_nor_ray():
+    code = "import store, store.cli, store.h5io, store.verify, store.merge, store.cohort, store.clinical, sys; " \
+           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'extract', 'train', 'evaluate')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
