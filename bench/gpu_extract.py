@@ -94,6 +94,7 @@ def main() -> int:
     parser.add_argument("--encoder", default="virchow2-random", help="registry name (virchow2-tiny to dry-run)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of this script")
     parser.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 matmul ceiling")
+    parser.add_argument("--compile", action="store_true", help="also time bf16 weights under torch.compile")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -114,9 +115,16 @@ def main() -> int:
           f" datasheet bf16 dense: {peak_sheet or 'unknown'} TFLOP/s")
 
     rows = []
-    for mode, weights_bf16 in (("autocast(fp32 weights)", False), ("bf16 weights", True)):
+    modes = [("autocast(fp32 weights)", False), ("bf16 weights", True)]
+    if args.compile:
+        modes.append(("bf16 + torch.compile", True))
+    for mode, weights_bf16 in modes:
         if weights_bf16:
             encoder.model.to(torch.bfloat16)
+        if mode.endswith("compile"):
+            t0 = time.perf_counter()
+            encoder.model = torch.compile(encoder.model)
+            print(f"torch.compile wrapped the model ({time.perf_counter() - t0:.1f} s; compiles on first batch)")
         for batch in (int(b) for b in args.batches.split(",")):
             try:
                 r = time_batch(encoder, batch, device, weights_bf16, args.iters)

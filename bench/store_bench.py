@@ -69,61 +69,51 @@ def drop_page_cache() -> bool:
         return False
 
 
-def write_both(cohort: SyntheticCohort, sizes: list[int], zarr_url: str, h5_dir: Path) -> dict[str, float]:
+COMPRESSIONS = ("zstd", "none")  # both zarr layouts, each against the same h5 files
+
+
+def write_all(cohort: SyntheticCohort, sizes: list[int], work: Path) -> dict[str, float]:
     spec = {"encoder": {"name": "bench-synthetic", "dim": cohort.dim, "dtype": "float16"},
             "tiling": {"target_mpp": 0.5, "tile_px": 224, "stride_px": 224}}
-    store = EmbeddingStore.create_or_open(zarr_url, kind="slides", spec=spec, config={"bench": "store_bench"})
-    h5_dir.mkdir(parents=True)
-    t_zarr = t_h5 = 0.0
+    stores = {c: EmbeddingStore.create_or_open(str(work / f"zarr-{c}"), kind="slides", spec=spec, compression=c,
+                                               config={"bench": "store_bench"}) for c in COMPRESSIONS}
+    (work / "h5").mkdir(parents=True)
+    seconds = {name: 0.0 for name in (*COMPRESSIONS, "h5")}
     for i, n in enumerate(sizes):
         coords, tissue, emb = cohort.slide(i, n)
+        for compression, store in stores.items():
+            t0 = time.perf_counter()
+            with store.write_slide(f"slide{i:03d}", {"patient_id": f"P{i:03d}"}) as writer:
+                for start in range(0, n, WRITE_BLOCK):  # streamed, as the extractor writes
+                    rows = slice(start, start + WRITE_BLOCK)
+                    writer.append(coords[rows], tissue[rows], emb[rows])
+                writer.commit()
+            seconds[compression] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        with store.write_slide(f"slide{i:03d}", {"patient_id": f"P{i:03d}"}) as writer:
-            for start in range(0, n, WRITE_BLOCK):
-                rows = slice(start, start + WRITE_BLOCK)
-                writer.append(coords[rows], tissue[rows], emb[rows])
-            writer.commit()
-        t1 = time.perf_counter()
-        with h5py.File(h5_dir / f"slide{i:03d}.h5", "w") as f:  # as TRIDENT saves: whole arrays, fp32, int64
+        with h5py.File(work / "h5" / f"slide{i:03d}.h5", "w") as f:  # as TRIDENT saves: whole arrays, fp32, int64
             f["features"] = emb
             f["coords"] = coords
             f["coords"].attrs.update({"patch_size": 224, "patch_size_level0": 448})
-        t_h5 += time.perf_counter() - t1
-        t_zarr += t1 - t0
-    return {"zarr_write_s": t_zarr, "h5_write_s": t_h5}
+        seconds["h5"] += time.perf_counter() - t0
+    return seconds
 
 
-def read_whole(zarr_url: str, h5_dir: Path, ids: list[str]) -> dict[str, float]:
-    out = {"cache_dropped": drop_page_cache()}
-    store = EmbeddingStore.open(zarr_url)
-    t0 = time.perf_counter()
-    for sid in ids:
-        store.slide(sid).embeddings()
-    out["zarr_read_s"] = time.perf_counter() - t0
-    drop_page_cache()
-    t0 = time.perf_counter()
-    for sid in ids:
-        with h5py.File(h5_dir / f"{sid}.h5", "r") as f:
-            f["features"][...]
-    out["h5_read_s"] = time.perf_counter() - t0
-    return out
-
-
-def read_random(zarr_url: str, h5_dir: Path, ids: list[str], sizes: list[int], seed: int = 1) -> dict[str, float]:
-    rng = np.random.default_rng(seed)
-    picks = [np.sort(rng.choice(n, min(RANDOM_ROWS, n), replace=False)) for n in sizes]
-    drop_page_cache()
-    store = EmbeddingStore.open(zarr_url)
-    t0 = time.perf_counter()
-    for sid, idx in zip(ids, picks):
-        store.slide(sid).embeddings(idx)
-    zarr_s = time.perf_counter() - t0
-    drop_page_cache()
-    t0 = time.perf_counter()
-    for sid, idx in zip(ids, picks):
-        with h5py.File(h5_dir / f"{sid}.h5", "r") as f:
-            f["features"][idx]
-    return {"zarr_random_s": zarr_s, "h5_random_s": time.perf_counter() - t0}
+def read_all(work: Path, ids: list[str], picks: list[np.ndarray] | None) -> dict[str, float]:
+    """Seconds to read every slide whole (picks None) or the picked rows of each, per format, cold cache."""
+    seconds = {}
+    for name in (*COMPRESSIONS, "h5"):
+        drop_page_cache()
+        t0 = time.perf_counter()
+        if name == "h5":
+            for i, sid in enumerate(ids):
+                with h5py.File(work / "h5" / f"{sid}.h5", "r") as f:
+                    f["features"][...] if picks is None else f["features"][picks[i]]
+        else:
+            store = EmbeddingStore.open(str(work / f"zarr-{name}"))
+            for i, sid in enumerate(ids):
+                store.slide(sid).embeddings(None if picks is None else picks[i])
+        seconds[name] = time.perf_counter() - t0
+    return seconds
 
 
 def main() -> int:
@@ -143,38 +133,38 @@ def main() -> int:
     cohort = SyntheticCohort(args.dim, args.seed)
     work = Path(tempfile.mkdtemp(prefix="store_bench_", dir=args.workdir))
     try:
-        zarr_url, h5_dir = str(work / "store"), work / "h5"
         print(f"{args.slides} slides, {sum(sizes):,} tiles of {args.dim}-d (seed {args.seed}) in {work}")
-        timing = write_both(cohort, sizes, zarr_url, h5_dir)
-        timing |= read_whole(zarr_url, h5_dir, ids)
-        timing |= read_random(zarr_url, h5_dir, ids, sizes)
-        zarr_bytes, h5_bytes = folder_bytes(work / "store"), folder_bytes(h5_dir)
+        write_s = write_all(cohort, sizes, work)
+        whole_s = read_all(work, ids, None)
+        picks = [np.sort(rng.choice(n, min(RANDOM_ROWS, n), replace=False)) for n in sizes]
+        random_s = read_all(work, ids, picks)
+        nbytes = {c: folder_bytes(work / f"zarr-{c}") for c in COMPRESSIONS} | {"h5": folder_bytes(work / "h5")}
+        cache_dropped = drop_page_cache()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     tiles = sum(sizes)
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "slides": args.slides, "tiles": tiles, "dim": args.dim,
-        "bytes_per_tile": {"zarr": zarr_bytes / tiles, "h5": h5_bytes / tiles},
-        "bytes_ratio_zarr_over_h5": zarr_bytes / h5_bytes,
-        "whole_read_tiles_per_s": {"zarr": tiles / timing["zarr_read_s"], "h5": tiles / timing["h5_read_s"]},
-        "whole_read_throughput_ratio_zarr_over_h5": timing["h5_read_s"] / timing["zarr_read_s"],
-        "random512_s_per_slide": {"zarr": timing["zarr_random_s"] / args.slides, "h5": timing["h5_random_s"] / args.slides},
-        "random512_speed_ratio_zarr_over_h5": timing["h5_random_s"] / timing["zarr_random_s"],
-        "write_tiles_per_s": {"zarr": tiles / timing["zarr_write_s"], "h5": tiles / timing["h5_write_s"]},
-        "page_cache_dropped_before_reads": timing["cache_dropped"],
+        "slides": args.slides, "tiles": tiles, "dim": args.dim, "page_cache_dropped_before_reads": cache_dropped,
+        "bytes_per_tile": {k: v / tiles for k, v in nbytes.items()},
+        "whole_read_tiles_per_s": {k: tiles / v for k, v in whole_s.items()},
+        "random512_ms_per_slide": {k: 1e3 * v / args.slides for k, v in random_s.items()},
+        "write_tiles_per_s": {k: tiles / v for k, v in write_s.items()},
+        "ratios_zarr_over_h5": {c: {"bytes": nbytes[c] / nbytes["h5"], "whole_read_throughput": whole_s["h5"] / whole_s[c],
+                                    "random512_speed": random_s["h5"] / random_s[c]} for c in COMPRESSIONS},
         "versions": provenance()["packages"],
     }
-    print(f"{'':34}{'zarr':>14}{'h5 (fp32)':>14}{'ratio':>10}  target")
-    print(f"{'bytes per tile':34}{result['bytes_per_tile']['zarr']:>14.0f}{result['bytes_per_tile']['h5']:>14.0f}"
-          f"{result['bytes_ratio_zarr_over_h5']:>10.3f}  <= 0.5")
-    print(f"{'whole-slide read, tiles/s':34}{result['whole_read_tiles_per_s']['zarr']:>14,.0f}"
-          f"{result['whole_read_tiles_per_s']['h5']:>14,.0f}{result['whole_read_throughput_ratio_zarr_over_h5']:>10.2f}  >= 1.0")
-    print(f"{'512 sorted random rows, ms/slide':34}{result['random512_s_per_slide']['zarr'] * 1e3:>14.1f}"
-          f"{result['random512_s_per_slide']['h5'] * 1e3:>14.1f}{result['random512_speed_ratio_zarr_over_h5']:>10.2f}  (reported; speed ratio)")
-    print(f"{'write, tiles/s':34}{result['write_tiles_per_s']['zarr']:>14,.0f}{result['write_tiles_per_s']['h5']:>14,.0f}")
-    print(f"page cache dropped before reads: {result['page_cache_dropped_before_reads']}")
+    print(f"{'':30}" + "".join(f"{'zarr ' + c:>13}" for c in COMPRESSIONS) + f"{'h5 fp32':>13}")
+    for label, key, fmt in (("bytes per tile", "bytes_per_tile", "{:>13,.0f}"),
+                            ("whole-slide read, tiles/s", "whole_read_tiles_per_s", "{:>13,.0f}"),
+                            ("512 sorted rows, ms/slide", "random512_ms_per_slide", "{:>13,.1f}"),
+                            ("write, tiles/s", "write_tiles_per_s", "{:>13,.0f}")):
+        print(f"{label:30}" + "".join(fmt.format(result[key][k]) for k in (*COMPRESSIONS, "h5")))
+    print("\nratios zarr/h5          bytes (target <= 0.5)   whole-read throughput (target >= 1.0)   512-row speed (reported)")
+    for c, r in result["ratios_zarr_over_h5"].items():
+        print(f"  zarr {c:<18}{r['bytes']:>10.3f}{r['whole_read_throughput']:>30.2f}{r['random512_speed']:>30.2f}")
+    print(f"page cache dropped before each read phase: {cache_dropped}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -21,6 +21,8 @@ import torch
 from timm.data import resolve_model_data_config
 from timm.layers import SwiGLUPacked
 
+from store.errors import EncoderError  # pure Python: importable without zarr
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -51,10 +53,6 @@ TINY_ARCH: dict[str, Any] = dict(VIRCHOW2_ARCH, embed_dim=64, depth=2, num_heads
 
 VIRCHOW2_HUB_ID = "paige-ai/Virchow2"
 WEIGHTS_FILENAME = "model.safetensors"
-
-
-class EncoderError(ValueError):
-    """An encoder name, weights file or input that cannot be used. Subclasses ValueError."""
 
 
 @dataclass(frozen=True)

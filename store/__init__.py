@@ -2,15 +2,35 @@
 
 Imports neither torch nor ray, nor any other package of ours. Entry points:
 `EmbeddingStore.open(url)` to read, `EmbeddingStore.create_or_open(url, kind=..., spec=...)` to write,
-`load_cohort(...)` for slide tables and `load_clinical(...)` for per-patient outcomes.
+`store.cohort.load_cohort(...)` for slide tables and `store.clinical.load_clinical(...)` for outcomes.
+Names are imported lazily, so `store.errors` (the one error hierarchy) costs nothing to import: the GPU
+benchmark imports it on machines that have torch and timm but no zarr.
 """
 
-from store.embedding_store import SCHEMA_VERSION, EmbeddingStore, SlideView, SlideWriter
-from store.errors import *  # noqa: F401,F403  (the one error hierarchy)
-from store.ids import patient_id_for, tcga_patient_id, validate_slide_id
-from store.provenance import fingerprint, provenance
+from __future__ import annotations
 
-__all__ = [
-    "SCHEMA_VERSION", "EmbeddingStore", "SlideView", "SlideWriter",
-    "patient_id_for", "tcga_patient_id", "validate_slide_id", "fingerprint", "provenance",
-]
+import importlib
+from typing import Any
+
+from store.errors import *  # noqa: F401,F403  (the one error hierarchy)
+
+_LAZY = {
+    "SCHEMA_VERSION": "store.embedding_store",
+    "EmbeddingStore": "store.embedding_store",
+    "SlideView": "store.embedding_store",
+    "SlideWriter": "store.embedding_store",
+    "patient_id_for": "store.ids",
+    "tcga_patient_id": "store.ids",
+    "validate_slide_id": "store.ids",
+    "fingerprint": "store.provenance",
+    "provenance": "store.provenance",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'store' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -50,9 +50,15 @@ SLIDES, FAILURES = "slides", "failures"
 COMPLETE = "complete"
 
 _ZSTD = [ZstdCodec(level=3)]
-# Floats: byte-shuffle then zstd (blosc). On structured embeddings this gave 0.86 of the raw size against
-# 0.93 for plain zstd, and reads ~30% faster (bench/store_bench.py has the numbers).
-_FLOATS = [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")]
+# Compression of the float arrays (embeddings, tokens), chosen per store at creation; it does not change
+# the numbers, so it is a layout attribute, not part of the fingerprint. "zstd" (byte-shuffle + zstd via
+# blosc) stores ~0.43 of TRIDENT's fp32 bytes and suits object storage, where bytes cost time; "none"
+# (~0.50) decodes faster on a local disk where the CPU is the limit. bench/store_bench.py measures both.
+FLOAT_COMPRESSION = {
+    "zstd": [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")],
+    "none": None,
+}
+DEFAULT_COMPRESSION = "zstd"
 _CHUNK_TARGET_BYTES = 2 << 20  # inner chunk ~2 MiB: partial reads stay cheap
 _BLOCK_TARGET_BYTES = 64 << 20  # one writer block (= one shard per array) buffered in memory at most
 MAX_BLOCK_ROWS = 4096
@@ -112,10 +118,16 @@ class EmbeddingStore:
         config: Mapping[str, Any] | None = None,
         storage_options: Mapping[str, Any] | None = None,
         imported: bool = False,
+        compression: str = DEFAULT_COMPRESSION,
     ) -> EmbeddingStore:
-        """Open a store for writing, creating it if absent; refuse one made with another fingerprint."""
+        """Open a store for writing, creating it if absent; refuse one made with another fingerprint.
+
+        `compression` ("zstd" or "none") applies when the store is created; an existing store keeps its own.
+        """
         if kind not in KINDS:
             raise StoreSchemaError(f"store kind must be one of {KINDS}, got {kind!r}")
+        if compression not in FLOAT_COMPRESSION:
+            raise StoreSchemaError(f"compression must be one of {sorted(FLOAT_COMPRESSION)}, got {compression!r}")
         backend = zarr_store(url, read_only=False, storage_options=dict(storage_options or {}))
         wanted = fingerprint(spec)
         try:
@@ -127,6 +139,7 @@ class EmbeddingStore:
                 "fingerprint": wanted,
                 "fingerprint_spec": dict(spec),
                 "imported": imported,
+                "layout": {"compression": compression},
                 "provenance": provenance(config),
             })
             root.require_group(SLIDES)
@@ -169,6 +182,10 @@ class EmbeddingStore:
     @property
     def embedding_dim(self) -> int:
         return int(self.spec["encoder"]["dim"])
+
+    @property
+    def compression(self) -> str:
+        return str(self._attrs.get("layout", {}).get("compression", DEFAULT_COMPRESSION))
 
     @property
     def root_attrs(self) -> dict[str, Any]:
@@ -350,18 +367,19 @@ class SlideWriter:
     def _create_arrays(self) -> dict[str, zarr.Array]:
         b = self.block_rows
         g = self._group
+        floats = FLOAT_COMPRESSION[self.store.compression]
         emb_chunk = chunk_rows_for(self.dim * self.dtype.itemsize, b)
         arrays = {
             "coords": g.create_array("coords", shape=(0, 2), dtype="int32", chunks=(b, 2), compressors=_ZSTD),
             "tissue": g.create_array("tissue", shape=(0,), dtype="float16", chunks=(b,), compressors=_ZSTD),
             "embeddings": g.create_array("embeddings", shape=(0, self.dim), dtype=self.dtype,
-                                         chunks=(emb_chunk, self.dim), shards=(b, self.dim), compressors=_FLOATS),
+                                         chunks=(emb_chunk, self.dim), shards=(b, self.dim), compressors=floats),
         }
         if self.token_shape:
             t, c = self.token_shape
             tok_chunk = chunk_rows_for(t * c * self.dtype.itemsize, b)
             arrays["tokens"] = g.create_array("tokens", shape=(0, t, c), dtype=self.dtype,
-                                              chunks=(tok_chunk, t, c), shards=(b, t, c), compressors=_FLOATS)
+                                              chunks=(tok_chunk, t, c), shards=(b, t, c), compressors=floats)
         return arrays
 
     # ---- rows ----------------------------------------------------------------------------------

@@ -58,3 +58,15 @@ class ClinicalTableError(SlidecacheError, ValueError):
 
 class InteropError(SlidecacheError, ValueError):
     """A TRIDENT/CLAM .h5 file that does not have the expected layout."""
+
+
+class EncoderError(SlidecacheError, ValueError):
+    """An encoder name, weights file or input that cannot be used."""
+
+
+class SlideReadError(SlidecacheError, OSError):
+    """A slide no reader could open or decode (names the file and each reader's complaint)."""
+
+
+class MppError(SlidecacheError, ValueError):
+    """A slide whose physical pixel size is missing or implausible."""

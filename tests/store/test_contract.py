@@ -210,3 +210,17 @@ def test_open_missing_store(backend):
     url, options = backend
     with pytest.raises(StoreNotFound, match="no slidecache store"):
         EmbeddingStore.open(url, storage_options=options)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_compression_is_a_layout_choice_not_a_fingerprint(tmp_path, compression):
+    url = str(tmp_path / compression)
+    store = EmbeddingStore.create_or_open(url, kind="slides", spec=spec(), compression=compression)
+    _, _, _, emb, _ = write_slide(store, "s", 700)
+    reopened = EmbeddingStore.open(url)
+    assert reopened.compression == compression
+    np.testing.assert_array_equal(reopened.slide("s").embeddings(), emb)
+    other = EmbeddingStore.create_or_open(str(tmp_path / "other"), kind="slides", spec=spec(), compression="none")
+    assert other.fingerprint == store.fingerprint  # same numbers, same fingerprint
+    with pytest.raises(StoreSchemaError, match="compression must be one of"):
+        EmbeddingStore.create_or_open(str(tmp_path / "bad"), kind="slides", spec=spec(), compression="gzip")

@@ -1,0 +1,236 @@
+"""Whole-slide readers behind one small interface: cuCIM, then OpenSlide, then tiffslide.
+
+`open_slide(path)` tries them in that order and keeps the first that opens the file AND decodes a probe
+region with real content. That probe catches two silent failures: a file whose header parses but whose
+tiles do not decode (it fails here, per slide, not mid-extraction), and a pyramid a reader does not
+understand and returns as blank pixels (OpenSlide does that with SubIFD pyramids). Every reader's
+complaint goes into the error when none works. The reader used is recorded with each slide.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from store.errors import SlideReadError
+
+log = logging.getLogger(__name__)
+READER_ORDER = ("cucim", "openslide", "tiffslide")
+_PROBE_MAX_SIDE = 512  # the probe reads the smallest level, or a region of at most this many pixels
+
+
+class SlideReader(Protocol):
+    name: str
+    path: str
+    level_dimensions: list[tuple[int, int]]  # (width, height) per level, level 0 first
+    level_downsamples: list[float]
+    properties: dict[str, Any]
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of `size` (w, h) pixels at `level`, top-left at level-0 `location` (x, y)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _rgba_to_rgb(region: np.ndarray) -> np.ndarray:
+    """Composite RGBA on white (OpenSlide marks pixels outside the scanned area transparent)."""
+    if region.shape[-1] == 3:
+        return region
+    rgb, alpha = region[..., :3].astype(np.float32), region[..., 3:4].astype(np.float32) / 255.0
+    return (rgb * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
+
+
+@dataclass
+class OpenSlideReader:
+    path: str
+    name: str = "openslide"
+    level_dimensions: list[tuple[int, int]] = field(init=False)
+    level_downsamples: list[float] = field(init=False)
+    properties: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        import openslide
+
+        target = _dicom_instance(self.path) or self.path  # OpenSlide opens a DICOM series from any instance
+        self._slide = openslide.OpenSlide(target)
+        self.level_dimensions = [tuple(d) for d in self._slide.level_dimensions]
+        self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
+        self.properties = dict(self._slide.properties)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        return _rgba_to_rgb(np.asarray(self._slide.read_region(location, level, size)))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+@dataclass
+class TiffSlideReader:
+    path: str
+    name: str = "tiffslide"
+    level_dimensions: list[tuple[int, int]] = field(init=False)
+    level_downsamples: list[float] = field(init=False)
+    properties: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        import tiffslide
+
+        self._slide = tiffslide.TiffSlide(self.path)
+        self.level_dimensions = [tuple(d) for d in self._slide.level_dimensions]
+        self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
+        self.properties = dict(self._slide.properties)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        return _rgba_to_rgb(np.asarray(self._slide.read_region(location, level, size, as_array=True)))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+@dataclass
+class CucimReader:
+    path: str
+    name: str = "cucim"
+    level_dimensions: list[tuple[int, int]] = field(init=False)
+    level_downsamples: list[float] = field(init=False)
+    properties: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if Path(self.path).is_dir() or Path(self.path).suffix.lower() == ".dcm":
+            raise SlideReadError("cuCIM does not read DICOM")
+        _require_cucim_safe_tiff(self.path)
+        from cucim import CuImage
+
+        self._image = CuImage(self.path)
+        res = self._image.resolutions
+        self.level_dimensions = [tuple(int(v) for v in d) for d in res["level_dimensions"]]
+        self.level_downsamples = [float(d) for d in res["level_downsamples"]]
+        self.properties = _flatten(self._image.metadata)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        region = self._image.read_region(location=location, size=size, level=level)
+        return _rgba_to_rgb(np.asarray(region))
+
+    def close(self) -> None:
+        self._image.close()
+
+
+# TIFF compressions cuCIM decodes reliably. It crashes the whole process (SIGSEGV) on a deflate pyramid
+# on CPU, which no try/except can catch, so other files never reach it.
+_CUCIM_SAFE_COMPRESSIONS = {1, 7}  # none, JPEG
+
+
+def _require_cucim_safe_tiff(path: str) -> None:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            # Pyramid levels are tiled pages; associated images (label, macro) are strips cuCIM never decodes.
+            compressions = {int(page.compression) for page in tif.pages if page.is_tiled}
+    except (tifffile.TiffFileError, ValueError, OSError) as e:
+        raise SlideReadError(f"not a TIFF cuCIM can read ({e})") from e
+    unsafe = compressions - _CUCIM_SAFE_COMPRESSIONS
+    if unsafe:
+        raise SlideReadError(f"TIFF compression {sorted(unsafe)} is left to the other readers")
+
+
+def _flatten(meta: Any, prefix: str = "") -> dict[str, Any]:
+    """cuCIM's nested metadata as OpenSlide-style dotted keys ('aperio.MPP', 'tiff.resolution_unit')."""
+    if not isinstance(meta, dict):
+        return {prefix.rstrip("."): meta}
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def _dicom_instance(path: str) -> str | None:
+    folder = Path(path)
+    if folder.is_dir():
+        instances = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm")
+        return str(instances[0]) if instances else None
+    return None
+
+
+READERS: dict[str, Callable[[str], SlideReader]] = {
+    "cucim": CucimReader,
+    "openslide": OpenSlideReader,
+    "tiffslide": TiffSlideReader,
+}
+
+
+def probe(reader: SlideReader) -> np.ndarray:
+    """Decode a small picture of the whole slide: the smallest level, or its top-left corner if large."""
+    level = len(reader.level_dimensions) - 1
+    w, h = reader.level_dimensions[level]
+    return reader.read_region((0, 0), level, (min(w, _PROBE_MAX_SIDE), min(h, _PROBE_MAX_SIDE)))
+
+
+def is_blank(pixels: np.ndarray) -> bool:
+    """True when every pixel is the same colour: what a reader that silently failed returns."""
+    return pixels.size == 0 or bool((pixels == pixels.reshape(-1, pixels.shape[-1])[0]).all())
+
+
+def _agrees_with_tiffslide(path: str, pixels: np.ndarray) -> bool:
+    """cuCIM logs, but does not raise on, a JPEG tile it cannot decode: confirm its probe independently."""
+    try:
+        other = TiffSlideReader(path)
+        try:
+            return bool(np.array_equal(probe(other), pixels))
+        finally:
+            other.close()
+    except Exception:  # noqa: BLE001 - any failure to confirm means: do not trust this decode
+        return False
+
+
+@dataclass
+class OpenedSlide:
+    reader: SlideReader
+    notes: list[str]  # why earlier readers were passed over (recorded with the slide)
+
+
+def open_slide(path: str | Path, order: tuple[str, ...] = READER_ORDER) -> OpenedSlide:
+    """The first reader in `order` that opens `path` and decodes non-blank pixels.
+
+    A slide every reader sees as one flat colour is returned with the last such reader (it may truly be
+    empty; the tissue step decides). SlideReadError when no reader can open and decode it.
+    """
+    path = str(path)
+    if not Path(path).exists():
+        raise SlideReadError(f"{path}: no such file or folder; check the cohort table's path")
+    complaints: list[str] = []
+    blank: SlideReader | None = None
+    for name in order:
+        try:
+            reader = READERS[name](path)
+        except Exception as e:  # noqa: BLE001 - each reader fails in its own way; we report them all
+            complaints.append(f"{name} cannot open it ({type(e).__name__}: {str(e).strip()[:200]})")
+            continue
+        try:
+            pixels = probe(reader)
+        except Exception as e:  # noqa: BLE001
+            complaints.append(f"{name} opens it but cannot decode pixels ({type(e).__name__}: {str(e).strip()[:200]})")
+            reader.close()
+            continue
+        if name == "cucim" and not _agrees_with_tiffslide(path, pixels):
+            complaints.append("cucim decodes pixels tiffslide cannot confirm (a corrupt tile cuCIM passes silently?)")
+            reader.close()
+            continue
+        if is_blank(pixels):
+            complaints.append(f"{name} returns only blank pixels (an unsupported pyramid layout?)")
+            if blank is not None:
+                blank.close()
+            blank = reader
+            continue
+        if blank is not None:
+            blank.close()
+        return OpenedSlide(reader, complaints)
+    if blank is not None:
+        return OpenedSlide(blank, complaints)
+    raise SlideReadError(f"{path}: no reader could read this slide: " + "; ".join(complaints)
+                         + ". Check that the file is a complete whole-slide image (re-download it if its size or md5 differs).")
