@@ -1,0 +1,70 @@
+"""`python -m extract --cohort NAME_OR_TABLE --store URL ...`: thin CLI over extract.job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from extract.cohorts import resolve_cohort
+from extract.config import CONFIG_DIR, ExtractConfig
+from store.errors import ConfigError, SlidecacheError
+
+DEFAULT_CONFIG = CONFIG_DIR / "extract" / "virchow2.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m extract",
+                                description="Encode whole-slide images once into a slidecache store (Ray job).")
+    p.add_argument("--cohort", required=True, help="named cohort (configs/cohorts/NAME.yaml), a slide folder, a CSV or a GDC manifest")
+    p.add_argument("--store", required=True, help="store path or URL (file://, s3://, memory://)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"extraction YAML (default {DEFAULT_CONFIG.relative_to(CONFIG_DIR.parent)})")
+    p.add_argument("--encoder", help="registry name: virchow2, virchow2-random, virchow2-tiny")
+    p.add_argument("--weights", help="hub id or local .safetensors for the encoder")
+    p.add_argument("--mpp-override", type=float, help="µm/px for every slide, overriding metadata")
+    p.add_argument("--tokens", help="also store pooled patch-token grids, e.g. 4x4")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--retry-failed", action="store_true", default=None, help="retry slides recorded as failed")
+    p.add_argument("--limit", type=int, help="extract at most N slides this run")
+    p.add_argument("--num-encoders", type=int, help="encoder actors (default: one per GPU, or one on CPU)")
+    p.add_argument("--qc-dir", help="where QC pictures go (default: <store>/../<store name>_qc for local stores)")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for the store (s3 credentials: prefer AWS_* variables)")
+    p.add_argument("--no-qc", action="store_true", help="skip the QC pictures")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from extract.job import Extraction, connect_ray
+        from extract.qc import default_qc_dir, write_qc
+
+        overrides = {"encoder": args.encoder, "weights": args.weights, "mpp_override": args.mpp_override,
+                     "tokens": args.tokens, "batch_size": args.batch_size, "retry_failed": args.retry_failed,
+                     "limit": args.limit, "num_encoders": args.num_encoders, "qc_dir": args.qc_dir}
+        cfg = ExtractConfig.from_yaml(args.config, overrides)
+        try:
+            options = json.loads(args.storage_options) if args.storage_options else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--storage-options must be JSON: {e}") from e
+        entries = resolve_cohort(args.cohort)
+        print(f"[extract] cohort {args.cohort}: {len(entries)} slides; store {args.store}", flush=True)
+        started_ray = connect_ray(cfg)
+        try:
+            summary = Extraction(entries, args.store, cfg, options, log=lambda m: print(m, flush=True)).run()
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+        print(summary.table(), flush=True)
+        qc_dir = cfg.qc_dir or default_qc_dir(args.store)
+        if not args.no_qc and qc_dir:
+            report = write_qc(args.store, qc_dir, summary, storage_options=options)
+            print(f"[extract] QC pictures and cohort summary: {report}", flush=True)
+        return 1 if summary.failed else 0
+    except SlidecacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
