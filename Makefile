@@ -29,6 +29,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/store_bench.py
+	$(PY) bench/extract_bench.py
 
 clean-venv:
 	rm -rf $(VENV)

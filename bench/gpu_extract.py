@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -86,6 +87,36 @@ def time_batch(encoder, batch: int, device: torch.device, weights_bf16: bool, it
     return {"batch": batch, "median_s": med, "spread_s": max(times) - min(times), "tiles_per_s": batch / med}
 
 
+def time_batch_encoder(args: argparse.Namespace, device: torch.device, flops: float, peak_meas: float,
+                       peak_sheet: float | None) -> list[dict]:
+    """The extractor's BatchEncoder end to end: numpy uint8 (B, 224, 224, 3) on the host → fp16 numpy."""
+    from extract.config import ExtractConfig
+    from extract.encode import BatchEncoder
+
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        encoder = BatchEncoder(ExtractConfig(encoder=args.encoder, precision="bf16", batch_size=batch), device)
+        tiles = [np.random.default_rng(i).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8) for i in range(3)]
+        for i in range(3):
+            encoder(tiles[i])
+        times = []
+        for i in range(args.iters):
+            t0 = time.perf_counter()
+            encoder(tiles[i % 3])  # returns host numpy: synchronised
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        achieved = batch / med * flops / 1e12
+        rows.append({"mode": "BatchEncoder host->host", "batch": batch, "median_s": med, "tiles_per_s": batch / med,
+                     "tflops": achieved, "mfu_vs_matmul": achieved / peak_meas,
+                     "mfu_vs_datasheet": achieved / peak_sheet if peak_sheet else None,
+                     "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0})
+        del encoder
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="64,128,256,512")
@@ -95,6 +126,9 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of this script")
     parser.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 matmul ceiling")
     parser.add_argument("--compile", action="store_true", help="also time bf16 weights under torch.compile")
+    parser.add_argument("--batch-encoder", action="store_true",
+                        help="also time extract.encode.BatchEncoder, the extractor's own path: host uint8 tiles in, "
+                             "fp16 embeddings out (needs PyYAML)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -139,6 +173,9 @@ def main() -> int:
             rows.append(r)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+
+    if args.batch_encoder:
+        rows += time_batch_encoder(args, device, flops, peak_meas, peak_sheet)
 
     print(f"\n{'mode':<24}{'batch':>6}{'tiles/s':>10}{'TFLOP/s':>9}{'MFU(sheet)':>12}{'MFU(matmul)':>13}{'peak GiB':>10}")
     for r in rows:

@@ -60,3 +60,32 @@ def write_pyramid(path: str | Path, level0: np.ndarray, mpp: float, levels: int 
             h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
             image = image[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
     return path
+
+
+def write_repeated_slide(path: str | Path, width: int, height: int, mpp: float, seed: int = 0,
+                         reduced: tuple[int, ...] = (32,), variants: int = 8) -> Path:
+    """A large all-tissue slide written fast: a few JPEG tiles encoded once and repeated over level 0.
+
+    For benchmarks at 10k-100k tiles, where encoding a real image of that size would take longer than
+    the benchmark. Reduced levels (downsample factors in `reduced`) are real images for thumbnails.
+    """
+    import imagecodecs
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tile = 256
+    width, height = width // tile * tile, height // tile * tile
+    encoded = [imagecodecs.jpeg8_encode(synthetic_he(tile, tile, seed=seed + i, tissue_fraction=1.0), level=90)
+               for i in range(variants)]
+    rng = np.random.default_rng(seed)
+    order = rng.integers(0, variants, (height // tile) * (width // tile))
+    pixels_per_cm = 1e4 / mpp
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write((encoded[i] for i in order), shape=(height, width, 3), dtype="uint8", tile=(tile, tile),
+                  compression="jpeg", photometric="rgb", resolution=(pixels_per_cm, pixels_per_cm),
+                  resolutionunit="CENTIMETER")
+        for factor in reduced:
+            small = synthetic_he(max(1, height // factor), max(1, width // factor), seed=seed, tissue_fraction=1.0)
+            tif.write(small, tile=(tile, tile), compression="jpeg", photometric="rgb", subfiletype=1,
+                      resolution=(pixels_per_cm / factor, pixels_per_cm / factor), resolutionunit="CENTIMETER")
+    return path

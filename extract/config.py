@@ -89,4 +89,5 @@ class ExtractConfig:
 
     def tiling_spec(self, tissue_description: Mapping[str, Any]) -> dict[str, Any]:
         return {"target_mpp": self.target_mpp, "tile_px": self.tile_px, "stride_px": self.stride_px or self.tile_px,
-                "tissue": dict(tissue_description), "tokens": self.tokens}
+                "resample": "box average for integer factors, else bicubic", "tissue": dict(tissue_description),
+                "tokens": self.tokens}

@@ -50,6 +50,9 @@ VIRCHOW2_ARCH: dict[str, Any] = dict(
 )
 # Same family at test size. 5.3375 * 64 is odd, which fails timm's even-hidden assert for SwiGLU.
 TINY_ARCH: dict[str, Any] = dict(VIRCHOW2_ARCH, embed_dim=64, depth=2, num_heads=2, mlp_ratio=5.3125)
+# ViT-S width and depth (~26M parameters, ~14 GFLOP per tile): heavy enough to dominate a CPU pipeline
+# in benchmarks while still running at a few tiles/s on one core.
+SMALL_ARCH: dict[str, Any] = dict(VIRCHOW2_ARCH, embed_dim=384, depth=12, num_heads=6, mlp_ratio=5.3334)
 
 VIRCHOW2_HUB_ID = "paige-ai/Virchow2"
 WEIGHTS_FILENAME = "model.safetensors"
@@ -78,6 +81,10 @@ REGISTRY: dict[str, EncoderSpec] = {
     "virchow2-random": EncoderSpec(
         "virchow2-random", VIRCHOW2_ARCH, None,
         "Virchow-2 architecture with random weights (seed 0): for shapes, speed and GPU benchmarks",
+    ),
+    "virchow2-small": EncoderSpec(
+        "virchow2-small", SMALL_ARCH, None,
+        "Virchow-2 family at ViT-S size (width 384, depth 12), random weights (seed 0): CPU benchmarks",
     ),
     "virchow2-tiny": EncoderSpec(
         "virchow2-tiny", TINY_ARCH, None,

@@ -44,7 +44,8 @@ class SlideOutcome:
 @dataclass
 class ExtractionSummary:
     outcomes: list[SlideOutcome] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run
+    pipeline_seconds: float = 0.0  # from the encoders being ready to the last commit (no model loading)
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -193,6 +194,8 @@ class Extraction:
         self.log(f"[extract] {len(todo)} slides to extract; {self.summary.count('skipped')} already complete (nothing "
                  f"re-encoded), {self.summary.count('failed-before')} failed before (retry with --retry-failed)")
         self._total, self._done_tiles, self._t0, self._last_report = len(todo), 0, time.perf_counter(), 0.0
+        self._planned_tiles = self._planned_slides = 0
+        pipeline_started = time.perf_counter()
 
         max_prepare = max(2, int(ray.cluster_resources().get("CPU", 2)))
         max_active = 2 + len(self.actors)
@@ -211,7 +214,7 @@ class Extraction:
                 slide = self._activate(prepared.popleft())
                 if slide is not None:
                     active.append(slide)
-            for slide in active:  # submit chunks round-robin over slides, bounded
+            for slide in active:  # submit chunks, oldest slide first (it commits soonest), bounded in flight
                 while slide.chunks and inflight < max_inflight:
                     start, stop = slide.chunks.popleft()
                     p = slide.prepared
@@ -228,16 +231,20 @@ class Extraction:
                     entry = preparing.pop(ref)
                     try:
                         prepared.append(ray.get(ref))
+                        self._planned_tiles += prepared[-1].n_tiles
                     except Exception as e:  # noqa: BLE001 - any per-slide error is recorded, the cohort goes on
                         self._fail(entry, e, time.perf_counter())
+                    self._planned_slides += 1
             for slide in list(active):  # append every finished head chunk, in order
                 while slide.pending and _done(slide.pending[0][2]):
-                    _, _, ref = slide.pending.popleft()
+                    chunk = slide.pending.popleft()
+                    ref = chunk[2]
                     inflight -= 1
                     try:
                         emb, grid = ray.get(ref)
-                        start = slide.writer.rows_written
-                        stop = start + len(emb)
+                        start, stop = slide.writer.rows_written, slide.writer.rows_written + len(emb)
+                        if (start, stop) != chunk[:2]:
+                            raise RuntimeError(f"chunk {chunk[:2]} came back as rows {start}-{stop}: refusing to write it")
                         slide.writer.append(slide.prepared.coords[start:stop], slide.prepared.tissue[start:stop], emb, grid)
                     except Exception as e:  # noqa: BLE001
                         inflight -= len(slide.pending)
@@ -249,21 +256,39 @@ class Extraction:
                     self._done_tiles += len(emb)
                 if slide in active and not slide.pending and not slide.chunks:
                     active.remove(slide)
-                    self._commit(slide)
+                    self._commit_or_fail(slide)
             self._report()
+        self._report(force=True)
         self.summary.seconds = time.perf_counter() - started
+        self.summary.pipeline_seconds = time.perf_counter() - pipeline_started
         return self.summary
 
     def _activate(self, prepared: PreparedSlide) -> _ActiveSlide | None:
-        writer = self.store.write_slide(prepared.entry.slide_id, prepared.attrs, token_shape=self.token_shape, overwrite=True)
-        writer.set_thumbnail(prepared.thumbnail, prepared.mask, prepared.downsample)
-        slide = _ActiveSlide(prepared, writer, deque(), deque(), time.perf_counter())
+        """Open the slide's writer; None when it needs no encoding (committed empty) or failed here."""
+        started = time.perf_counter()
+        if self.store.is_complete(prepared.entry.slide_id):  # another job finished it meanwhile: never overwrite
+            self.summary.outcomes.append(SlideOutcome(prepared.entry.slide_id, "skipped", error="complete"))
+            return None
+        try:
+            writer = self.store.write_slide(prepared.entry.slide_id, prepared.attrs, token_shape=self.token_shape)
+            writer.set_thumbnail(prepared.thumbnail, prepared.mask, prepared.downsample)
+        except Exception as e:  # noqa: BLE001 - e.g. object storage unreachable for this slide
+            self._fail(prepared.entry, e, started)
+            return None
+        slide = _ActiveSlide(prepared, writer, deque(), deque(), started)
         step = self.cfg.read_chunk
         slide.chunks.extend((s, min(s + step, prepared.n_tiles)) for s in range(0, prepared.n_tiles, step))
         if not slide.chunks:
-            self._commit(slide)
+            self._commit_or_fail(slide)
             return None
         return slide
+
+    def _commit_or_fail(self, slide: _ActiveSlide) -> None:
+        try:
+            self._commit(slide)
+        except Exception as e:  # noqa: BLE001
+            slide.writer.abort()
+            self._fail(slide.prepared.entry, e, slide.started)
 
     def _commit(self, slide: _ActiveSlide) -> None:
         p = slide.prepared
@@ -292,7 +317,11 @@ class Extraction:
         finished = sum(o.status in ("done", "empty", "failed") for o in self.summary.outcomes)
         elapsed = now - self._t0
         rate = self._done_tiles / max(elapsed, 1e-9)
-        eta = elapsed / finished * (self._total - finished) if finished else float("nan")
+        # Tiles still to encode: known for planned slides, the planned mean for the rest.
+        planned = self._planned_tiles
+        mean_tiles = planned / self._planned_slides if self._planned_slides else float("nan")
+        remaining = planned - self._done_tiles + mean_tiles * (self._total - self._planned_slides)
+        eta = remaining / rate if rate > 0 and remaining == remaining else float("nan")
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
         self.log(f"[extract] progress: {finished}/{self._total} slides ({self.summary.count('failed')} failed), "
                  f"{self._done_tiles} tiles, {rate:.1f} tiles/s, ETA {eta_text}")

@@ -106,9 +106,12 @@ def read_tiles(reader_name: str, path: str, plan: TilePlan, coords: np.ndarray) 
     reader = _cached_reader(reader_name, path, os.getpid())  # reopened per process, reused across chunks
     out = np.empty((len(coords), plan.tile_px, plan.tile_px, 3), dtype=np.uint8)
     size = (plan.read_px, plan.read_px)
+    box = plan.box_factor
     for i, (x, y) in enumerate(coords):
         region = reader.read_region((int(x), int(y)), plan.level, size)
-        if plan.needs_resize:
-            region = np.asarray(Image.fromarray(region).resize((plan.tile_px, plan.tile_px), Image.Resampling.BICUBIC))
+        if box:
+            region = Image.fromarray(region).reduce(box)
+        elif plan.needs_resize:
+            region = Image.fromarray(region).resize((plan.tile_px, plan.tile_px), Image.Resampling.BICUBIC)
         out[i] = region
     return out
