@@ -67,7 +67,8 @@ def write_repeated_slide(path: str | Path, width: int, height: int, mpp: float, 
     """A large all-tissue slide written fast: a few JPEG tiles encoded once and repeated over level 0.
 
     For benchmarks at 10k-100k tiles, where encoding a real image of that size would take longer than
-    the benchmark. Reduced levels (downsample factors in `reduced`) are real images for thumbnails.
+    the benchmark. Reduced levels (downsample factors in `reduced`) repeat the same tiles: every level
+    shows tissue everywhere, which is all the tissue mask and the benchmarks need.
     """
     import imagecodecs
 
@@ -78,14 +79,12 @@ def write_repeated_slide(path: str | Path, width: int, height: int, mpp: float, 
     encoded = [imagecodecs.jpeg8_encode(synthetic_he(tile, tile, seed=seed + i, tissue_fraction=1.0), level=90)
                for i in range(variants)]
     rng = np.random.default_rng(seed)
-    order = rng.integers(0, variants, (height // tile) * (width // tile))
     pixels_per_cm = 1e4 / mpp
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write((encoded[i] for i in order), shape=(height, width, 3), dtype="uint8", tile=(tile, tile),
-                  compression="jpeg", photometric="rgb", resolution=(pixels_per_cm, pixels_per_cm),
-                  resolutionunit="CENTIMETER")
-        for factor in reduced:
-            small = synthetic_he(max(1, height // factor), max(1, width // factor), seed=seed, tissue_fraction=1.0)
-            tif.write(small, tile=(tile, tile), compression="jpeg", photometric="rgb", subfiletype=1,
-                      resolution=(pixels_per_cm / factor, pixels_per_cm / factor), resolutionunit="CENTIMETER")
+        for level, factor in enumerate((1, *reduced)):
+            h, w = max(tile, height // factor // tile * tile), max(tile, width // factor // tile * tile)
+            order = rng.integers(0, variants, (h // tile) * (w // tile))  # level content: tissue everywhere
+            tif.write((encoded[i] for i in order), shape=(h, w, 3), dtype="uint8", tile=(tile, tile),
+                      compression="jpeg", photometric="rgb", resolution=(pixels_per_cm / factor, pixels_per_cm / factor),
+                      resolutionunit="CENTIMETER", **({"subfiletype": 1} if level else {}))
     return path

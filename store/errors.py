@@ -70,3 +70,7 @@ class SlideReadError(SlidecacheError, OSError):
 
 class MppError(SlidecacheError, ValueError):
     """A slide whose physical pixel size is missing or implausible."""
+
+
+class EvaluationError(SlidecacheError, ValueError):
+    """Inputs an evaluation cannot use: no shared patients, a fold without events, an unknown endpoint."""

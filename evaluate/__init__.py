@@ -1,0 +1,1 @@
+"""Survival and grade heads, and report metrics, from the cache alone: never imports the encoder."""
