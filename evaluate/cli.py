@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from evaluate.features import POOLINGS, patient_features
+from evaluate.grade import confusion_plot, cross_validate_grade
 from evaluate.splits import make_folds, read_split, write_split
 from evaluate.survival import HEADS, clinical_covariates, cross_validate, km_plot
 from store.clinical import ENDPOINTS, load_clinical_tables
@@ -74,6 +75,34 @@ def cmd_survival(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grade(args: argparse.Namespace) -> int:
+    store, data = _data(args)
+    has, _, events = data.endpoint(args.endpoint)
+    folds = read_split(args.split) if args.split else make_folds(
+        data.patient_ids, np.where(has, events, False), args.folds, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = cross_validate_grade(data, folds, args.seed)
+    report = {"label": "grade", "scheme": result.scheme, "classes": result.classes, "summary": result.summary,
+              "confusion": result.confusion, "folds": result.folds, "dropped": result.dropped,
+              "patients": len(result.predictions), "store_fingerprint": store.fingerprint, "re_encoded_tiles": 0,
+              "provenance": provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    with open(out / "predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(result.predictions[0]))
+        writer.writeheader()
+        writer.writerows(result.predictions)
+    confusion_plot(result, str(out / "confusion.png"))
+    print(f"grade ({result.scheme}: {', '.join(result.classes)}), logistic regression, {len(result.predictions)} patients:")
+    for key, value in result.summary.items():
+        if "mean" in value:
+            print(f"  {key:<18} {value['mean']:.3f} ± {value['std']:.3f}")
+    print(f"  chance: majority-class accuracy {result.summary['chance']['majority_class_accuracy']:.3f}, "
+          f"balanced accuracy {result.summary['chance']['balanced_accuracy']:.3f}")
+    print(f"wrote {out}/metrics.json, predictions.csv, confusion.png; re-encoded nothing")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluate", description="Heads and metrics from the cache.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -96,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="a split file from `python -m evaluate split` (default: made here from --seed)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_survival)
+
+    p = sub.add_parser("grade", parents=[common], help="cross-validated grade classifier on stored slide vectors")
+    p.add_argument("--label", default="grade", choices=["grade"], help="the clinical column to predict")
+    p.add_argument("--pooling", default="mean", choices=POOLINGS)
+    p.add_argument("--split", help="a split file from `python -m evaluate split`")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_grade)
     return parser
 
 

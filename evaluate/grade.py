@@ -1,0 +1,130 @@
+"""Grade heads on cached slide vectors: logistic regression over patient folds.
+
+Grades come from the clinical table (G1-G4, or BLCA's High/Low Grade as its own scheme; GX and
+"[Not Available]" are missing). One scheme per evaluation: mixing G1-G4 with High/Low would make the
+classes meaningless, so the majority scheme is kept and the rest reported as dropped.
+Metrics: accuracy, balanced accuracy, macro-F1, quadratic weighted kappa (grades are ordered),
+one-vs-rest macro AUC, and the pooled held-out confusion matrix.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+)
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from evaluate.features import PatientData
+from store.errors import EvaluationError
+
+GRADE_ORDER = {"G1-G4": ["G1", "G2", "G3", "G4"], "high-low": ["Low Grade", "High Grade"]}
+
+
+@dataclass
+class GradeResult:
+    scheme: str
+    classes: list[str]
+    folds: list[dict[str, Any]]
+    summary: dict[str, dict[str, float]]
+    confusion: list[list[int]]  # pooled over held-out folds; rows = true, columns = predicted
+    predictions: list[dict[str, Any]]
+    dropped: dict[str, int]
+
+
+def grade_labels(data: PatientData) -> tuple[np.ndarray, list[str], str, dict[str, int]]:
+    """(mask of usable patients, class names in order, scheme, dropped counts)."""
+    schemes = Counter(c.grade_scheme for c in data.clinical if c.grade)
+    if not schemes:
+        raise EvaluationError("no patient has a usable grade (GX and '[Not Available]' count as missing)")
+    scheme = schemes.most_common(1)[0][0]
+    present = {c.grade for c in data.clinical if c.grade_scheme == scheme}
+    classes = [g for g in GRADE_ORDER[scheme] if g in present]
+    if len(classes) < 2:
+        raise EvaluationError(f"only one grade ({classes}) among the patients: nothing to classify")
+    mask = np.array([c.grade_scheme == scheme and c.grade in classes for c in data.clinical])
+    dropped = {"missing grade": sum(c.grade is None for c in data.clinical),
+               "other scheme": sum(bool(c.grade) and c.grade_scheme != scheme for c in data.clinical)}
+    return mask, classes, scheme, {k: v for k, v in dropped.items() if v}
+
+
+def _metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[str, float]:
+    out = {
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, average="macro", labels=list(range(n_classes)), zero_division=0)),
+        "qwk": float(cohen_kappa_score(y, pred, weights="quadratic", labels=list(range(n_classes)))),
+    }
+    present = np.unique(y)
+    if len(present) > 1:
+        if n_classes == 2:
+            out["auc"] = float(roc_auc_score(y, proba[:, 1]))
+        elif len(present) == n_classes:
+            out["auc"] = float(roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+    return out
+
+
+def cross_validate_grade(data: PatientData, folds: dict[str, int], seed: int = 0, c: float = 0.1) -> GradeResult:
+    mask, classes, scheme, dropped = grade_labels(data)
+    fold_of = np.array([folds.get(p, -1) for p in data.patient_ids])
+    keep = mask & (fold_of >= 0)
+    x, f = data.features[keep], fold_of[keep]
+    ids = [p for p, k in zip(data.patient_ids, keep) if k]
+    y = np.array([classes.index(cl.grade) for cl, k in zip(data.clinical, keep) if k])
+    results, predictions = [], []
+    confusion = np.zeros((len(classes), len(classes)), dtype=int)
+    for fold in sorted(set(f.tolist())):
+        test, train = f == fold, f != fold
+        if len(np.unique(y[train])) < 2:
+            raise EvaluationError(f"the training part of fold {fold} holds one grade only")
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, class_weight="balanced",
+                                                                   random_state=seed)).fit(x[train], y[train])
+        proba = np.zeros((int(test.sum()), len(classes)))
+        proba[:, model.classes_] = model.predict_proba(x[test])  # classes absent from training get 0
+        pred = proba.argmax(axis=1)
+        results.append({"fold": fold, "n_test": int(test.sum()), **_metrics(y[test], pred, proba, len(classes))})
+        confusion += confusion_matrix(y[test], pred, labels=list(range(len(classes))))
+        for i, p, pr in zip(np.flatnonzero(test), pred, proba):
+            predictions.append({"patient_id": ids[i], "fold": fold, "true": classes[y[i]], "predicted": classes[p],
+                                **{f"p_{cl}": float(v) for cl, v in zip(classes, pr)}})
+    summary = {}
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auc"):
+        values = [m[key] for m in results if key in m]
+        if values:
+            summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "folds": len(values)}
+    chance = {"majority_class_accuracy": float(np.bincount(y).max() / len(y)), "balanced_accuracy": 1 / len(classes)}
+    summary["chance"] = chance  # what "clearly beats chance" is measured against
+    return GradeResult(scheme, classes, results, summary, confusion.tolist(), predictions, dropped)
+
+
+def confusion_plot(result: GradeResult, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(result.confusion)
+    fig, ax = plt.subplots(figsize=(1.2 * len(result.classes) + 2, 1.2 * len(result.classes) + 1.5), dpi=110)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(result.classes)), result.classes)
+    ax.set_yticks(range(len(result.classes)), result.classes)
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
+    qwk = result.summary.get("qwk", {}).get("mean")
+    ax.set_title(f"grade, held-out patients (QWK {qwk:.2f})" if qwk is not None else "grade, held-out patients", fontsize=9)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

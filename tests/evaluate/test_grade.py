@@ -1,0 +1,56 @@
+"""Grade heads from the cache: the planted grades are learned, missing grades are dropped, schemes kept apart."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from evaluate.features import patient_features
+from evaluate.grade import cross_validate_grade, grade_labels
+from evaluate.splits import make_folds
+from store import EmbeddingStore
+from store.clinical import PatientClinical, load_clinical
+from store.errors import EvaluationError
+from tests.conftest import REPO_ROOT
+from tests.evaluate.helpers import planted_cohort
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grade")
+    url, table = planted_cohort(root, patients=150)
+    return patient_features(EmbeddingStore.open(url), load_clinical(table)), url, table
+
+
+def test_planted_grades_clearly_beat_chance(cohort):
+    data, _, _ = cohort
+    result = cross_validate_grade(data, make_folds(data.patient_ids, k=5, seed=0))
+    assert result.classes == ["G1", "G2", "G3", "G4"] and result.scheme == "G1-G4"
+    assert result.summary["qwk"]["mean"] > 0.6
+    assert result.summary["balanced_accuracy"]["mean"] > 2 * result.summary["chance"]["balanced_accuracy"]
+    assert result.summary["auc"]["mean"] > 0.8
+    assert np.asarray(result.confusion).sum() == len(data)
+
+
+def test_missing_and_mixed_schemes(cohort):
+    data, _, _ = cohort
+    data.clinical[0] = PatientClinical(data.patient_ids[0], grade=None)
+    data.clinical[1] = PatientClinical(data.patient_ids[1], grade="High Grade", grade_scheme="high-low")
+    mask, classes, scheme, dropped = grade_labels(data)
+    assert scheme == "G1-G4" and not mask[0] and not mask[1]
+    assert dropped == {"missing grade": 1, "other scheme": 1}
+    lone = data.subset(np.arange(len(data)) < 2)
+    lone.clinical = [PatientClinical("a", grade="G2", grade_scheme="G1-G4")] * 2
+    with pytest.raises(EvaluationError, match="only one grade"):
+        grade_labels(lone)
+
+
+def test_grade_cli(cohort, tmp_path):
+    _, url, table = cohort
+    run = subprocess.run([sys.executable, "-m", "evaluate", "grade", "--store", url, "--clinical", str(table),
+                          "--out", str(tmp_path / "g")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "qwk" in run.stdout and (tmp_path / "g" / "confusion.png").is_file()
