@@ -17,12 +17,13 @@ from typing import Any, Callable
 
 import numpy as np
 from sklearn.decomposition import PCA
-from sklearn.model_selection import GridSearchCV, KFold
+from sklearn.model_selection import KFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sksurv.compare import compare_survival
 from sksurv.ensemble import RandomSurvivalForest
 from sksurv.linear_model import CoxnetSurvivalAnalysis, CoxPHSurvivalAnalysis
+from sksurv.metrics import concordance_index_censored
 from sksurv.nonparametric import kaplan_meier_estimator
 
 from evaluate import survival_metrics as sm
@@ -50,20 +51,25 @@ class FittedHead:
 
 
 def fit_coxnet(x: np.ndarray, y: np.ndarray, seed: int) -> FittedHead:
+    """Elastic-net Cox; alpha chosen by 3-fold inner CV over the regularisation path (one path fit per
+    inner fold, every alpha scored on its held-out part: 20x fewer fits than a grid search)."""
     scaler = StandardScaler().fit(x)
     xs = scaler.transform(x)
-    path = CoxnetSurvivalAnalysis(l1_ratio=COXNET_L1_RATIO, alpha_min_ratio=0.05, n_alphas=20).fit(xs, y)
-    search = GridSearchCV(
-        CoxnetSurvivalAnalysis(l1_ratio=COXNET_L1_RATIO),
-        {"alphas": [[a] for a in path.alphas_]},
-        cv=KFold(n_splits=3, shuffle=True, random_state=seed), error_score=0.5, n_jobs=1,
-    ).fit(xs, y)
-    alpha = float(search.best_params_["alphas"][0])
-    final = CoxnetSurvivalAnalysis(l1_ratio=COXNET_L1_RATIO, alphas=[alpha], fit_baseline_model=True).fit(xs, y)
+    alphas = CoxnetSurvivalAnalysis(l1_ratio=COXNET_L1_RATIO, alpha_min_ratio=0.05, n_alphas=20).fit(xs, y).alphas_
+    scores = np.zeros(len(alphas))
+    for inner_train, inner_val in KFold(n_splits=3, shuffle=True, random_state=seed).split(xs):
+        if not y["event"][inner_val].any():
+            continue
+        path = CoxnetSurvivalAnalysis(l1_ratio=COXNET_L1_RATIO, alphas=alphas).fit(xs[inner_train], y[inner_train])
+        for k, alpha in enumerate(alphas):
+            risk = path.predict(xs[inner_val], alpha=alpha)
+            scores[k] += concordance_index_censored(y["event"][inner_val], y["time"][inner_val], risk)[0]
+    alpha = float(alphas[int(np.argmax(scores))])
+    final = CoxnetSurvivalAnalysis(l1_ratio=COXNET_L1_RATIO, alphas=alphas, fit_baseline_model=True).fit(xs, y)
     model = make_pipeline(scaler, final)
     # Coxnet predicts with its least-regularised alpha unless told: always pass the chosen one.
-    return FittedHead(model, {"alpha": alpha},
-                      {"alpha": alpha, "nonzero_coefficients": int(np.count_nonzero(final.coef_))})
+    coef = final.coef_[:, int(np.argmax(scores))]
+    return FittedHead(model, {"alpha": alpha}, {"alpha": alpha, "nonzero_coefficients": int(np.count_nonzero(coef))})
 
 
 def _pca(n_samples: int, n_features: int) -> PCA:
