@@ -30,6 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/store_bench.py
 	$(PY) bench/extract_bench.py
+	$(PY) bench/eval_bench.py
 
 clean-venv:
 	rm -rf $(VENV)
