@@ -103,6 +103,24 @@ def cmd_grade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from evaluate.report_metrics import score_reports
+
+    scores = score_reports(args.predictions, args.references)
+    report = {"n": scores.n, "caption": scores.caption, "clinical": scores.clinical, "notes": scores.notes,
+              "provenance": provenance(vars(args))}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report_metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"{scores.n} generated reports vs references:")
+    for key, value in {**scores.caption, **scores.clinical}.items():
+        print(f"  {key:<22} {value:.4f}" if isinstance(value, float) else f"  {key:<22} {value}")
+    for note in scores.notes:
+        print(f"  note: {note}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluate", description="Heads and metrics from the cache.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -132,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="a split file from `python -m evaluate split`")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_grade)
+
+    p = sub.add_parser("report", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr and clinical correctness of generated reports")
+    p.add_argument("--predictions", required=True, help="jsonl: {id, text} per generated report")
+    p.add_argument("--references", required=True, help="jsonl: {id, text}, or the InternVL conversation annotations")
+    p.add_argument("--out", help="folder for report_metrics.json")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,134 @@
+"""Scores for generated reports: caption metrics (pycocoevalcap, as InternVL's caption eval) and
+clinical correctness (grade and risk group read back from the text and scored like a head).
+
+Java is needed by the PTB tokenizer and METEOR (Debian: `default-jre-headless`). Without it the report
+says so: tokens are then lower-cased words (BLEU, ROUGE-L and CIDEr still run) and METEOR is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import cohen_kappa_score
+
+from store.errors import EvaluationError
+
+GRADE_RE = re.compile(r"\b(?:grade\s*[:\-]?\s*)?G\s*([1-4])\b|\bgrade\s*[:\-]?\s*([1-4])\b|\b(high|low)[\s-]grade\b", re.IGNORECASE)
+RISK_RE = re.compile(r"\b(high|intermediate|low)[\s-]risk\b", re.IGNORECASE)
+RISK_LEVEL = {"low": 0, "intermediate": 1, "high": 2}
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def parse_grade(text: str) -> str | None:
+    """'Tumour grade: G2' / 'grade 2' → 'G2'; 'high-grade' → 'High Grade'; None when not stated."""
+    m = GRADE_RE.search(text)
+    if not m:
+        return None
+    digit = m.group(1) or m.group(2)
+    return f"G{digit}" if digit else f"{m.group(3).capitalize()} Grade"
+
+
+def parse_risk(text: str) -> str | None:
+    m = RISK_RE.search(text)
+    return m.group(1).lower() if m else None
+
+
+def _ids_and_text(path: Path) -> dict[str, list[str]]:
+    """jsonl lines: {"id"|"slide_id"|"patient_id", "text"|"answer"|"caption"} or InternVL conversations."""
+    out: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvaluationError(f"{path}, line {number}: not JSON ({e.msg})") from e
+            key = next((row[k] for k in ("id", "slide_id", "patient_id") if k in row), None)
+            text = next((row[k] for k in ("text", "answer", "caption") if k in row), None)
+            if text is None and "conversations" in row:
+                text = " ".join(t["value"] for t in row["conversations"] if t.get("from") == "gpt")
+            if key is None or text is None:
+                raise EvaluationError(f"{path}, line {number}: needs an id (id/slide_id/patient_id) and a text "
+                                      "(text/answer/caption, or InternVL conversations)")
+            out.setdefault(str(key), []).append(str(text))
+    return out
+
+
+@dataclass
+class ReportScores:
+    caption: dict[str, float]
+    clinical: dict[str, Any]
+    notes: list[str]
+    n: int
+
+
+def caption_scores(predictions: dict[str, str], references: dict[str, list[str]], notes: list[str]) -> dict[str, float]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    have_java = shutil.which("java") is not None
+    if have_java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tokenizer = PTBTokenizer()
+        res = tokenizer.tokenize({k: [{"caption": v}] for k, v in predictions.items()})
+        gts = tokenizer.tokenize({k: [{"caption": r} for r in references[k]] for k in predictions})
+    else:
+        notes.append("no Java runtime: PTB tokenizer replaced by lower-cased words; METEOR skipped "
+                     "(install a JRE, e.g. Debian's default-jre-headless)")
+        res = {k: [" ".join(_WORD.findall(v.lower()))] for k, v in predictions.items()}
+        gts = {k: [" ".join(_WORD.findall(r.lower())) for r in references[k]] for k in predictions}
+    scores: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores.update({f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)})
+    if have_java:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        meteor = Meteor()  # starts one JVM (~13 s); its __del__ stops it
+        scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+        del meteor
+    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return scores
+
+
+def clinical_correctness(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, Any]:
+    """Grade and risk stated in each generated report vs the reference report."""
+    pairs = [(parse_grade(predictions[k]), parse_grade(references[k][0])) for k in predictions]
+    stated = [(p, r) for p, r in pairs if r is not None]
+    out: dict[str, Any] = {"grade_reference_count": len(stated),
+                           "grade_stated_rate": float(np.mean([p is not None for p, _ in stated])) if stated else None}
+    both = [(p, r) for p, r in stated if p is not None]
+    if both:
+        labels = sorted({x for pair in both for x in pair})
+        out["grade_accuracy"] = float(np.mean([p == r for p, r in both]))
+        if len(labels) > 1:
+            out["grade_qwk"] = float(cohen_kappa_score([labels.index(r) for _, r in both], [labels.index(p) for p, _ in both],
+                                                       weights="quadratic"))
+    risks = [(parse_risk(predictions[k]), parse_risk(references[k][0])) for k in predictions]
+    risk_both = [(p, r) for p, r in risks if p and r]
+    if risk_both:
+        out["risk_accuracy"] = float(np.mean([p == r for p, r in risk_both]))
+        out["risk_stated_rate"] = float(np.mean([p is not None for p, r in risks if r]))
+    return out
+
+
+def score_reports(predictions_path: str | Path, references_path: str | Path) -> ReportScores:
+    predictions = {k: v[0] for k, v in _ids_and_text(Path(predictions_path)).items()}
+    references = _ids_and_text(Path(references_path))
+    missing = sorted(set(predictions) - set(references))
+    if missing:
+        raise EvaluationError(f"{len(missing)} predictions have no reference (e.g. {missing[:3]}) in {references_path}")
+    if not predictions:
+        raise EvaluationError(f"{predictions_path} holds no predictions")
+    notes: list[str] = []
+    return ReportScores(caption_scores(predictions, references, notes), clinical_correctness(predictions, references),
+                        notes, len(predictions))

@@ -1,0 +1,74 @@
+"""Report metrics: pycocoevalcap scores, grade/risk read back from the text, bad files named."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from evaluate.report_metrics import clinical_correctness, parse_grade, parse_risk, score_reports
+from store.errors import EvaluationError
+from tests.conftest import REPO_ROOT
+
+REFS = {f"S{i}": f"Tumour grade: G{1 + i % 3}. Invasive carcinoma with {'high' if i % 2 else 'low'} mitotic activity. "
+                 f"Prognosis: {'high' if i % 2 else 'low'} risk." for i in range(8)}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("text, grade, risk", [
+    ("Tumour grade: G2. Prognosis: high risk.", "G2", "high"),
+    ("grade 3 carcinoma, low-risk features", "G3", "low"),
+    ("A high-grade urothelial carcinoma.", "High Grade", None),
+    ("No grade given.", None, None),
+])
+def test_parsing(text, grade, risk):
+    assert parse_grade(text) == grade and parse_risk(text) == risk
+
+
+def test_perfect_and_wrong_reports(tmp_path):
+    refs = write_jsonl(tmp_path / "refs.jsonl", [{"id": k, "text": v} for k, v in REFS.items()])
+    same = write_jsonl(tmp_path / "same.jsonl", [{"id": k, "text": v} for k, v in REFS.items()])
+    perfect = score_reports(same, refs)
+    assert perfect.caption["BLEU-4"] > 0.99 and perfect.caption["ROUGE-L"] > 0.99
+    assert perfect.clinical["grade_accuracy"] == 1.0 and perfect.clinical["risk_accuracy"] == 1.0
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"id": k, "text": "Tumour grade: G4. Prognosis: low risk. Benign."} for k in REFS])
+    bad = score_reports(wrong, refs)
+    assert bad.caption["BLEU-4"] < perfect.caption["BLEU-4"] and bad.caption["CIDEr"] < perfect.caption["CIDEr"]
+    assert bad.clinical["grade_accuracy"] == 0.0 and bad.clinical["risk_accuracy"] == 0.5
+    if shutil.which("java"):
+        assert 0 < bad.caption["METEOR"] < perfect.caption["METEOR"]
+
+
+def test_conversation_references_and_errors(tmp_path):
+    conv = write_jsonl(tmp_path / "conv.jsonl", [
+        {"id": 0, "slide": "S0", "conversations": [{"from": "human", "value": "<image>\\nReport?"}, {"from": "gpt", "value": REFS["S0"]}]}])
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": 0, "text": REFS["S0"]}])
+    assert score_reports(preds, conv).clinical["grade_accuracy"] == 1.0
+    (tmp_path / "broken.jsonl").write_text('{"id": 1, "text": "ok"}\n{not json\n')
+    with pytest.raises(EvaluationError, match="broken.jsonl, line 2: not JSON"):
+        score_reports(tmp_path / "broken.jsonl", conv)
+    orphan = write_jsonl(tmp_path / "orphan.jsonl", [{"id": "nobody", "text": "x"}])
+    with pytest.raises(EvaluationError, match="have no reference"):
+        score_reports(orphan, conv)
+
+
+def test_without_java_meteor_is_skipped_and_said(tmp_path):
+    refs = write_jsonl(tmp_path / "refs.jsonl", [{"id": k, "text": v} for k, v in REFS.items()])
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}  # no java on this PATH
+    run = subprocess.run([sys.executable, "-m", "evaluate", "report", "--predictions", str(refs), "--references", str(refs)],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "METEOR skipped" in run.stdout and "BLEU-4" in run.stdout and "METEOR " not in run.stdout.split("note:")[0]
+
+
+def test_clinical_correctness_counts_only_stated_references():
+    out = clinical_correctness({"a": "G2", "b": "nothing"}, {"a": ["Tumour grade: G2"], "b": ["no grade here"]})
+    assert out["grade_reference_count"] == 1 and out["grade_accuracy"] == 1.0
