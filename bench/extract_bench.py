@@ -25,7 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demo.slides import write_repeated_slide  # noqa: E402
@@ -163,7 +162,7 @@ def main() -> int:
     try:
         if "reading" not in skip:
             result["reading"] = bench_reading(work, args.read_tiles)
-            print(f"\nreading path, one core, JPEG pyramid at 0.25 µm/px -> 224 px at 0.5 (target >= 150 tiles/s):")
+            print("\nreading path, one core, JPEG pyramid at 0.25 µm/px -> 224 px at 0.5 (target >= 150 tiles/s):")
             for name, r in result["reading"].items():
                 print(f"  {name:<10} {r['tiles_per_s_with_open']:8.0f} tiles/s incl. open+mask   "
                       f"{r['tiles_per_s_read_only']:8.0f} read only   ({r['tiles']} tiles, level {r['level']}, resized {r['resized']})")
@@ -175,7 +174,7 @@ def main() -> int:
             sizes = [int(s) for s in args.rss_tiles.split(",")]
             m = result["memory"] = bench_memory(work, sizes)
             print("\npeak PSS, driver + all Ray processes, virchow2-tiny (target: within 10%):")
-            for n, r in m.items():
+            for r in m.values():
                 print(f"  {r['tiles']:>7} tiles: {r['peak_pss_mib']:8.0f} MiB   ({r['tiles_per_s']:.0f} tiles/s)")
             values = [r["peak_pss_mib"] for r in m.values()]
             if len(values) > 1:

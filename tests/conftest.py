@@ -49,9 +49,9 @@ def s3_endpoint() -> Iterator[str]:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
-            except OSError:
+            except OSError as e:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start on port {port} (exit code {proc.poll()})")
+                    raise RuntimeError(f"moto server did not start on port {port} (exit code {proc.poll()})") from e
                 time.sleep(0.1)
         import boto3
 

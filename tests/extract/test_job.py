@@ -4,7 +4,6 @@ actor loses nothing, a rerun encodes nothing, and a store of another fingerprint
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
