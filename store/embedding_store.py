@@ -256,8 +256,10 @@ class EmbeddingStore:
         are stored. Use as a context manager: an exception inside deletes the partial slide.
         """
         self._require_writable()
-        validate_slide_id(slide_id)
-        state = self.slide_states().get(slide_id)
+        try:  # this slide's own state only: listing every slide here would make a cohort O(n^2)
+            state: bool | None = bool(self.slide_group(slide_id).attrs.get(COMPLETE, False))
+        except SlideNotFound:
+            state = None
         if state and not overwrite:
             raise SlideWriteError(
                 f"slide {slide_id!r} is already complete in {display_url(self.url)}; pass overwrite=True "
