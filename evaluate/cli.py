@@ -29,6 +29,22 @@ def _data(args: argparse.Namespace):
     return store, patient_features(store, clinical, getattr(args, "pooling", "mean"))
 
 
+def _folds(args: argparse.Namespace, data) -> dict[str, int]:
+    """The split file when given, else folds made here from the seed (stratified by the endpoint's event)."""
+    if args.split:
+        return read_split(args.split)
+    has, _, events = data.endpoint(args.endpoint)
+    return make_folds(data.patient_ids, np.where(has, events, False), args.folds, args.seed)
+
+
+def _write_outputs(out: Path, report: dict, predictions: list[dict]) -> None:
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    with open(out / "predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(predictions[0]))
+        writer.writeheader()
+        writer.writerows(predictions)
+
+
 def cmd_split(args: argparse.Namespace) -> int:
     _, data = _data(args)
     has, _, events = data.endpoint(args.endpoint)
@@ -43,9 +59,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 def cmd_survival(args: argparse.Namespace) -> int:
     store, data = _data(args)
-    has, _, events = data.endpoint(args.endpoint)
-    folds = read_split(args.split) if args.split else make_folds(
-        data.patient_ids, np.where(has, events, False), args.folds, args.seed)
+    folds = _folds(args, data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = cross_validate(data, args.endpoint, args.head, folds, args.seed)
@@ -57,11 +71,7 @@ def cmd_survival(args: argparse.Namespace) -> int:
         baseline = cross_validate(data.subset(mask), args.endpoint, "coxph", folds, args.seed, covariates[mask])
         report["clinical_baseline_age_stage"] = {"summary": baseline.summary, "patients": len(baseline.predictions)}
     report["provenance"] = provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
-    with open(out / "predictions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result.predictions[0]))
-        writer.writeheader()
-        writer.writerows(result.predictions)
+    _write_outputs(out, report, result.predictions)
     km_plot(result, str(out / "km.png"))
     print(f"{args.endpoint} {args.head} ({args.pooling} pooling), {len(result.predictions)} patients, {len(result.folds)} folds:")
     for key, value in result.summary.items():
@@ -77,21 +87,14 @@ def cmd_survival(args: argparse.Namespace) -> int:
 
 def cmd_grade(args: argparse.Namespace) -> int:
     store, data = _data(args)
-    has, _, events = data.endpoint(args.endpoint)
-    folds = read_split(args.split) if args.split else make_folds(
-        data.patient_ids, np.where(has, events, False), args.folds, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = cross_validate_grade(data, folds, args.seed)
+    result = cross_validate_grade(data, _folds(args, data), args.seed)
     report = {"label": "grade", "scheme": result.scheme, "classes": result.classes, "summary": result.summary,
               "confusion": result.confusion, "folds": result.folds, "dropped": result.dropped,
               "patients": len(result.predictions), "store_fingerprint": store.fingerprint, "re_encoded_tiles": 0,
               "provenance": provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
-    with open(out / "predictions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result.predictions[0]))
-        writer.writeheader()
-        writer.writerows(result.predictions)
+    _write_outputs(out, report, result.predictions)
     confusion_plot(result, str(out / "confusion.png"))
     print(f"grade ({result.scheme}: {', '.join(result.classes)}), logistic regression, {len(result.predictions)} patients:")
     for key, value in result.summary.items():

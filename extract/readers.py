@@ -48,50 +48,55 @@ def _rgba_to_rgb(region: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class OpenSlideReader:
+class _OpenSlideAPIReader:
+    """Shared by OpenSlide and tiffslide, which expose the same API (tiffslide was written to match it)."""
+
     path: str
-    name: str = "openslide"
+    name: str = ""
     level_dimensions: list[tuple[int, int]] = field(init=False)
     level_downsamples: list[float] = field(init=False)
     properties: dict[str, Any] = field(init=False)
 
-    def __post_init__(self) -> None:
-        import openslide
+    def _open(self) -> Any:
+        raise TypeError("use OpenSlideReader or TiffSlideReader")
 
-        target = _dicom_instance(self.path) or self.path  # OpenSlide opens a DICOM series from any instance
-        self._slide = openslide.OpenSlide(target)
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Any:
+        return self._slide.read_region(location, level, size)
+
+    def __post_init__(self) -> None:
+        self._slide = self._open()
         self.level_dimensions = [tuple(d) for d in self._slide.level_dimensions]
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
         self.properties = dict(self._slide.properties)
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        return _rgba_to_rgb(np.asarray(self._slide.read_region(location, level, size)))
+        return _rgba_to_rgb(np.asarray(self._read(location, level, size)))
 
     def close(self) -> None:
         self._slide.close()
 
 
 @dataclass
-class TiffSlideReader:
-    path: str
-    name: str = "tiffslide"
-    level_dimensions: list[tuple[int, int]] = field(init=False)
-    level_downsamples: list[float] = field(init=False)
-    properties: dict[str, Any] = field(init=False)
+class OpenSlideReader(_OpenSlideAPIReader):
+    name: str = "openslide"
 
-    def __post_init__(self) -> None:
+    def _open(self) -> Any:
+        import openslide
+
+        return openslide.OpenSlide(_dicom_instance(self.path) or self.path)  # a DICOM series opens from any instance
+
+
+@dataclass
+class TiffSlideReader(_OpenSlideAPIReader):
+    name: str = "tiffslide"
+
+    def _open(self) -> Any:
         import tiffslide
 
-        self._slide = tiffslide.TiffSlide(self.path)
-        self.level_dimensions = [tuple(d) for d in self._slide.level_dimensions]
-        self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
-        self.properties = dict(self._slide.properties)
+        return tiffslide.TiffSlide(self.path)
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        return _rgba_to_rgb(np.asarray(self._slide.read_region(location, level, size, as_array=True)))
-
-    def close(self) -> None:
-        self._slide.close()
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Any:
+        return self._slide.read_region(location, level, size, as_array=True)
 
 
 @dataclass
