@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -15,9 +14,9 @@ from evaluate.features import POOLINGS, patient_features
 from evaluate.grade import confusion_plot, cross_validate_grade
 from evaluate.splits import make_folds, read_split, write_split
 from evaluate.survival import HEADS, clinical_covariates, cross_validate, km_plot
+from store.cli import run_command
 from store.clinical import ENDPOINTS, load_clinical_tables
 from store.embedding_store import EmbeddingStore
-from store.errors import SlidecacheError
 from store.provenance import provenance
 
 
@@ -163,9 +162,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except SlidecacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(build_parser(), argv)

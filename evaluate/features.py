@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from store.clinical import ENDPOINTS, ClinicalTable, PatientClinical
-from store.embedding_store import EmbeddingStore
+from store.embedding_store import EmbeddingStore, SlideView
 from store.errors import EvaluationError
 from store.ids import tcga_patient_id
 
@@ -44,12 +44,13 @@ class PatientData:
         return has, times, events
 
 
-def slides_by_patient(store: EmbeddingStore) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = defaultdict(list)
+def slides_by_patient(store: EmbeddingStore) -> dict[str, list[SlideView]]:
+    """Complete slides with tiles, grouped by patient; each slide opened once and its view kept."""
+    grouped: dict[str, list[SlideView]] = defaultdict(list)
     for slide_id in store.slide_ids():
         slide = store.slide(slide_id)
         if slide.n_tiles:
-            grouped[tcga_patient_id(slide.patient_id) or slide.patient_id].append(slide_id)
+            grouped[tcga_patient_id(slide.patient_id) or slide.patient_id].append(slide)
     return dict(grouped)
 
 
@@ -65,7 +66,6 @@ def patient_features(store: EmbeddingStore, clinical: ClinicalTable, pooling: st
             f"(store patients look like {sorted(grouped)[:3]}, table patients like {sorted(clinical.patients)[:3]}); "
             "check that both use the same patient ids (TCGA: the first 12 characters of the barcode)"
         )
-    features = np.stack([
-        np.mean([store.slide(s).pooled(pooling) for s in grouped[pid]], axis=0) for pid in shared
-    ]).astype(np.float32)
-    return PatientData(shared, features, [grouped[p] for p in shared], [clinical.patients[p] for p in shared])
+    features = np.stack([np.mean([s.pooled(pooling) for s in grouped[pid]], axis=0) for pid in shared]).astype(np.float32)
+    slides = [[s.slide_id for s in grouped[pid]] for pid in shared]
+    return PatientData(shared, features, slides, [clinical.patients[p] for p in shared])
