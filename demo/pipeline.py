@@ -1,20 +1,26 @@
-"""The main job end to end on embedded defaults (today: cohort → extraction → store checks → QC).
+"""The main job end to end on embedded defaults: slides → store → trained reporter → reports → metrics.
 
-Writes a small cohort of synthetic pyramidal slides (fixed seeds; several slides per patient; nuclear
-density varies across patients), extracts it with `virchow2-tiny` (random weights: the numbers mean
-nothing, and the output says so) on a local Ray, verifies the store, exports TRIDENT .h5 files and writes
-the QC pictures. A second run finds every slide complete and encodes nothing. Training and evaluation
-join here when those stages land.
+1. a synthetic cohort with a planted signal (demo/cohort.py: nuclear density sets grade and hazard);
+2. extraction with `virchow2-tiny` on a local Ray into a local Zarr store (a rerun skips complete slides);
+   verify, TRIDENT .h5 export, QC pictures;
+3. a patient-level split; report annotations from the clinical table and report texts;
+4. training the projector + LoRA on `tiny-qwen2` (random weights, the real Qwen2 tokenizer) on the
+   training folds, from the cache; report generation for the held-out fold;
+5. cross-validated survival (Coxnet) and grade (logistic regression) heads from the cache, and the
+   generated reports scored on held-out patients only;
+6. an HTML summary. Both models are random-weight stand-ins, and every output says so.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from demo.slides import synthetic_he, write_pyramid
+from demo.cohort import SEED, DemoSize, plan_patients, write_clinical, write_report_texts, write_slides
+from demo.summary import write_summary
 from extract.config import CONFIG_DIR, ExtractConfig
 from extract.job import Extraction, connect_ray
 from extract.qc import write_qc
@@ -24,42 +30,28 @@ from store.h5io import export_h5
 from store.provenance import provenance
 from store.verify import verify_store
 
-SEED = 0
+ENCODER_LABEL = "virchow2-tiny (random weights: a stand-in for Virchow-2; its embeddings carry no pathology)"
+LLM_LABEL = "tiny-qwen2 (random weights, 2 layers, the real Qwen2 tokenizer: a stand-in for Qwen2-0.5B-Instruct)"
+HELD_OUT_FOLD = 0
 
 
 @dataclass(frozen=True)
-class DemoSize:
-    patients: int = 6
-    slides_per_patient: int = 2
-    height: int = 1600
-    width: int = 2000
+class DemoSettings:
+    size: DemoSize = DemoSize()
+    folds: int = 5
+    train_epochs: int = 8
+    max_tiles: int = 32
+    encoder: str = "virchow2-tiny"
+    weights: str | None = None  # the encoder's hub id or local .safetensors (None: the registry's default)
+    llm_path: str = "tiny-qwen2"
+    train: bool = True
+    extra_train_flags: tuple[str, ...] = field(default_factory=tuple)
 
 
-def write_cohort(out: Path, size: DemoSize, log: Callable[[str], None]) -> Path:
-    """Synthetic slides at 0.25 µm/px; a CSV names slide, path and patient. Existing files are kept."""
-    slides = out / "slides"
-    rows = ["slide_id,path,patient_id"]
-    written = 0
-    for p in range(size.patients):
-        density = 0.001 + 0.006 * p / max(1, size.patients - 1)  # the visual property that varies
-        for s in range(size.slides_per_patient):
-            slide_id = f"DEMO-P{p:03d}-S{s}"
-            path = slides / f"{slide_id}.tiff"
-            if not path.exists():
-                seed = SEED + 100 * p + s
-                write_pyramid(path, synthetic_he(size.height, size.width, seed=seed, nuclear_density=density), mpp=0.25)
-                written += 1
-            rows.append(f"{slide_id},{path},DEMO-P{p:03d}")
-    table = out / "cohort.csv"
-    table.write_text("\n".join(rows) + "\n")
-    log(f"[demo] cohort: {len(rows) - 1} synthetic slides of {size.patients} patients ({written} written now) in {slides}")
-    return table
-
-
-def run(out: Path, size: DemoSize = DemoSize(), log: Callable[[str], None] = print) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    cohort = write_cohort(out, size, log)
-    cfg = ExtractConfig.from_yaml(CONFIG_DIR / "extract" / "virchow2-tiny.yaml")
+def extract(out: Path, cohort: Path, settings: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
+    cfg = ExtractConfig.from_yaml(CONFIG_DIR / "extract" / "virchow2-tiny.yaml",
+                                  {"encoder": settings.encoder, "weights": settings.weights,
+                                   "precision": None if settings.encoder == "virchow2-tiny" else "auto"})
     store_url = str(out / "store.zarr")
     started_ray = connect_ray(cfg)
     try:
@@ -70,23 +62,100 @@ def run(out: Path, size: DemoSize = DemoSize(), log: Callable[[str], None] = pri
 
             ray.shutdown()
     log(summary.table())
+    skipped = summary.count("skipped")
+    if skipped and not summary.count("done"):
+        log(f"[demo] extraction: all {skipped} slides already in the store: nothing encoded (the cache is reused)")
     store = EmbeddingStore.open(store_url)
-    problems = [str(p) for p in verify_store(store)]
-    h5 = export_h5(store, out / "h5")
-    qc = write_qc(store_url, out / "qc", summary)
-    result = {
-        "store": store_url,
-        "encoder": "virchow2-tiny (random weights, labelled as such: its embeddings carry no pathology)",
-        "slides_in_store": len(store.slide_ids()),
-        "extracted_now": summary.count("done") + summary.count("empty"),
-        "skipped_complete": summary.count("skipped"),
-        "failed": [o.slide_id for o in summary.failed],
-        "tiles_in_store": sum(store.slide(s).n_tiles for s in store.slide_ids()),
-        "verify_problems": problems,
-        "h5_files": len(h5),
-        "qc_summary": str(qc),
-    }
-    manifest = {"summary": result, "provenance": provenance({"demo": "pipeline", "seed": SEED, "size": size.__dict__,
-                                                             "extract": cfg.to_dict()})}
-    (out / "run_manifest.json").write_text(json.dumps(manifest, indent=2))
+    return {"store": store_url, "extract_config": cfg.to_dict(), "slides_in_store": len(store.slide_ids()),
+            "extracted_now": summary.count("done") + summary.count("empty"), "skipped_complete": skipped,
+            "failed": [o.slide_id for o in summary.failed],
+            "tiles_in_store": sum(store.slide(s).n_tiles for s in store.slide_ids()),
+            "verify_problems": [str(p) for p in verify_store(store)], "h5_files": len(export_h5(store, out / "h5")),
+            "qc_summary": str(write_qc(store_url, out / "qc", summary))}
+
+
+def make_split(out: Path, store_url: str, clinical: Path, folds: int) -> tuple[Path, Any]:
+    from evaluate.features import patient_features
+    from evaluate.splits import make_folds, write_split
+    from store.clinical import load_clinical
+
+    data = patient_features(EmbeddingStore.open(store_url), load_clinical(clinical))
+    _, _, events = data.endpoint("OS")
+    return write_split(out / "splits.csv", make_folds(data.patient_ids, events, folds, SEED)), data
+
+
+def train_and_generate(out: Path, store_url: str, clinical: Path, texts: Path, split: Path, settings: DemoSettings,
+                       log: Callable[[str], None]) -> dict[str, Any]:
+    from store.clinical import load_clinical
+    from train.annotations import write_annotations, write_meta
+    from train.config import parse_args
+    from train.generate import generate_reports
+    from train.run import train
+
+    annotations = out / "annotations.jsonl"
+    counts = write_annotations(EmbeddingStore.open(store_url), load_clinical(clinical), annotations, "OS", texts)
+    meta = write_meta(out / "meta.json", annotations)
+    run_dir = out / "train"
+    if (run_dir / "train_summary.json").is_file() and (run_dir / "trainable.safetensors").is_file():
+        log(f"[demo] training: {run_dir} already holds a finished run: reused")
+        summary = json.loads((run_dir / "train_summary.json").read_text())
+    else:
+        log(f"[demo] training {LLM_LABEL} + projector + LoRA on the training folds, from the cache")
+        flags = ["--config", "tiny.yaml", "--llm_path", settings.llm_path, "--meta_path", str(meta), "--store", store_url,
+                 "--output_dir", str(run_dir), "--split", str(split), "--fold", str(HELD_OUT_FOLD),
+                 "--num_train_epochs", str(settings.train_epochs), "--max_tiles", str(settings.max_tiles),
+                 "--report_to", "tensorboard", "--save_strategy", "no", "--logging_steps", "10",
+                 *settings.extra_train_flags]
+        summary = train(*parse_args(flags)).summary
+    generated = out / "reports_heldout.jsonl"
+    log(f"[demo] generating reports for the held-out fold {HELD_OUT_FOLD}")
+    generate_reports(str(run_dir), store_url, str(meta), generated, str(split), HELD_OUT_FOLD, batch_size=8,
+                     max_new_tokens=48)
+    losses = [h["loss"] for h in summary["log_history"] if "loss" in h]
+    return {"annotations": str(annotations), "annotation_counts": counts, "train_dir": str(run_dir),
+            "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+            "generated": str(generated)}
+
+
+def evaluate_all(out: Path, data: Any, split: Path, clinical: Path, annotations: str, generated: str) -> dict[str, Any]:
+    from evaluate.grade import confusion_plot, cross_validate_grade
+    from evaluate.report_metrics import score_reports
+    from evaluate.splits import read_split
+    from evaluate.survival import cross_validate, km_plot
+    from store.clinical import load_clinical
+
+    folds = read_split(split)
+    folder = out / "evaluation"
+    folder.mkdir(parents=True, exist_ok=True)
+    survival = cross_validate(data, "OS", "coxnet", folds, SEED)
+    km_plot(survival, str(folder / "km.png"))
+    grade = cross_validate_grade(data, folds, SEED)
+    confusion_plot(grade, str(folder / "confusion.png"))
+    reports = score_reports(generated, annotations, load_clinical(clinical), "OS")
+    result = {"survival": {"head": "coxnet", "summary": survival.summary, "logrank_p": survival.logrank_p},
+              "grade": {"head": "logreg", "summary": grade.summary, "classes": grade.classes,
+                        "confusion": grade.confusion},
+              "reports": {"n": reports.n, "caption": reports.caption, "clinical": reports.clinical,
+                          "notes": reports.notes, "fold": HELD_OUT_FOLD}}
+    (folder / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def run(out: Path, settings: DemoSettings = DemoSettings(), log: Callable[[str], None] = print) -> dict[str, Any]:
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    patients = plan_patients(settings.size)
+    cohort = write_slides(out, settings.size, patients, log)
+    clinical, texts = write_clinical(out, patients), write_report_texts(out, patients)
+    result: dict[str, Any] = {"encoder": ENCODER_LABEL, **extract(out, cohort, settings, log)}
+    split, data = make_split(out, result["store"], clinical, settings.folds)
+    result["split"] = str(split)
+    if settings.train:
+        result |= {"llm": LLM_LABEL, **train_and_generate(out, result["store"], clinical, texts, split, settings, log)}
+        result["evaluation"] = evaluate_all(out, data, split, clinical, result["annotations"], result["generated"])
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["summary_html"] = str(write_summary(out, result))
+    manifest = {"summary": result, "provenance": provenance({"demo": "pipeline", "seed": SEED,
+                                                             "settings": asdict(settings)})}
+    (out / "run_manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     return result

@@ -1,4 +1,6 @@
-"""`python -m evaluate split|survival ...`: thin commands over the library; nothing here re-encodes."""
+"""`python -m evaluate split|import-split|survival|grade|sweep|report`: thin commands over the library.
+
+Nothing here imports the encoder: slide vectors and tile bags are read from the store."""
 
 from __future__ import annotations
 
@@ -10,13 +12,15 @@ from typing import Sequence
 
 import numpy as np
 
-from evaluate.features import POOLINGS, patient_features
-from evaluate.grade import confusion_plot, cross_validate_grade
-from evaluate.splits import make_folds, read_split, write_split
-from evaluate.survival import HEADS, clinical_covariates, cross_validate, km_plot
+from evaluate.abmil import TrainSettings, load_bags
+from evaluate.features import POOLINGS, PatientData, patient_features
+from evaluate.grade import GRADE_HEADS, confusion_plot, cross_validate_grade
+from evaluate.splits import import_published_splits, make_folds, read_split, write_split
+from evaluate.survival import BAG_HEADS, HEADS, clinical_covariates, cross_validate, km_plot
 from store.cli import run_command
 from store.clinical import ENDPOINTS, load_clinical_tables
 from store.embedding_store import EmbeddingStore
+from store.errors import EvaluationError
 from store.provenance import provenance
 
 
@@ -28,12 +32,46 @@ def _data(args: argparse.Namespace):
     return store, patient_features(store, clinical, getattr(args, "pooling", "mean"))
 
 
-def _folds(args: argparse.Namespace, data) -> dict[str, int]:
+def _folds(args: argparse.Namespace, data: PatientData, endpoint: str | None = None) -> dict[str, int]:
     """The split file when given, else folds made here from the seed (stratified by the endpoint's event)."""
     if args.split:
         return read_split(args.split)
-    has, _, events = data.endpoint(args.endpoint)
+    if endpoint is None:
+        return make_folds(data.patient_ids, None, args.folds, args.seed)
+    has, _, events = data.endpoint(endpoint)
     return make_folds(data.patient_ids, np.where(has, events, False), args.folds, args.seed)
+
+
+def _settings(args: argparse.Namespace) -> TrainSettings:
+    return TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, ties=args.ties)
+
+
+def _bags(args: argparse.Namespace, store: EmbeddingStore, data: PatientData) -> np.ndarray:
+    bags = load_bags(store, data.slides, args.max_tiles, args.seed)
+    tiles = sum(len(b) for b in bags)
+    print(f"read {tiles:,} tiles from the store for {len(bags)} patients (at most {args.max_tiles} per patient)")
+    return bags
+
+
+def _heatmap_slides(requested: list[str], data: PatientData, scores: dict[str, float]) -> list[str]:
+    """`auto` stands for the first slide of the held-out patients with the highest and the lowest score."""
+    ranked = sorted(scores, key=scores.get)
+    slides_of = dict(zip(data.patient_ids, data.slides))
+    chosen: list[str] = []
+    for item in requested:
+        chosen += [slides_of[p][0] for p in (ranked[-1], ranked[0])] if item == "auto" else [item]
+    return list(dict.fromkeys(chosen))
+
+
+def _draw_heatmaps(args: argparse.Namespace, store: EmbeddingStore, data: PatientData, folds: dict[str, int],
+                   models: dict[int, object], scores: dict[str, float], out: Path) -> list[dict]:
+    from evaluate.heatmap import draw_heatmaps
+
+    drawn = draw_heatmaps(store, _heatmap_slides(args.heatmaps, data, scores), folds, models, out)
+    for d in drawn:
+        print(f"  heatmap {d['png']} ({d['tiles']} tiles, fold {d['fold']}"
+              f"{'' if d['thumbnail'] else ', no stored thumbnail: drawn on a blank canvas'})")
+    return drawn
 
 
 def _write_outputs(out: Path, report: dict, predictions: list[dict]) -> None:
@@ -58,11 +96,16 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 def cmd_survival(args: argparse.Namespace) -> int:
     store, data = _data(args)
-    folds = _folds(args, data)
+    folds = _folds(args, data, args.endpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = cross_validate(data, args.endpoint, args.head, folds, args.seed)
-    report = {"endpoint": args.endpoint, "head": args.head, "pooling": args.pooling, "summary": result.summary,
+    tiles = args.head in BAG_HEADS
+    if args.heatmaps and not tiles:
+        raise EvaluationError("--heatmaps draws ABMIL attention: use --head abmil-cox or abmil-nll")
+    bags = _bags(args, store, data) if tiles else None
+    result = cross_validate(data, args.endpoint, args.head, folds, args.seed, bags, _settings(args))
+    report = {"endpoint": args.endpoint, "head": args.head, "pooling": "tiles" if tiles else args.pooling,
+              "summary": result.summary,
               "logrank_p": result.logrank_p, "folds": result.folds, "patients": len(result.predictions),
               "store_fingerprint": store.fingerprint, "re_encoded_tiles": 0}
     mask, covariates = clinical_covariates(data)
@@ -70,9 +113,15 @@ def cmd_survival(args: argparse.Namespace) -> int:
         baseline = cross_validate(data.subset(mask), args.endpoint, "coxph", folds, args.seed, covariates[mask])
         report["clinical_baseline_age_stage"] = {"summary": baseline.summary, "patients": len(baseline.predictions)}
     report["provenance"] = provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})
+    if tiles:
+        report["abmil"] = vars(_settings(args)) | {"max_tiles": args.max_tiles}
+    if args.heatmaps:
+        models = {fold: head.model for fold, head in result.models.items()}
+        risks = {p["patient_id"]: p["risk"] for p in result.predictions}
+        report["heatmaps"] = _draw_heatmaps(args, store, data, folds, models, risks, out)
     _write_outputs(out, report, result.predictions)
     km_plot(result, str(out / "km.png"))
-    print(f"{args.endpoint} {args.head} ({args.pooling} pooling), {len(result.predictions)} patients, {len(result.folds)} folds:")
+    print(f"{args.endpoint} {args.head} ({report['pooling']}), {len(result.predictions)} patients, {len(result.folds)} folds:")
     for key, value in result.summary.items():
         print(f"  {key:<10} {value['mean']:.3f} ± {value['std']:.3f}")
     if "clinical_baseline_age_stage" in report:
@@ -80,7 +129,8 @@ def cmd_survival(args: argparse.Namespace) -> int:
         if base:
             print(f"  clinical baseline (age + stage CoxPH) harrell_c {base['mean']:.3f} ± {base['std']:.3f}")
     print(f"  log-rank p (held-out risk groups) {result.logrank_p if result.logrank_p is not None else 'n/a'}")
-    print(f"wrote {out}/metrics.json, predictions.csv, km.png; re-encoded nothing (slide vectors read from the store)")
+    source = "tile embeddings" if tiles else "slide vectors"
+    print(f"wrote {out}/metrics.json, predictions.csv, km.png; re-encoded nothing ({source} read from the store)")
     return 0
 
 
@@ -88,14 +138,23 @@ def cmd_grade(args: argparse.Namespace) -> int:
     store, data = _data(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = cross_validate_grade(data, _folds(args, data), args.seed)
-    report = {"label": "grade", "scheme": result.scheme, "classes": result.classes, "summary": result.summary,
+    folds = _folds(args, data)
+    tiles = args.head == "abmil"
+    if args.heatmaps and not tiles:
+        raise EvaluationError("--heatmaps draws ABMIL attention: use --head abmil")
+    bags = _bags(args, store, data) if tiles else None
+    result = cross_validate_grade(data, folds, args.seed, head=args.head, features=bags, settings=_settings(args))
+    report = {"label": "grade", "head": args.head, "scheme": result.scheme, "classes": result.classes, "summary": result.summary,
               "confusion": result.confusion, "folds": result.folds, "dropped": result.dropped,
               "patients": len(result.predictions), "store_fingerprint": store.fingerprint, "re_encoded_tiles": 0,
               "provenance": provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})}
+    if args.heatmaps:
+        top = f"p_{result.classes[-1]}"  # the highest grade's probability
+        scores = {p["patient_id"]: p[top] for p in result.predictions}
+        report["heatmaps"] = _draw_heatmaps(args, store, data, folds, result.models, scores, out)
     _write_outputs(out, report, result.predictions)
     confusion_plot(result, str(out / "confusion.png"))
-    print(f"grade ({result.scheme}: {', '.join(result.classes)}), logistic regression, {len(result.predictions)} patients:")
+    print(f"grade ({result.scheme}: {', '.join(result.classes)}), {args.head}, {len(result.predictions)} patients:")
     for key, value in result.summary.items():
         if "mean" in value:
             print(f"  {key:<18} {value['mean']:.3f} ± {value['std']:.3f}")
@@ -108,7 +167,8 @@ def cmd_grade(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from evaluate.report_metrics import score_reports
 
-    scores = score_reports(args.predictions, args.references)
+    clinical = load_clinical_tables(args.clinical) if args.clinical else None
+    scores = score_reports(args.predictions, args.references, clinical, args.endpoint)
     report = {"n": scores.n, "caption": scores.caption, "clinical": scores.clinical, "notes": scores.notes,
               "provenance": provenance(vars(args))}
     if args.out:
@@ -120,6 +180,60 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"  {key:<22} {value:.4f}" if isinstance(value, float) else f"  {key:<22} {value}")
     for note in scores.notes:
         print(f"  note: {note}")
+    return 0
+
+
+def cmd_import_split(args: argparse.Namespace) -> int:
+    patient_of = None
+    if args.store:  # slide ids → the store's patient ids (non-TCGA slide ids carry no patient in their name)
+        store = EmbeddingStore.open(args.store)
+        known = {sid: store.slide(sid).patient_id for sid in store.slide_ids()}
+        patient_of = lambda i: known.get(i, i)  # noqa: E731
+    folds = import_published_splits(args.files, patient_of)
+    write_split(args.out, folds)
+    sizes = np.bincount(list(folds.values()))
+    print(f"wrote {args.out}: {len(folds)} patients held out across {len(args.files)} folds of {sizes.tolist()} "
+          "(fold k = the test, else val, set of the k-th file)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from evaluate.sweep import best_by_task, encoder_modules_loaded, format_table, run_sweep
+
+    store = EmbeddingStore.open(args.store)
+    clinical = load_clinical_tables(args.clinical)
+    if args.cancer_type:
+        clinical = clinical.filter_cancer_type(args.cancer_type)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def folds_for(task: str, data: PatientData) -> dict[str, int]:
+        return _folds(args, data, None if task == "grade" else task)
+
+    def progress(row) -> None:
+        print(f"  {row.task} {row.head} {row.pooling}: " + (f"error: {row.error}" if row.error else f"{row.seconds:.1f} s"),
+              flush=True)
+
+    rows = run_sweep(store, clinical, args.tasks, args.heads, args.grade_heads, args.poolings, folds_for, args.seed,
+                     _settings(args), args.max_tiles, progress)
+    table = format_table(rows)
+    loaded = encoder_modules_loaded()
+    report = {"rows": [r.as_dict() for r in rows], "best": best_by_task(rows), "store_fingerprint": store.fingerprint,
+              "re_encoded_tiles": 0, "encoder_modules_loaded": loaded,
+              "provenance": provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})}
+    (out / "sweep.json").write_text(json.dumps(report, indent=2, default=str))
+    with open(out / "sweep.csv", "w", newline="") as f:
+        fields = list(dict.fromkeys(k for r in rows for k in r.as_dict()))
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(r.as_dict() for r in rows)
+    print(table)
+    for task, best in report["best"].items():
+        print(f"best {task}: {best}")
+    if loaded:
+        raise EvaluationError(f"encoder modules were imported during the sweep: {loaded}")
+    print(f"wrote {out}/sweep.json, sweep.csv; re-encoded nothing: {len(rows)} fits from the store, "
+          "the encoder was never imported")
     return 0
 
 
@@ -139,23 +253,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_split)
 
-    p = sub.add_parser("survival", parents=[common], help="cross-validated survival head on stored slide vectors")
+    p = sub.add_parser("import-split", help="turn published CLAM/SurvPath split CSVs (one per fold) into a split file")
+    p.add_argument("files", nargs="+", help="splits_0.csv splits_1.csv ...: fold k holds out file k's test (else val) ids")
+    p.add_argument("--store", help="map slide ids to the store's patient ids (needed for non-TCGA slide ids)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_import_split)
+
+    abmil = argparse.ArgumentParser(add_help=False)
+    group = abmil.add_argument_group("ABMIL heads (trained on tiles read from the store)")
+    group.add_argument("--max-tiles", type=int, default=512, help="tiles sampled per patient bag")
+    group.add_argument("--epochs", type=int, default=TrainSettings.epochs)
+    group.add_argument("--lr", type=float, default=TrainSettings.lr)
+    group.add_argument("--batch-size", type=int, default=TrainSettings.batch_size, help="bags per step")
+    group.add_argument("--ties", default="efron", choices=["efron", "breslow"], help="abmil-cox tie handling")
+
+    heatmaps = argparse.ArgumentParser(add_help=False)
+    heatmaps.add_argument("--heatmaps", nargs="+", metavar="SLIDE_ID",
+                          help="ABMIL heads: attention PNGs for these slides, or `auto` (highest and lowest scoring patients)")
+
+    p = sub.add_parser("survival", parents=[common, abmil, heatmaps], help="cross-validated survival head from the cache")
     p.add_argument("--head", default="coxnet", choices=list(HEADS))
-    p.add_argument("--pooling", default="mean", choices=POOLINGS)
+    p.add_argument("--pooling", default="mean", choices=POOLINGS, help="slide-vector heads (ABMIL reads tiles)")
     p.add_argument("--split", help="a split file from `python -m evaluate split` (default: made here from --seed)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_survival)
 
-    p = sub.add_parser("grade", parents=[common], help="cross-validated grade classifier on stored slide vectors")
+    p = sub.add_parser("grade", parents=[common, abmil, heatmaps], help="cross-validated grade classifier from the cache")
     p.add_argument("--label", default="grade", choices=["grade"], help="the clinical column to predict")
+    p.add_argument("--head", default="logreg", choices=list(GRADE_HEADS))
     p.add_argument("--pooling", default="mean", choices=POOLINGS)
     p.add_argument("--split", help="a split file from `python -m evaluate split`")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_grade)
 
+    p = sub.add_parser("sweep", parents=[common, abmil], help="many heads x poolings x endpoints, one table")
+    p.add_argument("--tasks", nargs="+", default=["OS"], choices=[*ENDPOINTS, "grade"])
+    p.add_argument("--heads", nargs="+", default=["coxnet", "coxph", "rsf", "abmil-cox"], choices=list(HEADS),
+                   help="survival heads")
+    p.add_argument("--grade-heads", nargs="+", default=["logreg", "abmil"], choices=list(GRADE_HEADS))
+    p.add_argument("--poolings", nargs="+", default=["mean", "max"], choices=POOLINGS)
+    p.add_argument("--split", help="a split file used for every task (default: folds per task from --seed)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("report", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr and clinical correctness of generated reports")
     p.add_argument("--predictions", required=True, help="jsonl: {id, text} per generated report")
     p.add_argument("--references", required=True, help="jsonl: {id, text}, or the InternVL conversation annotations")
+    p.add_argument("--clinical", nargs="+", help="clinical table(s): adds the C-index of the stated risk group")
+    p.add_argument("--endpoint", default="OS", choices=ENDPOINTS, help="the endpoint the stated risk is scored on")
     p.add_argument("--out", help="folder for report_metrics.json")
     p.set_defaults(func=cmd_report)
     return parser

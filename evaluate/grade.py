@@ -1,4 +1,5 @@
-"""Grade heads on cached slide vectors: logistic regression over patient folds.
+"""Grade heads from the cache over patient folds: logistic regression on the stored slide vectors
+(`logreg`), or an attention-MIL classifier on tile bags (`abmil`, evaluate/abmil.py).
 
 Grades come from the clinical table (G1-G4, or BLCA's High/Low Grade as its own scheme; GX and
 "[Not Available]" are missing). One scheme per evaluation: mixing G1-G4 with High/Low would make the
@@ -10,7 +11,7 @@ one-vs-rest macro AUC, and the pooled held-out confusion matrix.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from sklearn.metrics import (
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from evaluate.abmil import TrainSettings, train_abmil
 from evaluate.features import PatientData
 from store.errors import EvaluationError
 
@@ -41,6 +43,8 @@ class GradeResult:
     confusion: list[list[int]]  # pooled over held-out folds; rows = true, columns = predicted
     predictions: list[dict[str, Any]]
     dropped: dict[str, int]
+    head: str = "logreg"
+    models: dict[int, Any] = field(default_factory=dict)  # fold → the model that did not see it
 
 
 def grade_labels(data: PatientData) -> tuple[np.ndarray, list[str], str, dict[str, int]]:
@@ -75,23 +79,42 @@ def _metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray, n_classes: int)
     return out
 
 
-def cross_validate_grade(data: PatientData, folds: dict[str, int], seed: int = 0, c: float = 0.1) -> GradeResult:
+GRADE_HEADS = ("logreg", "abmil")
+
+
+def _fit_predict_proba(head: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
+                       seed: int, c: float, settings: TrainSettings | None) -> tuple[np.ndarray, Any]:
+    if head == "abmil":
+        model = train_abmil(list(x_train), "ce", seed, settings, labels=y_train, n_classes=n_classes)
+        return model.probabilities(list(x_test)), model
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, class_weight="balanced",
+                                                               random_state=seed)).fit(x_train, y_train)
+    proba = np.zeros((len(x_test), n_classes))
+    proba[:, model.classes_] = model.predict_proba(x_test)  # classes absent from training get 0
+    return proba, model
+
+
+def cross_validate_grade(data: PatientData, folds: dict[str, int], seed: int = 0, c: float = 0.1, head: str = "logreg",
+                         features: np.ndarray | None = None, settings: TrainSettings | None = None) -> GradeResult:
+    """`features` overrides data.features; the abmil head needs one tile bag per patient (abmil.load_bags)."""
+    if head not in GRADE_HEADS:
+        raise EvaluationError(f"unknown grade head {head!r}; choose one of {', '.join(GRADE_HEADS)}")
+    if head == "abmil" and (features is None or features.dtype != object):
+        raise EvaluationError("the abmil grade head trains on tiles: pass one bag per patient (evaluate.abmil.load_bags)")
     mask, classes, scheme, dropped = grade_labels(data)
     fold_of = np.array([folds.get(p, -1) for p in data.patient_ids])
     keep = mask & (fold_of >= 0)
-    x, f = data.features[keep], fold_of[keep]
+    x, f = (data.features if features is None else features)[keep], fold_of[keep]
     ids = [p for p, k in zip(data.patient_ids, keep) if k]
     y = np.array([classes.index(cl.grade) for cl, k in zip(data.clinical, keep) if k])
     results, predictions = [], []
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
+    models = {}
     for fold in sorted(set(f.tolist())):
         test, train = f == fold, f != fold
         if len(np.unique(y[train])) < 2:
             raise EvaluationError(f"the training part of fold {fold} holds one grade only")
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, class_weight="balanced",
-                                                                   random_state=seed)).fit(x[train], y[train])
-        proba = np.zeros((int(test.sum()), len(classes)))
-        proba[:, model.classes_] = model.predict_proba(x[test])  # classes absent from training get 0
+        proba, models[fold] = _fit_predict_proba(head, x[train], y[train], x[test], len(classes), seed, c, settings)
         pred = proba.argmax(axis=1)
         results.append({"fold": fold, "n_test": int(test.sum()), **_metrics(y[test], pred, proba, len(classes))})
         confusion += confusion_matrix(y[test], pred, labels=list(range(len(classes))))
@@ -105,7 +128,7 @@ def cross_validate_grade(data: PatientData, folds: dict[str, int], seed: int = 0
             summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "folds": len(values)}
     chance = {"majority_class_accuracy": float(np.bincount(y).max() / len(y)), "balanced_accuracy": 1 / len(classes)}
     summary["chance"] = chance  # what "clearly beats chance" is measured against
-    return GradeResult(scheme, classes, results, summary, confusion.tolist(), predictions, dropped)
+    return GradeResult(scheme, classes, results, summary, confusion.tolist(), predictions, dropped, head, models)
 
 
 def confusion_plot(result: GradeResult, path: str) -> None:

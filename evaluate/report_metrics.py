@@ -7,7 +7,6 @@ says so: tokens are then lower-cased words (BLEU, ROUGE-L and CIDEr still run) a
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -17,7 +16,10 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import cohen_kappa_score
 
+from store.clinical import ClinicalTable
 from store.errors import EvaluationError
+from store.ids import tcga_patient_id
+from store.jsonl import read_jsonl
 
 GRADE_RE = re.compile(r"\b(?:grade\s*[:\-]?\s*)?G\s*([1-4])\b|\bgrade\s*[:\-]?\s*([1-4])\b|\b(high|low)[\s-]grade\b", re.IGNORECASE)
 RISK_RE = re.compile(r"\b(high|intermediate|low)[\s-]risk\b", re.IGNORECASE)
@@ -42,22 +44,15 @@ def parse_risk(text: str) -> str | None:
 def _ids_and_text(path: Path) -> dict[str, list[str]]:
     """jsonl lines: {"id"|"slide_id"|"patient_id", "text"|"answer"|"caption"} or InternVL conversations."""
     out: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvaluationError(f"{path}, line {number}: not JSON ({e.msg})") from e
-            key = next((row[k] for k in ("id", "slide_id", "patient_id") if k in row), None)
-            text = next((row[k] for k in ("text", "answer", "caption") if k in row), None)
-            if text is None and "conversations" in row:
-                text = " ".join(t["value"] for t in row["conversations"] if t.get("from") == "gpt")
-            if key is None or text is None:
-                raise EvaluationError(f"{path}, line {number}: needs an id (id/slide_id/patient_id) and a text "
-                                      "(text/answer/caption, or InternVL conversations)")
-            out.setdefault(str(key), []).append(str(text))
+    for number, row in read_jsonl(path, EvaluationError):
+        key = next((row[k] for k in ("id", "slide_id", "patient_id") if k in row), None)
+        text = next((row[k] for k in ("text", "answer", "caption") if k in row), None)
+        if text is None and "conversations" in row:
+            text = " ".join(t["value"] for t in row["conversations"] if t.get("from") == "gpt")
+        if key is None or text is None:
+            raise EvaluationError(f"{path}, line {number}: needs an id (id/slide_id/patient_id) and a text "
+                                  "(text/answer/caption, or InternVL conversations)")
+        out.setdefault(str(key), []).append(str(text))
     return out
 
 
@@ -121,7 +116,32 @@ def clinical_correctness(predictions: dict[str, str], references: dict[str, list
     return out
 
 
-def score_reports(predictions_path: str | Path, references_path: str | Path) -> ReportScores:
+def stated_risk_concordance(predictions: dict[str, str], clinical: ClinicalTable, endpoint: str) -> dict[str, Any]:
+    """Harrell's C of the risk group each report states (low < intermediate < high) against the patient's
+    observed `endpoint`: scored like a survival head. Report ids are slide or patient ids."""
+    from evaluate.survival_metrics import harrell_c
+
+    levels, times, events, unmatched = [], [], [], 0
+    for key, text in predictions.items():
+        patient = clinical.patients.get(tcga_patient_id(key) or key)
+        risk = parse_risk(text)
+        if patient is None or endpoint not in patient.endpoints:
+            unmatched += 1
+            continue
+        if risk is None:
+            continue
+        levels.append(RISK_LEVEL[risk])
+        times.append(patient.endpoints[endpoint].time_days)
+        events.append(patient.endpoints[endpoint].event)
+    out: dict[str, Any] = {"stated_risk_endpoint": endpoint, "stated_risk_scored": len(levels),
+                           "stated_risk_unmatched": unmatched}
+    if len(levels) >= 2 and any(events) and len(set(levels)) > 1:
+        out["stated_risk_harrell_c"] = harrell_c(np.array(times), np.array(events), np.array(levels, dtype=float))
+    return out
+
+
+def score_reports(predictions_path: str | Path, references_path: str | Path, clinical: ClinicalTable | None = None,
+                  endpoint: str = "OS") -> ReportScores:
     predictions = {k: v[0] for k, v in _ids_and_text(Path(predictions_path)).items()}
     references = _ids_and_text(Path(references_path))
     missing = sorted(set(predictions) - set(references))
@@ -130,5 +150,10 @@ def score_reports(predictions_path: str | Path, references_path: str | Path) -> 
     if not predictions:
         raise EvaluationError(f"{predictions_path} holds no predictions")
     notes: list[str] = []
-    return ReportScores(caption_scores(predictions, references, notes), clinical_correctness(predictions, references),
-                        notes, len(predictions))
+    correctness = clinical_correctness(predictions, references)
+    if clinical is not None:
+        correctness.update(stated_risk_concordance(predictions, clinical, endpoint))
+        if "stated_risk_harrell_c" not in correctness:
+            notes.append(f"stated-risk C-index not computed: needs >= 2 reports stating different risk groups for "
+                         f"patients with {endpoint} in the clinical table, and one event")
+    return ReportScores(caption_scores(predictions, references, notes), correctness, notes, len(predictions))

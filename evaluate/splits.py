@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from store.errors import EvaluationError
+from store.ids import tcga_patient_id
 
 
 def make_folds(patient_ids: Sequence[str], events: Sequence[bool] | None = None, k: int = 5, seed: int = 0,
@@ -70,4 +71,59 @@ def read_split(path: str | Path) -> dict[str, int]:
             if row["patient_id"] in folds:
                 raise EvaluationError(f"{path}, row {reader.line_num}: patient {row['patient_id']} appears twice")
             folds[row["patient_id"]] = fold
+    return folds
+
+
+HELD_OUT_COLUMNS = ("test", "val")
+
+
+def _published_sets(path: Path) -> dict[str, list[str]]:
+    """{column: ids} from a CLAM/SurvPath split CSV: wide (`,train,val[,test]`, one id list per column) or
+    long (an id column and a `split` column holding train/val/test)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in (reader.fieldnames or [])]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    if "train" in fields:
+        return {c: [r[c] for r in rows if r.get(c)] for c in fields if c in ("train", *HELD_OUT_COLUMNS)}
+    if "split" in fields:
+        id_col = next((c for c in ("case_id", "patient_id", "slide_id") if c in fields), None)
+        if id_col:
+            sets: dict[str, list[str]] = {}
+            for r in rows:
+                sets.setdefault(r["split"].lower(), []).append(r[id_col])
+            return sets
+    raise EvaluationError(f"{path}: not a published split (expected CLAM/SurvPath columns train,val[,test], or "
+                          f"case_id|patient_id|slide_id with a split column); found columns {fields}")
+
+
+def import_published_splits(paths: Sequence[str | Path], patient_of: Callable[[str], str] | None = None) -> dict[str, int]:
+    """One published split file per fold (splits_0.csv, splits_1.csv, ...) → {patient_id: fold}.
+
+    Fold k's held-out patients are file k's `test` column (or `val` where there is no test set). Ids are
+    case ids or slide ids; `patient_of` maps an id to its patient (default: TCGA barcodes cut to the
+    patient, other ids kept). A patient held out by two files, or in both the training and held-out sets
+    of one file (a slide-level split that leaks patients), is an error.
+    """
+    to_patient = patient_of or (lambda i: tcga_patient_id(i) or i)
+    folds: dict[str, int] = {}
+    source: dict[str, Path] = {}
+    for fold, raw in enumerate(paths):
+        path = Path(raw)
+        if not path.is_file():
+            raise EvaluationError(f"published split file {path} does not exist")
+        sets = _published_sets(path)
+        column = next((c for c in HELD_OUT_COLUMNS if sets.get(c)), None)
+        if column is None:
+            raise EvaluationError(f"{path}: no test or val ids: nothing is held out in this fold")
+        held_out = {to_patient(i) for i in sets[column]}
+        leaked = held_out & {to_patient(i) for i in sets.get("train", [])}
+        if leaked:
+            raise EvaluationError(f"{path}: {len(leaked)} patients are in both train and {column} "
+                                  f"(e.g. {sorted(leaked)[:3]}): a slide-level split; use patient-level folds")
+        for patient in sorted(held_out):
+            if patient in folds:
+                raise EvaluationError(f"patient {patient} is held out by both {source[patient]} and {path}: "
+                                      "these files are not the folds of one cross-validation")
+            folds[patient], source[patient] = fold, path
     return folds

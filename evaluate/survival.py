@@ -2,7 +2,8 @@
 
 Heads (scikit-survival): `coxnet` (elastic net, alpha chosen by inner cross-validation on the training
 fold and passed explicitly at prediction), `coxph` and `rsf` (on PCA components fitted inside the
-training fold: 2560 raw dimensions would make CoxPH singular). Per fold: Harrell's C with a bootstrap
+training fold: 2560 raw dimensions would make CoxPH singular); and attention-MIL heads on the tiles
+(`abmil-cox`, `abmil-nll`, see evaluate/abmil.py), whose input is one bag of tiles per patient. Per fold: Harrell's C with a bootstrap
 95% CI over the held-out patients, Uno's C (tau inside the follow-up), time-dependent AUC at event-time
 quartiles, the integrated Brier score, and low/high-risk groups split at the *training* fold's median
 risk. Across folds: mean ± std, and a Kaplan-Meier plot of the pooled held-out risk groups with the
@@ -25,10 +26,12 @@ from sklearn.preprocessing import StandardScaler
 from sksurv.compare import compare_survival
 from sksurv.ensemble import RandomSurvivalForest
 from sksurv.linear_model import CoxnetSurvivalAnalysis, CoxPHSurvivalAnalysis
+from sksurv.linear_model.coxph import BreslowEstimator
 from sksurv.metrics import concordance_index_censored
 from sksurv.nonparametric import kaplan_meier_estimator
 
 from evaluate import survival_metrics as sm
+from evaluate.abmil import ABMILModel, TrainSettings, train_abmil
 from evaluate.features import PatientData
 from store.errors import EvaluationError
 
@@ -52,7 +55,7 @@ class FittedHead:
         return np.asarray([[fn(t) for t in times] for fn in functions])
 
 
-def fit_coxnet(x: np.ndarray, y: np.ndarray, seed: int) -> FittedHead:
+def fit_coxnet(x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | None = None) -> FittedHead:
     """Elastic-net Cox; alpha chosen by 3-fold inner CV over the regularisation path (one path fit per
     inner fold, every alpha scored on its held-out part: 20x fewer fits than a grid search)."""
     scaler = StandardScaler().fit(x)
@@ -80,22 +83,55 @@ def _pca(n_samples: int, n_features: int) -> PCA:
     return PCA(n_components=max(1, min(PCA_COMPONENTS, n_samples - 2, n_features)), random_state=0)
 
 
-def fit_coxph(x: np.ndarray, y: np.ndarray, seed: int) -> FittedHead:
+def fit_coxph(x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | None = None) -> FittedHead:
     model = Pipeline([("scale", StandardScaler()), ("pca", _pca(*x.shape)),
                       ("cox", CoxPHSurvivalAnalysis(alpha=1e-2, ties="efron"))]).fit(x, y)
     return FittedHead(model, {}, {"pca_components": int(model.named_steps["pca"].n_components_)})
 
 
-def fit_rsf(x: np.ndarray, y: np.ndarray, seed: int) -> FittedHead:
+def fit_rsf(x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | None = None) -> FittedHead:
     model = Pipeline([("scale", StandardScaler()), ("pca", _pca(*x.shape)),
                       ("rsf", RandomSurvivalForest(n_estimators=200, min_samples_leaf=5, max_features="sqrt",
                                                    random_state=seed, n_jobs=1))]).fit(x, y)  # folds run in parallel
     return FittedHead(model, {}, {"pca_components": int(model.named_steps["pca"].n_components_), "trees": 200})
 
 
-HEADS: dict[str, Callable[[np.ndarray, np.ndarray, int], FittedHead]] = {
-    "coxnet": fit_coxnet, "coxph": fit_coxph, "rsf": fit_rsf,
+class ABMILHead(FittedHead):
+    """An ABMIL network; Cox heads get survival curves from a Breslow baseline on the training risks."""
+
+    def __init__(self, model: ABMILModel, baseline: BreslowEstimator | None) -> None:
+        super().__init__(model, {}, model.describe)
+        self.baseline = baseline
+
+    def risk(self, x: np.ndarray) -> np.ndarray:
+        return self.model.risk(list(x))
+
+    def survival(self, x: np.ndarray, times: np.ndarray) -> np.ndarray:
+        if self.baseline is None:
+            return self.model.bin_survival(list(x), times)
+        return np.asarray([[fn(t) for t in times] for fn in self.baseline.get_survival_function(self.risk(x))])
+
+
+def _fit_abmil(loss: str, x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | None) -> FittedHead:
+    model = train_abmil(list(x), loss, seed, settings, time=y["time"].astype(np.float64), event=y["event"])
+    baseline = None
+    if loss == "cox":
+        baseline = BreslowEstimator().fit(model.risk(list(x)), y["event"], y["time"])
+    return ABMILHead(model, baseline)
+
+
+def fit_abmil_cox(x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | None = None) -> FittedHead:
+    return _fit_abmil("cox", x, y, seed, settings)
+
+
+def fit_abmil_nll(x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | None = None) -> FittedHead:
+    return _fit_abmil("nll", x, y, seed, settings)
+
+
+HEADS: dict[str, Callable[[np.ndarray, np.ndarray, int, TrainSettings | None], FittedHead]] = {
+    "coxnet": fit_coxnet, "coxph": fit_coxph, "rsf": fit_rsf, "abmil-cox": fit_abmil_cox, "abmil-nll": fit_abmil_nll,
 }
+BAG_HEADS = {"abmil-cox", "abmil-nll"}  # input: an object array of tile bags (evaluate.abmil.load_bags)
 
 
 def _fold_metrics(head: FittedHead, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
@@ -120,9 +156,10 @@ def _fold_metrics(head: FittedHead, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np
     return metrics, risk_te, risk_te > threshold
 
 
-def _run_fold(head: str, x: np.ndarray, y: np.ndarray, test: np.ndarray, seed: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    fitted = HEADS[head](x[~test], y[~test], seed)
-    return _fold_metrics(fitted, x[~test], y[~test], x[test], y[test], seed)
+def _run_fold(head: str, x: np.ndarray, y: np.ndarray, test: np.ndarray, seed: int, settings: TrainSettings | None
+              ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, FittedHead]:
+    fitted = HEADS[head](x[~test], y[~test], seed, settings)
+    return (*_fold_metrics(fitted, x[~test], y[~test], x[test], y[test], seed), fitted)
 
 
 @dataclass
@@ -133,13 +170,17 @@ class SurvivalResult:
     summary: dict[str, Any]
     predictions: list[dict[str, Any]]  # patient, fold, time, event, risk, high_risk
     logrank_p: float | None
+    models: dict[int, FittedHead] = field(default_factory=dict)  # fold → the head that did not see it
 
 
 def cross_validate(data: PatientData, endpoint: str, head: str, folds: dict[str, int], seed: int = 0,
-                   features: np.ndarray | None = None) -> SurvivalResult:
-    """Fit `head` on each training fold, score it on the held-out fold. `features` overrides data.features."""
+                   features: np.ndarray | None = None, settings: TrainSettings | None = None) -> SurvivalResult:
+    """Fit `head` on each training fold, score it on the held-out fold. `features` overrides data.features;
+    the ABMIL heads need it: one bag of tiles per patient (evaluate.abmil.load_bags)."""
     if head not in HEADS:
         raise EvaluationError(f"unknown survival head {head!r}; choose one of {', '.join(HEADS)}")
+    if head in BAG_HEADS and (features is None or features.dtype != object):
+        raise EvaluationError(f"the {head} head trains on tiles: pass one bag per patient (evaluate.abmil.load_bags)")
     has, times, events = data.endpoint(endpoint)
     if not has.any():
         raise EvaluationError(f"no patient of the {len(data)} joined has endpoint {endpoint}")
@@ -159,13 +200,15 @@ def cross_validate(data: PatientData, endpoint: str, head: str, folds: dict[str,
                                   "use fewer folds or a split stratified by event (`python -m evaluate split`)")
         if not y["event"][train].any():
             raise EvaluationError(f"the training part of fold {fold} has no {endpoint} event")
-    # Folds are independent and each is seeded: fit them in parallel, one per core.
-    jobs = min(len(fold_ids), os.cpu_count() or 1)
-    outcomes = Parallel(n_jobs=jobs)(delayed(_run_fold)(head, x, y, f == fold, seed) for fold in fold_ids)
-    results, predictions = [], []
-    for fold, (metrics, risk, high) in zip(fold_ids, outcomes):
+    # Folds are independent and each is seeded: fit them in parallel, one per core. Bag heads run one fold
+    # at a time (torch uses every core, and shipping the bags to workers would copy gigabytes).
+    jobs = 1 if head in BAG_HEADS else min(len(fold_ids), os.cpu_count() or 1)
+    outcomes = Parallel(n_jobs=jobs)(delayed(_run_fold)(head, x, y, f == fold, seed, settings) for fold in fold_ids)
+    results, predictions, models = [], [], {}
+    for fold, (metrics, risk, high, fitted) in zip(fold_ids, outcomes):
         test = f == fold
         metrics["fold"] = fold
+        models[fold] = fitted
         results.append(metrics)
         for i, r, h in zip(np.flatnonzero(test), risk, high):
             predictions.append({"patient_id": ids[i], "fold": fold, "time": float(y["time"][i]),
@@ -180,7 +223,7 @@ def cross_validate(data: PatientData, endpoint: str, head: str, folds: dict[str,
     if 0 < groups.sum() < len(groups):
         y_pred = sm.surv(np.array([p["time"] for p in predictions]), np.array([p["event"] for p in predictions]))
         logrank_p = float(compare_survival(y_pred, groups)[1])
-    return SurvivalResult(head, endpoint, results, summary, predictions, logrank_p)
+    return SurvivalResult(head, endpoint, results, summary, predictions, logrank_p, models)
 
 
 _STAGE = re.compile(r"(?:stage\s*)?(IV|III|II|I|0)", re.IGNORECASE)

@@ -74,3 +74,12 @@ class MppError(SlidecacheError, ValueError):
 
 class EvaluationError(SlidecacheError, ValueError):
     """Inputs an evaluation cannot use: no shared patients, a fold without events, an unknown endpoint."""
+
+
+class AnnotationError(SlidecacheError, ValueError):
+    """A training annotation that cannot be used: bad JSON, an unknown slide, a placeholder count mismatch,
+    a sample longer than --max_seq_length. The message names the file and line."""
+
+
+class TrainingError(SlidecacheError, RuntimeError):
+    """A training or generation run that cannot proceed: bad flags, a missing checkpoint, an LLM that will not load."""

@@ -10,11 +10,15 @@ from store import EmbeddingStore
 from tests.store.helpers import spec
 
 DIM = 32
+TILE = 448  # level-0 px per tile
+COLUMNS = 6  # tiles per row of the synthetic grid
+THUMB_DOWNSAMPLE = 16.0
 
 
 def planted_cohort(root: Path, patients: int = 120, seed: int = 0, signal: float = 2.5, slides_per_patient: int = 1,
-                   permute: bool = False) -> tuple[str, Path]:
-    """Embeddings carry a known risk direction; survival times follow exp(signal * risk) hazards."""
+                   permute: bool = False, thumbnails: bool = False) -> tuple[str, Path]:
+    """Embeddings carry a known risk direction; survival times follow exp(signal * risk) hazards.
+    Tiles lie on a grid COLUMNS wide; `thumbnails` stores a plain pink picture per slide."""
     rng = np.random.default_rng(seed)
     direction = rng.normal(size=DIM)
     direction /= np.linalg.norm(direction)
@@ -25,9 +29,14 @@ def planted_cohort(root: Path, patients: int = 120, seed: int = 0, signal: float
         for s in range(slides_per_patient):
             n = int(rng.integers(8, 30))
             emb = risk[p] * direction + 0.8 * rng.normal(size=(n, DIM))
-            coords = np.stack([np.arange(n) * 448, np.zeros(n)], 1).astype(np.int64)
-            with store.write_slide(f"PT{p:04d}-S{s}", {"patient_id": f"PT{p:04d}"}) as w:
+            coords = np.stack([np.arange(n) % COLUMNS, np.arange(n) // COLUMNS], 1).astype(np.int64) * TILE
+            size = [COLUMNS * TILE, (coords[:, 1].max() + TILE)]
+            attrs = {"patient_id": f"PT{p:04d}", "tile_px_level0": TILE, "level0_size": [int(v) for v in size]}
+            with store.write_slide(f"PT{p:04d}-S{s}", attrs) as w:
                 w.append(coords, np.ones(n), emb.astype(np.float16))
+                if thumbnails:
+                    h, wd = int(np.ceil(size[1] / THUMB_DOWNSAMPLE)), int(np.ceil(size[0] / THUMB_DOWNSAMPLE))
+                    w.set_thumbnail(np.full((h, wd, 3), (236, 200, 220), np.uint8), None, THUMB_DOWNSAMPLE)
                 w.commit()
     hazard = 0.001 * np.exp(signal * risk)
     event_time = rng.exponential(1 / hazard)

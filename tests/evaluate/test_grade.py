@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from evaluate.abmil import TrainSettings, load_bags
 from evaluate.features import patient_features
 from evaluate.grade import cross_validate_grade, grade_labels
 from evaluate.splits import make_folds
@@ -33,6 +34,18 @@ def test_planted_grades_clearly_beat_chance(cohort):
     assert result.summary["balanced_accuracy"]["mean"] > 2 * result.summary["chance"]["balanced_accuracy"]
     assert result.summary["auc"]["mean"] > 0.8
     assert np.asarray(result.confusion).sum() == len(data)
+
+
+def test_abmil_grade_head_beats_chance(cohort):
+    data, url, _ = cohort
+    bags = load_bags(EmbeddingStore.open(url), data.slides, max_tiles=32)
+    result = cross_validate_grade(data, make_folds(data.patient_ids, k=5, seed=0), head="abmil", features=bags,
+                                  settings=TrainSettings(epochs=30))
+    assert result.head == "abmil" and set(result.models) == set(range(5))
+    assert result.summary["qwk"]["mean"] > 0.6, result.summary
+    assert result.summary["balanced_accuracy"]["mean"] > 2 * result.summary["chance"]["balanced_accuracy"]
+    with pytest.raises(EvaluationError, match="trains on tiles"):
+        cross_validate_grade(data, make_folds(data.patient_ids, k=5, seed=0), head="abmil")
 
 
 def test_missing_and_mixed_schemes(cohort):

@@ -72,3 +72,21 @@ def test_without_java_meteor_is_skipped_and_said(tmp_path):
 def test_clinical_correctness_counts_only_stated_references():
     out = clinical_correctness({"a": "G2", "b": "nothing"}, {"a": ["Tumour grade: G2"], "b": ["no grade here"]})
     assert out["grade_reference_count"] == 1 and out["grade_accuracy"] == 1.0
+
+
+def test_stated_risk_is_scored_like_a_head(tmp_path):
+    from store.clinical import load_clinical
+
+    # High-risk reports (odd ids) belong to patients who died early: the stated risk ranks them perfectly.
+    table = tmp_path / "clinical.csv"
+    table.write_text("patient_id,OS,OS.time\n" + "".join(f"S{i},1,{100 if i % 2 else 2000 + i}\n" for i in range(8)))
+    refs = write_jsonl(tmp_path / "refs.jsonl", [{"id": k, "text": v} for k, v in REFS.items()])
+    right = score_reports(refs, refs, load_clinical(table), "OS")
+    # Pairs within one stated group are risk ties (0.5 each), so perfect grouping gives < 1.
+    assert right.clinical["stated_risk_harrell_c"] > 0.8
+    assert right.clinical["stated_risk_scored"] == 8 and right.clinical["stated_risk_unmatched"] == 0
+    flipped = write_jsonl(tmp_path / "flipped.jsonl", [
+        {"id": k, "text": v.replace("high risk", "X").replace("low risk", "high risk").replace("X", "low risk")}
+        for k, v in REFS.items()])
+    wrong = score_reports(flipped, refs, load_clinical(table), "OS").clinical["stated_risk_harrell_c"]
+    assert wrong == pytest.approx(1 - right.clinical["stated_risk_harrell_c"])

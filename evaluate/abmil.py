@@ -1,0 +1,281 @@
+"""Attention-MIL heads trained on the cached tiles (gated attention, Ilse et al. 2018; as in CLAM/TRIDENT).
+
+A patient is one bag: up to `max_tiles` tiles sampled from all of the patient's slides, read from the
+store once per cross-validation. Three losses share one network:
+  * `cox`  — negative Cox partial log-likelihood over the mini-batch, Efron or Breslow ties;
+  * `nll`  — discrete-time survival NLL (Zadeh & Schmid 2020, as PORPOISE/SurvPath) over quantile bins
+             of the uncensored training times;
+  * `ce`   — cross-entropy for grade classification.
+Inputs are standardised with the training fold's tile statistics; everything is seeded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from store.embedding_store import EmbeddingStore
+from store.errors import EvaluationError
+
+DEFAULT_MAX_TILES = 512
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    hidden: int = 128
+    dropout: float = 0.25
+    ties: str = "efron"
+    bins: int = 4
+
+
+def load_bags(store: EmbeddingStore, slides: Sequence[Sequence[str]], max_tiles: int = DEFAULT_MAX_TILES,
+              seed: int = 0) -> np.ndarray:
+    """One float32 bag per patient (object array, so fold masks index it): up to `max_tiles` tiles drawn
+    without replacement from all of the patient's slides; the draw depends only on the seed and patient."""
+    bags = np.empty(len(slides), dtype=object)
+    for i, slide_ids in enumerate(slides):
+        views = [store.slide(s) for s in slide_ids]
+        counts = np.array([v.n_tiles for v in views])
+        total = int(counts.sum())
+        rng = np.random.default_rng([seed, i])
+        chosen = np.sort(rng.choice(total, size=min(max_tiles, total), replace=False))
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        parts = [v.embeddings(chosen[(chosen >= lo) & (chosen < hi)] - lo)
+                 for v, lo, hi in zip(views, offsets[:-1], offsets[1:]) if ((chosen >= lo) & (chosen < hi)).any()]
+        bags[i] = np.concatenate(parts).astype(np.float32)
+    return bags
+
+
+class GatedABMIL(nn.Module):
+    """tile → hidden (Linear-ReLU-Dropout) → gated attention → weighted mean → `n_out` outputs."""
+
+    def __init__(self, dim: int, n_out: int, hidden: int = 128, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.attention_v = nn.Linear(hidden, hidden // 2)
+        self.attention_u = nn.Linear(hidden, hidden // 2)
+        self.attention_w = nn.Linear(hidden // 2, 1)
+        self.head = nn.Linear(hidden, n_out)
+
+    def attention_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.attention_w(torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))).squeeze(-1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, N, D) padded bags, mask (B, N) true on real tiles → (outputs (B, n_out), attention (B, N))."""
+        h = self.embed(x)
+        attention = torch.softmax(self.attention_logits(h).masked_fill(~mask, float("-inf")), dim=1)
+        return self.head((attention.unsqueeze(-1) * h).sum(1)), attention
+
+
+def cox_partial_nll(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, ties: str = "efron") -> torch.Tensor:
+    """Negative Cox partial log-likelihood (sum over events) of linear predictors `risk`.
+
+    Efron: each tied event time with d deaths contributes Σ_l log(R - l/d · D), l = 0..d-1 (R: risk-set sum
+    of exp(risk), D: sum over the d deaths); Breslow: d · log R. Risks are shifted by their maximum
+    first: the shift cancels exactly and keeps exp() finite.
+    """
+    if ties not in ("efron", "breslow"):
+        raise EvaluationError(f"ties must be efron or breslow, got {ties!r}")
+    event = event.to(risk.dtype)
+    shifted = risk - risk.max().detach()
+    hazard = torch.exp(shifted)
+    unique, group = torch.unique(time, sorted=True, return_inverse=True)
+    zeros = torch.zeros(len(unique), dtype=risk.dtype, device=risk.device)
+    at_time = zeros.index_add(0, group, hazard)
+    risk_set = torch.flip(torch.cumsum(torch.flip(at_time, [0]), 0), [0])  # Σ exp over time >= t
+    deaths = zeros.index_add(0, group, event)
+    died = deaths > 0
+    if not died.any():
+        return (risk * 0).sum()  # no event: no information (callers skip such batches)
+    r, d = risk_set[died], deaths[died]
+    if ties == "breslow":
+        log_terms = d * torch.log(r)
+    else:
+        death_hazard = zeros.index_add(0, group, hazard * event)[died]
+        steps = torch.arange(int(d.max().item()), dtype=risk.dtype, device=risk.device)
+        fraction = steps.unsqueeze(0) / d.unsqueeze(1)
+        used = steps.unsqueeze(0) < d.unsqueeze(1)
+        inner = torch.where(used, r.unsqueeze(1) - fraction * death_hazard.unsqueeze(1), torch.ones_like(fraction))
+        log_terms = torch.log(inner).sum(1)
+    return log_terms.sum() - (shifted * event).sum()
+
+
+def quantile_bins(times: np.ndarray, events: np.ndarray, n_bins: int) -> np.ndarray:
+    """Inner bin edges at quantiles of the uncensored times (the outer edges are 0 and +inf)."""
+    uncensored = times[events.astype(bool)]
+    if len(uncensored) < n_bins:
+        raise EvaluationError(f"{len(uncensored)} events cannot define {n_bins} time bins")
+    return np.unique(np.quantile(uncensored, np.linspace(0, 1, n_bins + 1)[1:-1]))
+
+
+def discrete_time_nll(logits: torch.Tensor, label: torch.Tensor, event: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Sum over patients of -log P(observed): for an event in bin k, S(k-1)·h(k); censored in bin k, S(k)."""
+    hazards = torch.sigmoid(logits)
+    survival = torch.cumprod(1 - hazards, dim=1)
+    padded = torch.cat([torch.ones_like(survival[:, :1]), survival], dim=1)  # S(-1) = 1
+    label = label.long().unsqueeze(1)
+    event = event.to(logits.dtype)
+    s_before = padded.gather(1, label).squeeze(1)
+    h_at = hazards.gather(1, label).squeeze(1)
+    s_at = padded.gather(1, label + 1).squeeze(1)
+    return -(event * torch.log((s_before * h_at).clamp_min(eps)) + (1 - event) * torch.log(s_at.clamp_min(eps))).sum()
+
+
+def _tile_statistics(bags: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std over every tile of the training bags, without stacking them (GBs)."""
+    total = np.zeros(bags[0].shape[1])
+    squares = np.zeros(bags[0].shape[1])
+    count = 0
+    for bag in bags:
+        b = bag.astype(np.float64)
+        total += b.sum(0)
+        squares += (b * b).sum(0)
+        count += len(b)
+    mean = total / count
+    return mean.astype(np.float32), (np.sqrt(np.maximum(squares / count - mean**2, 0)) + 1e-6).astype(np.float32)
+
+
+def _life_table_logits(bin_label: np.ndarray, event: np.ndarray, n_bins: int) -> np.ndarray:
+    """logit of events in bin k / patients still at risk at bin k's start."""
+    at_risk = np.array([(bin_label >= k).sum() for k in range(n_bins)], dtype=np.float64)
+    deaths = np.bincount(bin_label[event.astype(bool)], minlength=n_bins).astype(np.float64)
+    hazard = np.clip(deaths / np.maximum(at_risk, 1), 1e-3, 1 - 1e-3)
+    return np.log(hazard / (1 - hazard)).astype(np.float32)
+
+
+def _pad(bags: Sequence[np.ndarray], mean: np.ndarray, std: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, D) standardised padded bags and the (B, N) mask; torch's in-place ops use every core
+    (numpy's single-threaded version took as long as the training step itself)."""
+    longest = max(len(b) for b in bags)
+    x = torch.zeros((len(bags), longest, bags[0].shape[1]), dtype=torch.float32)
+    mask = torch.zeros((len(bags), longest), dtype=torch.bool)
+    for i, b in enumerate(bags):
+        x[i, : len(b)] = torch.from_numpy(b)
+        mask[i, : len(b)] = True
+    x.sub_(torch.from_numpy(mean)).div_(torch.from_numpy(std))
+    return x, mask
+
+
+@dataclass
+class ABMILModel:
+    """A trained network with the training fold's input statistics and whatever its loss needs to predict."""
+
+    network: GatedABMIL
+    loss: str
+    mean: np.ndarray
+    std: np.ndarray
+    bin_edges: np.ndarray | None = None  # nll: inner edges, then the longest training time
+    history: list[float] = field(default_factory=list)
+    describe: dict[str, Any] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def outputs(self, bags: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        self.network.eval()
+        chunks = [self.network(*_pad(bags[i: i + batch_size], self.mean, self.std))[0].numpy()
+                  for i in range(0, len(bags), batch_size)]
+        return np.concatenate(chunks).astype(np.float64)
+
+    def risk(self, bags: Sequence[np.ndarray]) -> np.ndarray:
+        out = self.outputs(bags)
+        if self.loss == "cox":
+            return out[:, 0]
+        if self.loss == "nll":  # expected survival over the bins, negated: higher = worse (as PORPOISE)
+            return -np.cumprod(1 - 1 / (1 + np.exp(-out)), axis=1).sum(1)
+        raise EvaluationError(f"a {self.loss} head predicts classes, not risk")
+
+    def bin_survival(self, bags: Sequence[np.ndarray], times: np.ndarray) -> np.ndarray:
+        """nll heads: S at the end of bin k is Π_{j<=k} (1 - h_j); between bin ends it is interpolated
+        linearly in time (events spread evenly within a bin), the last bin ending at the longest training time."""
+        assert self.bin_edges is not None
+        survival = np.cumprod(1 - 1 / (1 + np.exp(-self.outputs(bags))), axis=1)
+        knots = np.concatenate([[0.0], self.bin_edges])
+        return np.stack([np.interp(times, knots, np.concatenate([[1.0], s])) for s in survival])
+
+    def probabilities(self, bags: Sequence[np.ndarray]) -> np.ndarray:
+        out = self.outputs(bags)
+        out = np.exp(out - out.max(axis=1, keepdims=True))
+        return out / out.sum(axis=1, keepdims=True)
+
+    @torch.no_grad()
+    def tile_attention(self, tiles: np.ndarray, block: int = 4096) -> np.ndarray:
+        """Unnormalised attention score of every tile of a slide (softmax is a monotone rescaling)."""
+        self.network.eval()
+        scores = []
+        for start in range(0, len(tiles), block):
+            x = torch.from_numpy(((tiles[start: start + block].astype(np.float32) - self.mean) / self.std).astype(np.float32))
+            scores.append(self.network.attention_logits(self.network.embed(x)).numpy())
+        return np.concatenate(scores)
+
+
+def train_abmil(bags: Sequence[np.ndarray], loss: str, seed: int, settings: TrainSettings | None = None, *,
+                time: np.ndarray | None = None, event: np.ndarray | None = None,
+                labels: np.ndarray | None = None, n_classes: int | None = None) -> ABMILModel:
+    """Fit one ABMIL network. `loss`: cox/nll (need time and event) or ce (needs labels and n_classes)."""
+    s = settings or TrainSettings()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    mean, std = _tile_statistics(bags)
+    edges = None
+    if loss == "cox":
+        assert time is not None and event is not None
+        n_out = 1
+    elif loss == "nll":
+        assert time is not None and event is not None
+        edges = quantile_bins(time, event, s.bins)
+        bin_label = np.searchsorted(edges, time, side="right")
+        n_out = len(edges) + 1
+    elif loss == "ce":
+        assert labels is not None and n_classes is not None
+        n_out = n_classes
+        counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+        class_weight = torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+    else:
+        raise EvaluationError(f"unknown ABMIL loss {loss!r}")
+    network = GatedABMIL(bags[0].shape[1], n_out, s.hidden, s.dropout)
+    if loss == "nll":  # start from the training fold's life-table hazards, so curves are calibrated from step 0
+        with torch.no_grad():
+            network.head.bias.copy_(torch.from_numpy(_life_table_logits(bin_label, event, n_out)))
+    optimiser = torch.optim.AdamW(network.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    history = []
+    for _ in range(s.epochs):
+        network.train()
+        order = rng.permutation(len(bags))
+        total, count = 0.0, 0
+        for start in range(0, len(order), s.batch_size):
+            idx = order[start: start + s.batch_size]
+            if loss == "cox" and (len(idx) < 2 or not event[idx].any()):
+                continue  # a batch without an event carries no partial likelihood
+            x, mask = _pad([bags[i] for i in idx], mean, std)
+            out, _ = network(x, mask)
+            if loss == "cox":
+                value = cox_partial_nll(out[:, 0], torch.from_numpy(time[idx]), torch.from_numpy(event[idx]), s.ties)
+                value = value / max(1, int(event[idx].sum()))
+            elif loss == "nll":
+                value = discrete_time_nll(out, torch.from_numpy(bin_label[idx]), torch.from_numpy(event[idx])) / len(idx)
+            else:
+                value = nn.functional.cross_entropy(out, torch.from_numpy(labels[idx]).long(), weight=class_weight)
+            optimiser.zero_grad()
+            value.backward()
+            optimiser.step()
+            total += float(value.detach()) * len(idx)
+            count += len(idx)
+        history.append(total / max(count, 1))
+    if not all(math.isfinite(h) for h in history):
+        raise EvaluationError(f"ABMIL training diverged (loss {history[-1]}); lower the learning rate")
+    describe = {"loss": loss, "epochs": s.epochs, "hidden": s.hidden, "lr": s.lr, "batch_size": s.batch_size,
+                "final_train_loss": history[-1] if history else None}
+    if loss == "cox":
+        describe["ties"] = s.ties
+    if edges is not None:
+        describe["bin_edges_days"] = edges.tolist()
+        edges = np.append(edges, max(float(time.max()), float(edges[-1]) + 1.0))
+    return ABMILModel(network, loss, mean, std, edges, history, describe)

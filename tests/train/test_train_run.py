@@ -1,0 +1,114 @@
+"""Training from the cache end to end with tiny-qwen2: the loss falls, generation reproduces training
+reports, only the projector and LoRA change, resume continues the same curve, the saved adapter loads
+with PEFT, the merged model loads with transformers, and the encoder is never imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import Qwen2ForCausalLM
+
+from tests.conftest import REPO_ROOT
+from train.config import parse_args
+from train.generate import generate_reports
+from train.llm import load_llm
+from train.merge import merge
+from train.run import train
+
+
+def losses(log_history: list[dict]) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in log_history if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def overfit(four_slides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("overfit") / "run"
+    result = train(*parse_args(four_slides.flags(out, "--num_train_epochs", "120", "--logging_steps", "5")))
+    return four_slides, out, result
+
+
+def test_loss_falls_far_and_generation_reproduces_training_reports(overfit, tmp_path):
+    inputs, out, result = overfit
+    curve = list(losses(result.summary["log_history"]).values())
+    assert curve[-1] < 0.2 * curve[0], curve
+    generated = tmp_path / "gen.jsonl"
+    generate_reports(str(out), inputs.store, str(inputs.meta), generated, max_new_tokens=24)
+    rows = [json.loads(line) for line in generated.read_text().splitlines()]
+    assert len(rows) == 4
+    exact = [r for r in rows if r["text"] == r["reference"]]
+    assert exact, rows  # at least one training report comes back word for word
+
+
+def test_only_projector_and_lora_change(overfit):
+    _, _, result = overfit
+    fresh = dict(load_llm("tiny-qwen2", seed=0).model.named_parameters())
+    trained = result.model.llm.base_model.model  # the Qwen2ForCausalLM under PEFT
+    changed, lora = [], 0
+    for name, param in trained.named_parameters():
+        if "lora_" in name:
+            lora += 1
+            continue
+        original = fresh[name.replace(".base_layer", "")]
+        if not torch.equal(param.detach(), original.detach()):
+            changed.append(name)
+    assert not changed, changed[:5]
+    assert lora == 2 * 7 * 2  # A and B for q/k/v/o/gate/up/down in both layers
+    assert {n.split(".")[0] for n, p in result.model.named_parameters() if p.requires_grad} == {"llm", "projector"}
+
+
+def test_outputs_load_with_peft_and_transformers(overfit, tmp_path):
+    inputs, out, result = overfit
+    manifest = json.loads((out / "run_manifest.json").read_text())
+    assert manifest["config"]["model"]["use_llm_lora"] == 8 and manifest["code_version"] and manifest["packages"]
+    assert manifest["parameters"]["trainable"] < 0.01 * manifest["parameters"]["total"]
+    base = load_llm("tiny-qwen2", seed=0)
+    peft = PeftModel.from_pretrained(base.model, str(out / "adapter"))
+    saved = {n: p for n, p in peft.named_parameters() if "lora_" in n}
+    trained = {n: p for n, p in result.model.llm.named_parameters() if "lora_" in n}
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[n], trained[n].detach()) for n in saved)
+    merged_dir = merge(out, tmp_path / "merged")
+    merged = Qwen2ForCausalLM.from_pretrained(merged_dir / "llm")
+    ids = torch.tensor([[151644, 872, 198, 9707, 1879]])
+    with torch.no_grad():
+        expected = peft.eval()(input_ids=ids).logits
+        got = merged.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_continues_the_same_curve_and_never_imports_the_encoder(four_slides, tmp_path):
+    first = tmp_path / "a"
+    flags = four_slides.flags(first, "--num_train_epochs", "6", "--save_steps", "3", "--logging_steps", "1")
+    run = subprocess.run([sys.executable, "-m", "train", *flags], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "trainable parameters:" in run.stdout and "the encoder was never built" in run.stdout
+    summary = json.loads((first / "train_summary.json").read_text())
+    assert summary["encoder_modules_loaded"] == []
+    resumed = train(*parse_args(four_slides.flags(tmp_path / "b", "--num_train_epochs", "6", "--save_steps", "3",
+                                                  "--logging_steps", "1", "--resume_from_checkpoint",
+                                                  str(first / "checkpoint-3"))))
+    whole, tail = losses(summary["log_history"]), losses(resumed.summary["log_history"])
+    assert sorted(tail) == [1, 2, 3, 4, 5, 6]  # steps 1-3 come from the checkpoint's trainer state
+    for step in (4, 5, 6):
+        assert tail[step] == pytest.approx(whole[step], rel=1e-5), (step, tail[step], whole[step])
+
+
+def test_generation_on_held_out_fold_only_and_sampling(overfit, tmp_path):
+    from evaluate.splits import write_split
+
+    inputs, out, _ = overfit
+    split = write_split(tmp_path / "split.csv", {"PT0000": 0, "PT0001": 1, "PT0002": 1, "PT0003": 0})
+    generated = tmp_path / "held_out.jsonl"
+    run = subprocess.run([sys.executable, "-m", "train.generate", "--checkpoint", str(out), "--store", inputs.store,
+                          "--meta_path", str(inputs.meta), "--split", str(split), "--fold", "0", "--do_sample",
+                          "--max_new_tokens", "8", "--batch_size", "2", "--out", str(generated)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(json.loads(line)["slide"] for line in generated.read_text().splitlines()) == ["PT0000-S0", "PT0003-S0"]
+    manifest = json.loads((tmp_path / "held_out_manifest.json").read_text())
+    assert manifest["config"]["do_sample"] is True and manifest["config"]["fold"] == 0 and manifest["packages"]

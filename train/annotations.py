@@ -1,0 +1,131 @@
+"""Report annotations from a clinical table (and optional report texts): InternVL conversation jsonl with
+`"slide"`, plus the meta JSON that names it. For the demo and for TCGA.
+
+The answer states what the table knows: "Tumour grade: G2." and "Prognosis: high risk." — high when the
+endpoint's event came at or before the cohort's median observed time, low when the patient was followed
+past it; a patient censored before it has no stated prognosis. A report text given for the slide or
+patient comes first.
+
+    python -m train.annotations --store STORE --clinical TABLE [--reports reports.jsonl] [--endpoint OS]
+        --out annotations.jsonl [--meta meta.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from store.cli import run_command
+from store.clinical import ENDPOINTS, ClinicalTable, load_clinical_tables
+from store.embedding_store import EmbeddingStore
+from store.errors import AnnotationError
+from store.ids import tcga_patient_id
+from store.jsonl import read_jsonl
+
+QUESTION = "<image>\nWrite the pathology report for this slide, stating the tumour grade and the prognosis."
+
+
+def risk_groups(clinical: ClinicalTable, endpoint: str) -> tuple[dict[str, str], float]:
+    """({patient: 'high' | 'low'}, horizon in days)."""
+    have = {pid: c.endpoints[endpoint] for pid, c in clinical.patients.items() if endpoint in c.endpoints}
+    if not have:
+        raise AnnotationError(f"{clinical.path}: no patient has {endpoint}")
+    horizon = float(np.median([o.time_days for o in have.values()]))
+    groups = {}
+    for pid, outcome in have.items():
+        if outcome.event and outcome.time_days <= horizon:
+            groups[pid] = "high"
+        elif outcome.time_days > horizon:
+            groups[pid] = "low"
+    return groups, horizon
+
+
+def report_text(grade: str | None, risk: str | None, prefix: str = "") -> str:
+    parts = [prefix.strip()] if prefix.strip() else []
+    if grade:
+        parts.append(f"Tumour grade: {grade}.")
+    if risk:
+        parts.append(f"Prognosis: {risk} risk.")
+    return " ".join(parts)
+
+
+def _read_reports(path: Path) -> dict[str, str]:
+    texts = {}
+    for number, row in read_jsonl(path, AnnotationError):
+        key = next((str(row[k]) for k in ("slide_id", "patient_id", "id") if k in row), None)
+        if key is None or "text" not in row:
+            raise AnnotationError(f"{path}, line {number}: expected {{\"slide_id\"|\"patient_id\": ..., \"text\": ...}}")
+        texts[key] = str(row["text"])
+    return texts
+
+
+def write_annotations(store: EmbeddingStore, clinical: ClinicalTable, out: str | Path, endpoint: str = "OS",
+                      reports: str | Path | None = None) -> dict[str, int | float]:
+    if endpoint not in ENDPOINTS:
+        raise AnnotationError(f"unknown endpoint {endpoint!r}; choose one of {', '.join(ENDPOINTS)}")
+    groups, horizon = risk_groups(clinical, endpoint)
+    texts = _read_reports(Path(reports)) if reports else {}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = no_patient = nothing = 0
+    partial = out.with_name(out.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        for slide_id in store.slide_ids():
+            slide = store.slide(slide_id)
+            patient = tcga_patient_id(slide.patient_id) or slide.patient_id
+            record = clinical.patients.get(patient)
+            if record is None or not slide.n_tiles:
+                no_patient += 1
+                continue
+            text = report_text(record.grade, groups.get(patient), texts.get(slide_id, texts.get(patient, "")))
+            if not text:
+                nothing += 1
+                continue
+            row = {"id": slide_id, "slide": slide_id, "patient_id": patient,
+                   "conversations": [{"from": "human", "value": QUESTION}, {"from": "gpt", "value": text}]}
+            f.write(json.dumps(row) + "\n")
+            written += 1
+    partial.replace(out)  # never a half-written annotation file
+    return {"written": written, "slides_without_patient": no_patient, "nothing_to_state": nothing,
+            "risk_horizon_days": horizon}
+
+
+def write_meta(meta: str | Path, annotation: str | Path, name: str = "slide_reports") -> Path:
+    meta = Path(meta)
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"root": "", "annotation": str(Path(annotation).resolve()), "data_augment": False, "repeat_time": 1,
+             "length": sum(1 for line in open(annotation, encoding="utf-8") if line.strip())}
+    meta.write_text(json.dumps({name: entry}, indent=2))
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.annotations", description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--clinical", required=True, nargs="+")
+    parser.add_argument("--endpoint", default="OS", choices=ENDPOINTS)
+    parser.add_argument("--reports", help="jsonl of {slide_id|patient_id, text}: report texts to start answers with")
+    parser.add_argument("--out", required=True, help="annotation jsonl to write")
+    parser.add_argument("--meta", help="also write an InternVL meta JSON naming it")
+    parser.set_defaults(func=_run)
+    return run_command(parser, argv)
+
+
+def _run(args: argparse.Namespace) -> int:
+    counts = write_annotations(EmbeddingStore.open(args.store), load_clinical_tables(args.clinical), args.out,
+                               args.endpoint, args.reports)
+    if args.meta:
+        write_meta(args.meta, args.out)
+    print(f"wrote {counts['written']} annotations to {args.out} (prognosis horizon {counts['risk_horizon_days']:.0f} "
+          f"days; {counts['slides_without_patient']} slides without a clinical record skipped)"
+          + (f"; meta {args.meta}" if args.meta else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Training flags, InternVL style: three dataclasses parsed by transformers' HfArgumentParser, so every
+`TrainingArguments` flag (--output_dir, --num_train_epochs, --learning_rate, --per_device_train_batch_size,
+--bf16, --save_steps, --resume_from_checkpoint ...) works as in InternVL's finetune scripts, plus
+slidecache's --store and --max_tiles. A YAML in configs/train/ gives defaults; flags override it.
+GPUS, BATCH_SIZE and PER_DEVICE_BATCH_SIZE are honoured as in InternVL's shell scripts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from store.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
+DEFAULT_LLM = "Qwen/Qwen2-0.5B-Instruct"  # InternVL2-1B's language model
+SYSTEM_MESSAGE = ("You are a pathology assistant. You read a whole-slide image of a tumour and write a short "
+                  "report that states the tumour grade and the prognosis.")
+
+
+@dataclass
+class ModelArguments:
+    llm_path: str = field(default=DEFAULT_LLM, metadata={
+        "help": "hub id, local Qwen2 directory, InternVL2 checkpoint directory, or tiny-qwen2 (random, for tests)"})
+    freeze_llm: bool = field(default=True, metadata={"help": "freeze the LLM's own weights (LoRA still trains)"})
+    freeze_mlp: bool = field(default=False, metadata={"help": "freeze the projector (mlp1)"})
+    freeze_backbone: bool = field(default=True, metadata={"help": "the encoder is frozen into the cache: must be True"})
+    unfreeze_lm_head: bool = field(default=False, metadata={"help": "train the output layer (tied to the input "
+                                                                     "embeddings in Qwen2-0.5B)"})
+    use_llm_lora: int = field(default=0, metadata={"help": "LoRA rank on the LLM (0: none); alpha = 2 x rank"})
+    use_backbone_lora: int = field(default=0, metadata={"help": "not possible: the encoder is not run in training"})
+    resampler_tokens: int = field(default=0, metadata={"help": "K > 0: a learned cross-attention resampler maps "
+                                                                "the slide's tiles to K visual tokens"})
+    lora_dropout: float = 0.05
+
+
+@dataclass
+class DataArguments:
+    meta_path: str = field(default="", metadata={"help": "InternVL meta JSON: {name: {root, annotation, ...}}"})
+    store: str = field(default="", metadata={"help": "the embedding store the annotations' slides live in"})
+    max_tiles: int = field(default=256, metadata={"help": "visual tokens per slide: random tiles in training, "
+                                                           "spatially spread tiles at inference"})
+    max_seq_length: int = field(default=4096, metadata={"help": "longest sample in tokens, visual tokens included"})
+    skip_overlong: bool = field(default=False, metadata={"help": "drop (and count) samples over max_seq_length "
+                                                                 "instead of stopping with an error"})
+    split: str = field(default="", metadata={"help": "patient split file (python -m evaluate split)"})
+    fold: int = field(default=-1, metadata={"help": "with --split: train on the other folds; this one is held out"})
+    system_message: str = SYSTEM_MESSAGE
+    conv_style: str = field(default="Hermes-2", metadata={"help": "ChatML template (InternVL2-1B's)"})
+
+
+def _yaml_defaults(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file() and (CONFIG_DIR / path).is_file():
+        path = CONFIG_DIR / path
+    if not path.is_file():
+        raise ConfigError(f"training config {path} does not exist (those shipped are in {CONFIG_DIR})")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a training config is a mapping of flag: value")
+    return values
+
+
+def _apply_batch_env(args: TrainingArguments) -> None:
+    """InternVL's scripts: GPUS, BATCH_SIZE (global), PER_DEVICE_BATCH_SIZE → gradient accumulation."""
+    env = os.environ
+    if "PER_DEVICE_BATCH_SIZE" in env:
+        args.per_device_train_batch_size = int(env["PER_DEVICE_BATCH_SIZE"])
+    if "BATCH_SIZE" in env:
+        gpus = int(env.get("GPUS", env.get("WORLD_SIZE", "1")))
+        per_step = gpus * args.per_device_train_batch_size
+        total = int(env["BATCH_SIZE"])
+        if total % per_step:
+            raise ConfigError(f"BATCH_SIZE={total} is not a multiple of GPUS x PER_DEVICE_BATCH_SIZE = {per_step}")
+        args.gradient_accumulation_steps = total // per_step
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser.add_argument("--config", help="a YAML of defaults (configs/train/*.yaml); flags given override it")
+    argv = list(argv) if argv is not None else None
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        defaults = _yaml_defaults(pre.config)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            raise ConfigError(f"{pre.config}: unknown keys {unknown}")
+        parser.set_defaults(**defaults)
+    parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    model_args, data_args, training_args = parsed[0], parsed[1], parsed[2]  # parsed[3]: the --config namespace
+    _apply_batch_env(training_args)
+    validate(model_args, data_args, training_args)
+    return model_args, data_args, training_args
+
+
+def validate(model: ModelArguments, data: DataArguments, training: TrainingArguments) -> None:
+    if not model.freeze_backbone:
+        raise ConfigError("--freeze_backbone False: the encoder is frozen into the cache and never runs during "
+                          "training; to change it, re-extract the store with another encoder")
+    if model.use_backbone_lora:
+        raise ConfigError("--use_backbone_lora: the encoder is not part of training (its outputs are read from "
+                          "the store), so it cannot carry LoRA; use --use_llm_lora for the language model")
+    if not data.meta_path:
+        raise ConfigError("--meta_path is required: an InternVL meta JSON naming the annotation jsonl files")
+    if not data.store:
+        raise ConfigError("--store is required: the embedding store holding the annotations' slides")
+    if data.split and data.fold < 0:
+        raise ConfigError("--split needs --fold K (the fold held out for validation and report generation)")
+    if data.conv_style != "Hermes-2":
+        raise ConfigError(f"--conv_style {data.conv_style!r}: only Hermes-2 (ChatML, InternVL2-1B's) is supported")
+    if model.freeze_llm and not model.use_llm_lora and model.freeze_mlp and not model.unfreeze_lm_head:
+        raise ConfigError("nothing to train: the LLM and projector are frozen and no LoRA was asked for")
+    if data.max_tiles < 1:
+        raise ConfigError("--max_tiles must be >= 1")

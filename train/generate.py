@@ -1,0 +1,115 @@
+"""Generate reports from a checkpoint and the store: jsonl for `python -m evaluate report`.
+
+    python -m train.generate --checkpoint RUN_DIR --store STORE --meta_path META [--split FILE --fold K]
+        [--batch_size 8] [--max_new_tokens 128] [--do_sample --temperature 0.7 --top_p 0.9] --out gen.jsonl
+
+Prompts are the annotations' turns up to the first assistant turn; tiles are the spatially spread
+selection (deterministic). With --split/--fold only the held-out fold's patients are generated, so no
+report is scored on a patient the model trained on. The output folder gets a run manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from evaluate.splits import read_split
+from store.cli import run_command
+from store.embedding_store import EmbeddingStore
+from store.errors import TrainingError
+from store.provenance import provenance
+from train.checkpoint import load_for_inference
+from train.data import Collator, ConversationEncoder, SlideConversationDataset, filter_by_split, load_samples
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name}: no CUDA device is visible")
+    return torch.device(name)
+
+
+def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str | Path, split: str | None = None,
+                     fold: int = -1, batch_size: int = 8, max_new_tokens: int = 128, do_sample: bool = False,
+                     temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, device: str = "auto",
+                     max_seq_length: int = 1 << 20) -> dict:
+    torch.manual_seed(seed)
+    target = pick_device(device)
+    model, loaded, spec = load_for_inference(checkpoint, target)
+    store = EmbeddingStore.open(store_url)
+    if spec.store_fingerprint != store.fingerprint:
+        raise TrainingError(f"the checkpoint was trained on a store with fingerprint {spec.store_fingerprint[:12]}, "
+                            f"{store_url} has {store.fingerprint[:12]}: its embeddings come from another encoder or tiling")
+    samples = load_samples(meta_path, seed)
+    if split:
+        if fold < 0:
+            raise TrainingError("--split needs --fold K: the fold to generate reports for")
+        samples, _ = filter_by_split(samples, store, read_split(split), fold, held_out=True)
+    encoder = ConversationEncoder(loaded.tokenizer, spec.system_message)
+    dataset = SlideConversationDataset(samples, store_url, encoder, spec.max_tiles, max_seq_length, training=False,
+                                       seed=seed, resampler_tokens=spec.resampler_tokens)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(loaded.tokenizer.pad_token_id, left_pad=True))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    started, done = time.perf_counter(), 0
+    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+    if do_sample:
+        options.update(temperature=temperature, top_p=top_p)
+    with open(partial, "w", encoding="utf-8") as f:
+        for batch in loader:
+            batch = {k: v.to(target) for k, v in batch.items() if k != "labels"}
+            with torch.autocast(target.type, dtype=torch.bfloat16, enabled=target.type == "cuda"):
+                new_tokens = model.generate(**batch, **options)
+            texts = loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for text in texts:
+                sample = dataset.samples[done]
+                f.write(json.dumps({"id": sample.id, "slide": sample.slides[0] if len(sample.slides) == 1 else sample.slides,
+                                    "text": text.strip(), "reference": sample.reference}) + "\n")
+                done += 1
+            rate = done / (time.perf_counter() - started)
+            print(f"  {done}/{len(dataset)} reports, {rate:.2f}/s, ETA {(len(dataset) - done) / rate:.0f} s", flush=True)
+    partial.replace(out)
+    manifest = provenance({"checkpoint": checkpoint, "store": store_url, "meta_path": meta_path, "split": split,
+                           "fold": fold, "seed": seed, **options}) | {"reports": done}
+    (out.parent / f"{out.stem}_manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    return {"reports": done, "seconds": time.perf_counter() - started}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a training --output_dir or one of its checkpoint-N")
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--meta_path", required=True)
+    parser.add_argument("--split")
+    parser.add_argument("--fold", type=int, default=-1)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top_p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--out", required=True)
+    parser.set_defaults(func=_run)
+    return run_command(parser, argv)
+
+
+def _run(args: argparse.Namespace) -> int:
+    result = generate_reports(args.checkpoint, args.store, args.meta_path, args.out, args.split, args.fold,
+                              args.batch_size, args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
+                              args.seed, args.device)
+    print(f"wrote {result['reports']} reports to {args.out} in {result['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

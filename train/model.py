@@ -1,0 +1,90 @@
+"""The slide-language model: cached tile embeddings → projector (InternVL's mlp1) → the LLM's input
+embeddings at the `<IMG_CONTEXT>` positions. Optionally a resampler first maps a slide's tiles to K
+learned latent tokens (cross-attention), so long slides cost K tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from store.errors import TrainingError
+
+
+class MLPProjector(nn.Sequential):
+    """InternVL's mlp1: LayerNorm(D) → Linear(D, H) → GELU → Linear(H, H)."""
+
+    def __init__(self, in_dim: int, llm_dim: int) -> None:
+        super().__init__(nn.LayerNorm(in_dim), nn.Linear(in_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+
+
+class Resampler(nn.Module):
+    """K learned latents attend over a slide's projected tiles (Perceiver/Flamingo style) → (B, K, H)."""
+
+    def __init__(self, dim: int, tokens: int, heads: int = 4) -> None:
+        super().__init__()
+        if dim % heads:
+            heads = 1
+        self.latents = nn.Parameter(torch.randn(tokens, dim) * dim**-0.5)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, tiles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        queries = self.latents.unsqueeze(0).expand(tiles.shape[0], -1, -1)  # (B, K, H)
+        attended, _ = self.attention(queries, tiles, tiles, key_padding_mask=~mask)
+        out = queries + attended
+        return out + self.mlp(self.norm(out))
+
+
+class SlideVLM(nn.Module):
+    """forward(input_ids, attention_mask, labels, tiles (B, T, D), tile_mask (B, T)) → the LLM's output."""
+
+    def __init__(self, llm: nn.Module, in_dim: int, llm_dim: int, img_context_id: int, resampler_tokens: int = 0) -> None:
+        super().__init__()
+        self.llm = llm
+        self.projector = MLPProjector(in_dim, llm_dim)
+        self.resampler = Resampler(llm_dim, resampler_tokens) if resampler_tokens else None
+        self.img_context_id = img_context_id
+        self.resampler_tokens = resampler_tokens
+
+    @property
+    def config(self):  # Trainer reads a few fields (e.g. use_cache) from the model's config
+        return self.llm.config
+
+    def visual_tokens(self, tiles: torch.Tensor, tile_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) tiles → the rows to place, in order: (Σ visual tokens, H)."""
+        projected = self.projector(tiles.to(self.projector[1].weight.dtype))  # (B, T, H)
+        if self.resampler is None:
+            return projected[tile_mask]
+        return self.resampler(projected, tile_mask).reshape(-1, projected.shape[-1])  # (B·K, H)
+
+    def embed(self, input_ids: torch.Tensor, tiles: torch.Tensor, tile_mask: torch.Tensor) -> torch.Tensor:
+        embeddings = self.llm.get_input_embeddings()(input_ids)  # (B, L, H)
+        slots = input_ids == self.img_context_id
+        expected = (tile_mask.sum(1) if self.resampler is None
+                    else torch.full_like(slots.sum(1), self.resampler_tokens) * (tile_mask.any(1)))
+        if not torch.equal(slots.sum(1), expected):
+            # Never a silently dropped image or a zeroed loss (InternVL's failure mode): stop here.
+            raise TrainingError(f"visual token count mismatch: {slots.sum(1).tolist()} <IMG_CONTEXT> slots vs "
+                                f"{expected.tolist()} visual tokens per sample")
+        embeddings = embeddings.clone()
+        embeddings[slots] = self.visual_tokens(tiles, tile_mask).to(embeddings.dtype)
+        return embeddings
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tiles: torch.Tensor,
+                tile_mask: torch.Tensor, labels: torch.Tensor | None = None, **_: object):
+        embeddings = self.embed(input_ids, tiles, tile_mask)
+        return self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tiles: torch.Tensor,
+                 tile_mask: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        """New tokens only (inputs_embeds generation returns no prompt ids). Left-padded prompts."""
+        embeddings = self.embed(input_ids, tiles, tile_mask)
+        return self.llm.generate(inputs_embeds=embeddings, attention_mask=attention_mask, **kwargs)
+
+
+def check_trainable(model: SlideVLM) -> None:
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TrainingError("no parameter is trainable")

@@ -1,0 +1,161 @@
+"""Stage 2 recipe: projector + LoRA LLM trained on cached slide tokens with Hugging Face Trainer.
+
+setup() loads annotations, the store and the LLM and builds the model with the right parameters frozen;
+train() runs Trainer (bf16 on GPUs that have it, gradient accumulation, checkpoints, resume, TensorBoard);
+the encoder is never built: tiles come from the store.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from evaluate.splits import read_split
+from store.embedding_store import EmbeddingStore
+from store.errors import ConfigError
+from store.provenance import provenance
+from train.checkpoint import ModelSpec, build_model, load_trainable, save_checkpoint
+from train.config import DataArguments, ModelArguments
+from train.data import Collator, ConversationEncoder, SlideConversationDataset, filter_by_split, load_samples
+from train.llm import LoadedLLM, load_llm
+from train.model import SlideVLM
+
+MANIFEST = "run_manifest.json"
+
+
+class TileEpochCallback(TrainerCallback):
+    """Tells the dataset which epoch it is, so tile draws depend on (seed, epoch, sample) only."""
+
+    def __init__(self, dataset: SlideConversationDataset) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.epoch = int(state.epoch or 0)
+
+
+class SlideTrainer(Trainer):
+    """Trainer that saves what was trained (projector, LoRA adapter, trainable tensors), not the frozen LLM."""
+
+    spec: ModelSpec
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        folder = Path(output_dir or self.args.output_dir)
+        save_checkpoint(self.accelerator.unwrap_model(self.model), self.spec, folder)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(folder)
+        torch.save(self.args, folder / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        load_trainable(model or self.model, resume_from_checkpoint)
+
+
+@dataclass
+class Setup:
+    model: SlideVLM
+    loaded: LoadedLLM
+    spec: ModelSpec
+    train_dataset: SlideConversationDataset
+    counts: dict[str, Any]
+
+
+def freeze(model: SlideVLM, args: ModelArguments) -> list[str]:
+    """requires_grad per InternVL's flags; returns notes to print."""
+    notes = []
+    for name, p in model.llm.named_parameters():
+        p.requires_grad = "lora_" in name if args.use_llm_lora else not args.freeze_llm
+    for p in [*model.projector.parameters(), *(model.resampler.parameters() if model.resampler else [])]:
+        p.requires_grad = not args.freeze_mlp
+    if args.unfreeze_lm_head:
+        head = model.llm.get_output_embeddings()
+        head.weight.requires_grad = True  # the parameter itself, not a flag on the module
+        if head.weight is model.llm.get_input_embeddings().weight:
+            notes.append("--unfreeze_lm_head: this LLM ties lm_head to the input embeddings "
+                         "(tie_word_embeddings), so the input embedding matrix trains too")
+    return notes
+
+
+def setup(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> Setup:
+    if model_args.use_llm_lora and not model_args.freeze_llm:
+        raise ConfigError("--use_llm_lora with --freeze_llm False: choose LoRA (the LLM frozen under it) or "
+                          "full fine-tuning of the LLM, not both")
+    store = EmbeddingStore.open(data_args.store)
+    samples = load_samples(data_args.meta_path, training_args.seed)
+    counts: dict[str, Any] = {"annotations": len(samples)}
+    if data_args.split:
+        samples, unknown = filter_by_split(samples, store, read_split(data_args.split), data_args.fold, held_out=False)
+        counts.update(split=data_args.split, held_out_fold=data_args.fold, train_samples=len(samples),
+                      not_in_split=unknown)
+    loaded = load_llm(model_args.llm_path, seed=training_args.seed)
+    encoder = ConversationEncoder(loaded.tokenizer, data_args.system_message)
+    dataset = SlideConversationDataset(samples, data_args.store, encoder, data_args.max_tiles, data_args.max_seq_length,
+                                       training=True, seed=training_args.seed, skip_overlong=data_args.skip_overlong,
+                                       resampler_tokens=model_args.resampler_tokens)
+    counts.update(samples=len(dataset), skipped_overlong=len(dataset.skipped_overlong),
+                  skipped_overlong_examples=dataset.skipped_overlong[:5])
+    spec = ModelSpec(model_args.llm_path, store.embedding_dim, data_args.max_tiles, model_args.use_llm_lora,
+                     model_args.lora_dropout, model_args.resampler_tokens, model_args.unfreeze_lm_head,
+                     data_args.system_message, store.fingerprint)
+    torch.manual_seed(training_args.seed)  # projector init
+    model = build_model(spec, loaded)
+    for note in freeze(model, model_args):
+        print(note)
+    return Setup(model, loaded, spec, dataset, counts)
+
+
+def parameter_counts(model: SlideVLM) -> dict[str, int]:
+    seen: dict[int, torch.nn.Parameter] = {}
+    for p in model.parameters():
+        seen[id(p)] = p
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+def write_manifest(folder: Path, model_args: ModelArguments, data_args: DataArguments,
+                   training_args: TrainingArguments, extra: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()}
+    (folder / MANIFEST).write_text(json.dumps(provenance(config) | extra, indent=2, default=str))
+
+
+@dataclass
+class TrainResult:
+    summary: dict[str, Any]
+    model: SlideVLM
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> TrainResult:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not training_args.fp16:
+        training_args.bf16 = True
+    training_args.remove_unused_columns = False  # the model takes tiles and tile_mask, which Trainer cannot see
+    ready = setup(model_args, data_args, training_args)
+    counts = parameter_counts(ready.model)
+    print(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
+          f"({100 * counts['trainable'] / counts['total']:.2f}%)")
+    print(f"{ready.counts['samples']} training samples from {data_args.meta_path}"
+          + (f"; {ready.counts['skipped_overlong']} over-long samples skipped" if ready.counts["skipped_overlong"] else ""))
+    out = Path(training_args.output_dir)
+    write_manifest(out, model_args, data_args, training_args, {"data_counts": ready.counts, "parameters": counts,
+                                                              "llm_source": ready.loaded.source})
+    trainer = SlideTrainer(model=ready.model, args=training_args, train_dataset=ready.train_dataset,
+                           data_collator=Collator(ready.loaded.tokenizer.pad_token_id),
+                           processing_class=ready.loaded.tokenizer,
+                           callbacks=[TileEpochCallback(ready.train_dataset)])
+    trainer.spec = ready.spec
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or None)
+    trainer.save_model(str(out))
+    trainer.save_state()
+    encoder_modules = sorted(m for m in sys.modules if m.split(".")[0] in ("extract", "timm"))
+    summary = {"train_loss": result.training_loss, "steps": result.global_step,
+               "log_history": trainer.state.log_history, "encoder_modules_loaded": encoder_modules}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"done: {result.global_step} steps, mean loss {result.training_loss:.4f}; saved the projector "
+          f"(projector.safetensors){', the LoRA adapter (adapter/)' if ready.spec.lora_rank else ''} to {out}; "
+          "the encoder was never built (tiles read from the store)")
+    return TrainResult(summary, ready.model)
