@@ -3,7 +3,7 @@
 Each patient has a latent risk z ~ N(0, 1). It sets the nuclear density of the patient's slides (the
 visual property: more hematoxylin, a bluer and busier texture, which even a random encoder carries), the
 tumour grade (G1-G3 at fixed z cut-offs) and the survival time through an exponential hazard
-0.0008 · exp(1.2 z) days⁻¹, with uniform censoring; every fourth patient has two slides. Sizes vary
+0.0008 · exp(2.5 z) days⁻¹, with uniform censoring; every fourth patient has two slides. Sizes vary
 from slide to slide. Everything follows from the seed.
 """
 
@@ -21,7 +21,7 @@ SEED = 0
 MPP = 0.25
 GRADE_CUTS = (-0.6, 0.6)  # z below → G1, between → G2, above → G3
 BASE_HAZARD = 0.0008
-HAZARD_SLOPE = 1.2
+HAZARD_SLOPE = 2.5  # log-hazard per unit of z: a perfect risk score would reach C ≈ 0.85
 
 
 @dataclass(frozen=True)

@@ -116,14 +116,16 @@ def clinical_correctness(predictions: dict[str, str], references: dict[str, list
     return out
 
 
-def stated_risk_concordance(predictions: dict[str, str], clinical: ClinicalTable, endpoint: str) -> dict[str, Any]:
+def stated_risk_concordance(predictions: dict[str, str], clinical: ClinicalTable, endpoint: str,
+                            patient_of: dict[str, str] | None = None) -> dict[str, Any]:
     """Harrell's C of the risk group each report states (low < intermediate < high) against the patient's
-    observed `endpoint`: scored like a survival head. Report ids are slide or patient ids."""
+    observed `endpoint`: scored like a survival head. `patient_of` maps report ids to patients (the
+    predictions' `patient_id` fields); otherwise ids are TCGA barcodes or patient ids."""
     from evaluate.survival_metrics import harrell_c
 
     levels, times, events, unmatched = [], [], [], 0
     for key, text in predictions.items():
-        patient = clinical.patients.get(tcga_patient_id(key) or key)
+        patient = clinical.patients.get((patient_of or {}).get(key) or tcga_patient_id(key) or key)
         risk = parse_risk(text)
         if patient is None or endpoint not in patient.endpoints:
             unmatched += 1
@@ -152,7 +154,9 @@ def score_reports(predictions_path: str | Path, references_path: str | Path, cli
     notes: list[str] = []
     correctness = clinical_correctness(predictions, references)
     if clinical is not None:
-        correctness.update(stated_risk_concordance(predictions, clinical, endpoint))
+        patient_of = {str(row.get("id", row.get("slide_id"))): str(row["patient_id"])
+                      for _, row in read_jsonl(predictions_path, EvaluationError) if "patient_id" in row}
+        correctness.update(stated_risk_concordance(predictions, clinical, endpoint, patient_of))
         if "stated_risk_harrell_c" not in correctness:
             notes.append(f"stated-risk C-index not computed: needs >= 2 reports stating different risk groups for "
                          f"patients with {endpoint} in the clinical table, and one event")

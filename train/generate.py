@@ -26,7 +26,7 @@ from store.embedding_store import EmbeddingStore
 from store.errors import TrainingError
 from store.provenance import provenance
 from train.checkpoint import load_for_inference
-from train.data import Collator, ConversationEncoder, SlideConversationDataset, filter_by_split, load_samples
+from train.data import Collator, ConversationEncoder, SlideConversationDataset, filter_by_split, load_samples, patient_of
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,7 +73,8 @@ def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str |
             for text in texts:
                 sample = dataset.samples[done]
                 f.write(json.dumps({"id": sample.id, "slide": sample.slides[0] if len(sample.slides) == 1 else sample.slides,
-                                    "text": text.strip(), "reference": sample.reference}) + "\n")
+                                    "patient_id": patient_of(store, sample.slides[0]), "text": text.strip(),
+                                    "reference": sample.reference}) + "\n")
                 done += 1
             rate = done / (time.perf_counter() - started)
             print(f"  {done}/{len(dataset)} reports, {rate:.2f}/s, ETA {(len(dataset) - done) / rate:.0f} s", flush=True)

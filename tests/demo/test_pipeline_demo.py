@@ -32,7 +32,8 @@ def test_demo_end_to_end_and_second_run_reuses_everything(tmp_path):
     assert all(isinstance(r["text"], str) and r["reference"] for r in rows)
     assert all(parse_grade(r["reference"]) and parse_risk(r["reference"]) is not None or "Prognosis" not in r["reference"]
                for r in rows)
-    assert first["evaluation"]["reports"]["n"] == len(rows)
+    reports = first["evaluation"]["reports"]
+    assert reports["n"] == len(rows) and reports["clinical"]["stated_risk_unmatched"] == 0  # each report has its patient
     html = (tmp_path / "summary.html").read_text()
     assert "random weights" in html and "km.png" in html and "confusion.png" in html and "qc/slides/" in html
     second = run(tmp_path, settings, log=lambda m: None)
