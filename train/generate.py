@@ -26,7 +26,14 @@ from store.embedding_store import EmbeddingStore
 from store.errors import TrainingError
 from store.provenance import provenance
 from train.checkpoint import load_for_inference
-from train.data import Collator, ConversationEncoder, SlideConversationDataset, filter_by_split, load_samples, patient_of
+from train.data import (
+    Collator,
+    ConversationEncoder,
+    SlideConversationDataset,
+    filter_by_split,
+    load_samples,
+    patient_of,
+)
 
 
 def pick_device(name: str) -> torch.device:

@@ -49,7 +49,7 @@ class SlideTrainer(Trainer):
         save_checkpoint(self.accelerator.unwrap_model(self.model), self.spec, folder)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(folder)
-        torch.save(self.args, folder / "training_args.bin")
+        (folder / "training_args.json").write_text(self.args.to_json_string())  # JSON, not a pickle
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         load_trainable(model or self.model, resume_from_checkpoint)
