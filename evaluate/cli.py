@@ -21,7 +21,7 @@ from store.cli import run_command
 from store.clinical import ENDPOINTS, load_clinical_tables
 from store.embedding_store import EmbeddingStore
 from store.errors import EvaluationError
-from store.provenance import provenance
+from store.provenance import encoder_modules_loaded, provenance
 
 
 def _data(args: argparse.Namespace):
@@ -198,7 +198,7 @@ def cmd_import_split(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from evaluate.sweep import best_by_task, encoder_modules_loaded, format_table, run_sweep
+    from evaluate.sweep import best_by_task, format_table, run_sweep
 
     store = EmbeddingStore.open(args.store)
     clinical = load_clinical_tables(args.clinical)

@@ -107,11 +107,3 @@ def best_by_task(rows: Sequence[SweepRow]) -> dict[str, str]:
             top = max(scored, key=lambda r: r.metrics[key]["mean"])
             best[task] = f"{top.head} ({top.pooling}) {key} {top.metrics[key]['mean']:.3f}"
     return best
-
-
-def encoder_modules_loaded() -> list[str]:
-    """Modules that would mean the encoder was (or could have been) run in this process."""
-    import sys
-
-    return sorted(m for m in sys.modules if m.split(".")[0] in ("extract", "timm"))
-

@@ -110,3 +110,8 @@ def provenance(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def encoder_modules_loaded() -> list[str]:
+    """Modules whose presence would mean the encoder was (or could have been) run in this process."""
+    return sorted(m for m in sys.modules if m.split(".")[0] in ("extract", "timm"))

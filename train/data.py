@@ -229,9 +229,10 @@ class SlideConversationDataset(Dataset):
                 if slide_id not in store:
                     raise AnnotationError(f"{sample.source}: slide {slide_id!r} is not in the store {store_url} "
                                           "(extract it first, or fix the id)")
-                if store.slide(slide_id).n_tiles == 0:
+                slide = store.slide(slide_id)
+                if slide.n_tiles == 0:
                     raise AnnotationError(f"{sample.source}: slide {slide_id!r} has no tiles in the store "
-                                          f"({store.slide(slide_id).attrs.get('empty_reason', 'no tissue')})")
+                                          f"({slide.attrs.get('empty_reason', 'no tissue')})")
             ids, labels = encoder.encode(sample.conversations, self.visual_counts(sample))
             if len(ids) > max_seq_length:
                 if not skip_overlong:
@@ -261,7 +262,8 @@ class SlideConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def tiles_for(self, sample: Sample, index: int) -> np.ndarray:
+    def tiles_for(self, sample: Sample, index: int) -> list[np.ndarray]:
+        """Each slide's selected tiles (float32), in the sample's slide order."""
         rng = np.random.default_rng([self.seed, self.epoch, index])
         parts = []
         for slide_id in sample.slides:
@@ -269,13 +271,15 @@ class SlideConversationDataset(Dataset):
             coords = None if self.training or slide.n_tiles <= self.max_tiles else slide.coords()
             rows = select_tiles(slide.n_tiles, self.max_tiles, coords, self.training, rng)
             parts.append(slide.embeddings(rows).astype(np.float32))
-        return np.concatenate(parts)
+        return parts
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        tiles = self.tiles_for(sample, index)
-        ids, labels = self.encoder.encode(sample.conversations, self.visual_counts(sample), prompt_only=not self.training)
-        return {"input_ids": ids, "labels": labels, "tiles": tiles, "n_slides": len(sample.slides), "index": index}
+        parts = self.tiles_for(sample, index)
+        counts = [self.resampler_tokens] * len(parts) if self.resampler_tokens else [len(t) for t in parts]
+        ids, labels = self.encoder.encode(sample.conversations, counts, prompt_only=not self.training)
+        return {"input_ids": ids, "labels": labels, "tiles": np.concatenate(parts), "n_slides": len(sample.slides),
+                "index": index}
 
 
 @dataclass

@@ -8,7 +8,6 @@ the encoder is never built: tiles come from the store.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from evaluate.splits import read_split
 from store.embedding_store import EmbeddingStore
 from store.errors import ConfigError
-from store.provenance import provenance
+from store.provenance import encoder_modules_loaded, provenance
 from train.checkpoint import ModelSpec, build_model, load_trainable, save_checkpoint
 from train.config import DataArguments, ModelArguments
 from train.data import Collator, ConversationEncoder, SlideConversationDataset, filter_by_split, load_samples
@@ -151,7 +150,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or None)
     trainer.save_model(str(out))
     trainer.save_state()
-    encoder_modules = sorted(m for m in sys.modules if m.split(".")[0] in ("extract", "timm"))
+    encoder_modules = encoder_modules_loaded()
     summary = {"train_loss": result.training_loss, "steps": result.global_step,
                "log_history": trainer.state.log_history, "encoder_modules_loaded": encoder_modules}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))

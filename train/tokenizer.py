@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
@@ -46,7 +47,10 @@ def offline_qwen2_tokenizer() -> PreTrainedTokenizerFast:
                                             pad_token="<|endoftext|>", model_max_length=32768)
         partial = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tokenizer.save_pretrained(partial)
-        partial.replace(folder) if not folder.exists() else None  # another process may have won the race
+        if folder.exists():  # another process finished first: keep its copy
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.replace(folder)
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
