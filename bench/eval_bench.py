@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluate.abmil import TrainSettings, load_bags  # noqa: E402
@@ -66,6 +67,7 @@ def main() -> int:
     parser.add_argument("--max-tiles", type=int, default=512, help="tiles sampled per ABMIL bag")
     parser.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="ABMIL epochs (default: the CLI's)")
     parser.add_argument("--skip-abmil", action="store_true")
+    parser.add_argument("--device", default="auto", help="where ABMIL trains: auto (CUDA when visible), cpu, cuda")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
@@ -89,7 +91,7 @@ def main() -> int:
             abmil["load_bags_s"] = time.perf_counter() - t0
             print(f"read {sum(len(b) for b in bags):,} tiles into bags: {abmil['load_bags_s']:.1f} s", flush=True)
             t0 = time.perf_counter()
-            settings = TrainSettings(epochs=args.epochs)
+            settings = TrainSettings(epochs=args.epochs, device=args.device)
             abmil_result = cross_validate(data, "OS", "abmil-cox", folds, 0, bags, settings)
             abmil["abmil_cox_5fold_s"] = time.perf_counter() - t0
             abmil["abmil_cox_harrell_c"] = abmil_result.summary["harrell_c"]["mean"]
@@ -99,7 +101,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     reencode_s = args.slides * args.tiles_per_real_slide / H200_VIRCHOW2_TILES_PER_S
     out = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
+                   + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"),
         "slides": args.slides, "dim": args.dim, "tiles_per_slide_stored": args.tiles,
         "store_write_s": write_s, "load_pooled_vectors_s": load_s,
         "coxnet_5fold_s": coxnet_s, "coxnet_harrell_c": result.summary["harrell_c"]["mean"],

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from store.devices import pick_device
 from store.embedding_store import EmbeddingStore
 from store.errors import EvaluationError
 
@@ -35,6 +36,7 @@ class TrainSettings:
     dropout: float = 0.25
     ties: str = "efron"
     bins: int = 4
+    device: str = "auto"  # auto: CUDA when visible
 
 
 def load_bags(store: EmbeddingStore, slides: Sequence[Sequence[str]], max_tiles: int = DEFAULT_MAX_TILES,
@@ -165,6 +167,28 @@ def _pad(bags: Sequence[np.ndarray], mean: np.ndarray, std: np.ndarray) -> tuple
     return x, mask
 
 
+class _BagBatches:
+    """Padded, standardised batches of bags on the training device. On a GPU every training bag is
+    standardised and moved once (a fold's 512-tile bags are a few GB); on the CPU batches are padded as
+    they are drawn, so the bags are not held twice in host memory."""
+
+    def __init__(self, bags: Sequence[np.ndarray], mean: np.ndarray, std: np.ndarray, device: torch.device) -> None:
+        self.bags, self.mean, self.std, self.device = bags, mean, std, device
+        self.staged: list[torch.Tensor] | None = None
+        if device.type != "cpu":
+            m, s = torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device)
+            self.staged = [(torch.from_numpy(b).to(device).float() - m) / s for b in bags]
+
+    def __call__(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.staged is None:
+            return _pad([self.bags[i] for i in idx], self.mean, self.std)
+        chosen = [self.staged[i] for i in idx]
+        x = nn.utils.rnn.pad_sequence(chosen, batch_first=True)
+        lengths = torch.tensor([len(c) for c in chosen], device=self.device)
+        mask = torch.arange(x.shape[1], device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
+        return x, mask
+
+
 @dataclass
 class ABMILModel:
     """A trained network with the training fold's input statistics and whatever its loss needs to predict."""
@@ -180,8 +204,9 @@ class ABMILModel:
     @torch.no_grad()
     def outputs(self, bags: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         self.network.eval()
-        chunks = [self.network(*_pad(bags[i: i + batch_size], self.mean, self.std))[0].numpy()
-                  for i in range(0, len(bags), batch_size)]
+        device = next(self.network.parameters()).device
+        chunks = [self.network(*(t.to(device) for t in _pad(bags[i: i + batch_size], self.mean, self.std)))[0]
+                  .float().cpu().numpy() for i in range(0, len(bags), batch_size)]
         return np.concatenate(chunks).astype(np.float64)
 
     def risk(self, bags: Sequence[np.ndarray]) -> np.ndarray:
@@ -209,10 +234,11 @@ class ABMILModel:
     def tile_attention(self, tiles: np.ndarray, block: int = 4096) -> np.ndarray:
         """Unnormalised attention score of every tile of a slide (softmax is a monotone rescaling)."""
         self.network.eval()
+        device = next(self.network.parameters()).device
         scores = []
         for start in range(0, len(tiles), block):
             x = torch.from_numpy(((tiles[start: start + block].astype(np.float32) - self.mean) / self.std).astype(np.float32))
-            scores.append(self.network.attention_logits(self.network.embed(x)).numpy())
+            scores.append(self.network.attention_logits(self.network.embed(x.to(device))).cpu().numpy())
         return np.concatenate(scores)
 
 
@@ -221,6 +247,7 @@ def train_abmil(bags: Sequence[np.ndarray], loss: str, seed: int, settings: Trai
                 labels: np.ndarray | None = None, n_classes: int | None = None) -> ABMILModel:
     """Fit one ABMIL network. `loss`: cox/nll (need time and event) or ce (needs labels and n_classes)."""
     s = settings or TrainSettings()
+    device = pick_device(s.device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     mean, std = _tile_statistics(bags)
@@ -237,13 +264,17 @@ def train_abmil(bags: Sequence[np.ndarray], loss: str, seed: int, settings: Trai
         assert labels is not None and n_classes is not None
         n_out = n_classes
         counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-        class_weight = torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+        class_weight = torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32,
+                                    device=device)
     else:
         raise EvaluationError(f"unknown ABMIL loss {loss!r}")
     network = GatedABMIL(bags[0].shape[1], n_out, s.hidden, s.dropout)
     if loss == "nll":  # start from the training fold's life-table hazards, so curves are calibrated from step 0
         with torch.no_grad():
             network.head.bias.copy_(torch.from_numpy(_life_table_logits(bin_label, event, n_out)))
+    network.to(device)
+    batches = _BagBatches(bags, mean, std, device)
+    on_device = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     optimiser = torch.optim.AdamW(network.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     history = []
     for _ in range(s.epochs):
@@ -254,15 +285,14 @@ def train_abmil(bags: Sequence[np.ndarray], loss: str, seed: int, settings: Trai
             idx = order[start: start + s.batch_size]
             if loss == "cox" and (len(idx) < 2 or not event[idx].any()):
                 continue  # a batch without an event carries no partial likelihood
-            x, mask = _pad([bags[i] for i in idx], mean, std)
-            out, _ = network(x, mask)
+            out, _ = network(*batches(idx))
             if loss == "cox":
-                value = cox_partial_nll(out[:, 0], torch.from_numpy(time[idx]), torch.from_numpy(event[idx]), s.ties)
+                value = cox_partial_nll(out[:, 0], on_device(time[idx]), on_device(event[idx]), s.ties)
                 value = value / max(1, int(event[idx].sum()))
             elif loss == "nll":
-                value = discrete_time_nll(out, torch.from_numpy(bin_label[idx]), torch.from_numpy(event[idx])) / len(idx)
+                value = discrete_time_nll(out, on_device(bin_label[idx]), on_device(event[idx])) / len(idx)
             else:
-                value = nn.functional.cross_entropy(out, torch.from_numpy(labels[idx]).long(), weight=class_weight)
+                value = nn.functional.cross_entropy(out, on_device(labels[idx]).long(), weight=class_weight)
             optimiser.zero_grad()
             value.backward()
             optimiser.step()
@@ -271,7 +301,8 @@ def train_abmil(bags: Sequence[np.ndarray], loss: str, seed: int, settings: Trai
         history.append(total / max(count, 1))
     if not all(math.isfinite(h) for h in history):
         raise EvaluationError(f"ABMIL training diverged (loss {history[-1]}); lower the learning rate")
-    describe = {"loss": loss, "epochs": s.epochs, "hidden": s.hidden, "lr": s.lr, "batch_size": s.batch_size,
+    del batches  # frees the staged bags on the device
+    describe = {"loss": loss, "device": str(device), "epochs": s.epochs, "hidden": s.hidden, "lr": s.lr, "batch_size": s.batch_size,
                 "final_train_loss": history[-1] if history else None}
     if loss == "cox":
         describe["ties"] = s.ties

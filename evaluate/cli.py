@@ -43,7 +43,8 @@ def _folds(args: argparse.Namespace, data: PatientData, endpoint: str | None = N
 
 
 def _settings(args: argparse.Namespace) -> TrainSettings:
-    return TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, ties=args.ties)
+    return TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, ties=args.ties,
+                         device=args.device)
 
 
 def _bags(args: argparse.Namespace, store: EmbeddingStore, data: PatientData) -> np.ndarray:
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--lr", type=float, default=TrainSettings.lr)
     group.add_argument("--batch-size", type=int, default=TrainSettings.batch_size, help="bags per step")
     group.add_argument("--ties", default="efron", choices=["efron", "breslow"], help="abmil-cox tie handling")
+    group.add_argument("--device", default=TrainSettings.device, help="auto (CUDA when visible), cpu, cuda, cuda:1 ...")
 
     heatmaps = argparse.ArgumentParser(add_help=False)
     heatmaps.add_argument("--heatmaps", nargs="+", metavar="SLIDE_ID",

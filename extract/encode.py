@@ -11,13 +11,10 @@ import torch.nn.functional as F
 
 from extract.config import ExtractConfig
 from extract.encoders import build_encoder, pool_tile_embedding, pool_token_grid
+from store.devices import pick_device
 
 STORE_DTYPE = "float16"
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -30,7 +27,7 @@ class BatchEncoder:
     """uint8 tiles (n, H, W, 3) → float16 embeddings (n, 2C) and optional token grids (n, g*g, C)."""
 
     def __init__(self, cfg: ExtractConfig, device: torch.device | None = None) -> None:
-        self.device = device or resolve_device()
+        self.device = device or pick_device()
         self.precision = resolve_precision(cfg.precision, self.device)
         dtype = _PRECISIONS[self.precision]
         self.encoder = build_encoder(cfg.encoder, cfg.weights, device=self.device, dtype=dtype)

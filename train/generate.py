@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from evaluate.splits import read_split
 from store.cli import run_command
+from store.devices import pick_device
 from store.embedding_store import EmbeddingStore
 from store.errors import TrainingError
 from store.provenance import provenance
@@ -34,14 +35,6 @@ from train.data import (
     load_samples,
     patient_of,
 )
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"--device {name}: no CUDA device is visible")
-    return torch.device(name)
 
 
 def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str | Path, split: str | None = None,
