@@ -25,7 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demo.slides import write_repeated_slide  # noqa: E402
 from extract.config import ExtractConfig  # noqa: E402

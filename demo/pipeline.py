@@ -8,7 +8,11 @@
    training folds, from the cache; report generation for the held-out fold;
 5. cross-validated survival (Coxnet) and grade (logistic regression) heads from the cache, and the
    generated reports scored on held-out patients only;
-6. an HTML summary. Both models are random-weight stand-ins, and every output says so.
+6. an HTML summary. Both default models are random-weight stand-ins, and every output says so.
+
+With `--encoder virchow2 --weights W --llm_path L` the same pipeline runs the real models: extraction then
+takes configs/extract/virchow2.yaml and training configs/train/internvl2-1b-lora.yaml (InternVL2-1B's
+LoRA recipe), with the demo's epochs and tile budget.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from store.h5io import export_h5
 from store.provenance import provenance
 from store.verify import verify_store
 
-ENCODER_LABEL = "virchow2-tiny (random weights: a stand-in for Virchow-2; its embeddings carry no pathology)"
-LLM_LABEL = "tiny-qwen2 (random weights, 2 layers, the real Qwen2 tokenizer: a stand-in for Qwen2-0.5B-Instruct)"
+TINY_ENCODER, TINY_LLM = "virchow2-tiny", "tiny-qwen2"
+TINY_ENCODER_LABEL = "virchow2-tiny (random weights: a stand-in for Virchow-2; its embeddings carry no pathology)"
+TINY_LLM_LABEL = "tiny-qwen2 (random weights, 2 layers, the real Qwen2 tokenizer: a stand-in for Qwen2-0.5B-Instruct)"
 HELD_OUT_FOLD = 0
 
 
@@ -47,11 +52,34 @@ class DemoSettings:
     train: bool = True
     extra_train_flags: tuple[str, ...] = field(default_factory=tuple)
 
+    @property
+    def real_encoder(self) -> bool:
+        return self.encoder != TINY_ENCODER
+
+    @property
+    def real_llm(self) -> bool:
+        return self.llm_path != TINY_LLM
+
+    def encoder_label(self) -> str:
+        if not self.real_encoder:
+            return TINY_ENCODER_LABEL
+        return f"{self.encoder} (weights: {self.weights or 'the registry default'})"
+
+    def llm_label(self) -> str:
+        return f"{self.llm_path} + LoRA (InternVL2-1B recipe)" if self.real_llm else TINY_LLM_LABEL
+
+    def extract_config(self) -> ExtractConfig:
+        if not self.real_encoder:
+            return ExtractConfig.from_yaml(CONFIG_DIR / "extract" / "virchow2-tiny.yaml")
+        return ExtractConfig.from_yaml(CONFIG_DIR / "extract" / "virchow2.yaml",
+                                       {"encoder": self.encoder, "weights": self.weights})
+
+    def train_config(self) -> str:
+        return "internvl2-1b-lora.yaml" if self.real_llm else "tiny.yaml"
+
 
 def extract(out: Path, cohort: Path, settings: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
-    cfg = ExtractConfig.from_yaml(CONFIG_DIR / "extract" / "virchow2-tiny.yaml",
-                                  {"encoder": settings.encoder, "weights": settings.weights,
-                                   "precision": None if settings.encoder == "virchow2-tiny" else "auto"})
+    cfg = settings.extract_config()
     store_url = str(out / "store.zarr")
     started_ray = connect_ray(cfg)
     try:
@@ -100,8 +128,8 @@ def train_and_generate(out: Path, store_url: str, clinical: Path, texts: Path, s
         log(f"[demo] training: {run_dir} already holds a finished run: reused")
         summary = json.loads((run_dir / "train_summary.json").read_text())
     else:
-        log(f"[demo] training {LLM_LABEL} + projector + LoRA on the training folds, from the cache")
-        flags = ["--config", "tiny.yaml", "--llm_path", settings.llm_path, "--meta_path", str(meta), "--store", store_url,
+        log(f"[demo] training {settings.llm_label()} + projector + LoRA on the training folds, from the cache")
+        flags = ["--config", settings.train_config(), "--llm_path", settings.llm_path, "--meta_path", str(meta), "--store", store_url,
                  "--output_dir", str(run_dir), "--split", str(split), "--fold", str(HELD_OUT_FOLD),
                  "--num_train_epochs", str(settings.train_epochs), "--max_tiles", str(settings.max_tiles),
                  "--report_to", "tensorboard", "--save_strategy", "no", "--logging_steps", "10",
@@ -118,25 +146,35 @@ def train_and_generate(out: Path, store_url: str, clinical: Path, texts: Path, s
 
 
 def evaluate_all(out: Path, data: Any, split: Path, clinical: Path, annotations: str, generated: str) -> dict[str, Any]:
+    """Survival and grade heads and report metrics; a head that cannot be estimated on this cohort (too few
+    patients or events, e.g. `--patients 10`) is recorded with the reason instead of stopping the run."""
     from evaluate.grade import confusion_plot, cross_validate_grade
     from evaluate.report_metrics import score_reports
     from evaluate.splits import read_split
     from evaluate.survival import cross_validate, km_plot
     from store.clinical import load_clinical
+    from store.errors import EvaluationError
 
     folds = read_split(split)
     folder = out / "evaluation"
     folder.mkdir(parents=True, exist_ok=True)
-    survival = cross_validate(data, "OS", "coxnet", folds, SEED)
-    km_plot(survival, str(folder / "km.png"))
-    grade = cross_validate_grade(data, folds, SEED)
-    confusion_plot(grade, str(folder / "confusion.png"))
+    result: dict[str, Any] = {}
+    try:
+        survival = cross_validate(data, "OS", "coxnet", folds, SEED)
+        km_plot(survival, str(folder / "km.png"))
+        result["survival"] = {"head": "coxnet", "summary": survival.summary, "logrank_p": survival.logrank_p}
+    except EvaluationError as e:
+        result["survival"] = {"head": "coxnet", "error": str(e)}
+    try:
+        grade = cross_validate_grade(data, folds, SEED)
+        confusion_plot(grade, str(folder / "confusion.png"))
+        result["grade"] = {"head": "logreg", "summary": grade.summary, "classes": grade.classes,
+                           "confusion": grade.confusion}
+    except EvaluationError as e:
+        result["grade"] = {"head": "logreg", "error": str(e)}
     reports = score_reports(generated, annotations, load_clinical(clinical), "OS")
-    result = {"survival": {"head": "coxnet", "summary": survival.summary, "logrank_p": survival.logrank_p},
-              "grade": {"head": "logreg", "summary": grade.summary, "classes": grade.classes,
-                        "confusion": grade.confusion},
-              "reports": {"n": reports.n, "caption": reports.caption, "clinical": reports.clinical,
-                          "notes": reports.notes, "fold": HELD_OUT_FOLD}}
+    result["reports"] = {"n": reports.n, "caption": reports.caption, "clinical": reports.clinical,
+                         "notes": reports.notes, "fold": HELD_OUT_FOLD}
     (folder / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 
@@ -147,11 +185,11 @@ def run(out: Path, settings: DemoSettings = DemoSettings(), log: Callable[[str],
     patients = plan_patients(settings.size)
     cohort = write_slides(out, settings.size, patients, log)
     clinical, texts = write_clinical(out, patients), write_report_texts(out, patients)
-    result: dict[str, Any] = {"encoder": ENCODER_LABEL, **extract(out, cohort, settings, log)}
+    result: dict[str, Any] = {"encoder": settings.encoder_label(), **extract(out, cohort, settings, log)}
     split, data = make_split(out, result["store"], clinical, settings.folds)
     result["split"] = str(split)
     if settings.train:
-        result |= {"llm": LLM_LABEL, **train_and_generate(out, result["store"], clinical, texts, split, settings, log)}
+        result |= {"llm": settings.llm_label(), **train_and_generate(out, result["store"], clinical, texts, split, settings, log)}
         result["evaluation"] = evaluate_all(out, data, split, clinical, result["annotations"], result["generated"])
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["summary_html"] = str(write_summary(out, result))

@@ -56,14 +56,20 @@ def write_summary(out: Path, result: dict[str, Any]) -> Path:
     evaluation = result.get("evaluation")
     if evaluation:
         survival, grade, reports = evaluation["survival"], evaluation["grade"], evaluation["reports"]
-        parts += ["<h2>Survival (OS), Coxnet on stored slide vectors, patient-level 5-fold CV</h2>",
-                  _table([(k, v) for k, v in survival["summary"].items()] + [("log-rank p", survival["logrank_p"])]),
-                  "<img src='evaluation/km.png' alt='Kaplan-Meier plot'>",
-                  "<h2>Grade, logistic regression</h2>",
-                  _table([(k, v) for k, v in grade["summary"].items() if k != "chance"]
-                         + [(f"chance {k}", v) for k, v in grade["summary"]["chance"].items()]),
-                  "<img src='evaluation/confusion.png' alt='confusion matrix'>",
-                  f"<h2>Generated reports, held-out fold {reports['fold']} ({reports['n']} slides)</h2>",
+        parts.append("<h2>Survival (OS), Coxnet on stored slide vectors, patient-level CV</h2>")
+        if "error" in survival:
+            parts.append(f"<p class='warn'>not estimated: {escape(survival['error'])}</p>")
+        else:
+            parts += [_table([(k, v) for k, v in survival["summary"].items()] + [("log-rank p", survival["logrank_p"])]),
+                      "<img src='evaluation/km.png' alt='Kaplan-Meier plot'>"]
+        parts.append("<h2>Grade, logistic regression</h2>")
+        if "error" in grade:
+            parts.append(f"<p class='warn'>not estimated: {escape(grade['error'])}</p>")
+        else:
+            parts += [_table([(k, v) for k, v in grade["summary"].items() if k != "chance"]
+                             + [(f"chance {k}", v) for k, v in grade["summary"]["chance"].items()]),
+                      "<img src='evaluation/confusion.png' alt='confusion matrix'>"]
+        parts += [f"<h2>Generated reports, held-out fold {reports['fold']} ({reports['n']} slides)</h2>",
                   _table(list(reports["caption"].items()) + list(reports["clinical"].items())),
                   "".join(f"<p>note: {escape(n)}</p>" for n in reports["notes"]),
                   _examples(Path(result["generated"])),

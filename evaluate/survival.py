@@ -25,6 +25,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sksurv.compare import compare_survival
 from sksurv.ensemble import RandomSurvivalForest
+from sksurv.exceptions import NoComparablePairException
 from sksurv.linear_model import CoxnetSurvivalAnalysis, CoxPHSurvivalAnalysis
 from sksurv.linear_model.coxph import BreslowEstimator
 from sksurv.metrics import concordance_index_censored
@@ -53,6 +54,9 @@ class FittedHead:
     def survival(self, x: np.ndarray, times: np.ndarray) -> np.ndarray:
         functions = self.model.predict_survival_function(x, **self.predict_kwargs)
         return np.asarray([[fn(t) for t in times] for fn in functions])
+
+
+MIN_TRAIN_PATIENTS, MIN_TRAIN_EVENTS = 10, 3  # below this a 3-fold inner CV leaves folds without a comparable pair
 
 
 def fit_coxnet(x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | None = None) -> FittedHead:
@@ -158,8 +162,13 @@ def _fold_metrics(head: FittedHead, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np
 
 def _run_fold(head: str, x: np.ndarray, y: np.ndarray, test: np.ndarray, seed: int, settings: TrainSettings | None
               ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, FittedHead]:
-    fitted = HEADS[head](x[~test], y[~test], seed, settings)
-    return (*_fold_metrics(fitted, x[~test], y[~test], x[test], y[test], seed), fitted)
+    try:
+        fitted = HEADS[head](x[~test], y[~test], seed, settings)
+        return (*_fold_metrics(fitted, x[~test], y[~test], x[test], y[test], seed), fitted)
+    except NoComparablePairException as e:  # e.g. in coxnet's inner CV on a handful of training patients
+        raise EvaluationError(f"the {head} head: a C-index had no comparable pair of patients ({int((~test).sum())} "
+                              f"training, {int(test.sum())} held-out patients in this fold): too few patients or "
+                              "events per fold; use fewer folds or more patients") from e
 
 
 @dataclass
@@ -200,6 +209,16 @@ def cross_validate(data: PatientData, endpoint: str, head: str, folds: dict[str,
                                   "use fewer folds or a split stratified by event (`python -m evaluate split`)")
         if not y["event"][train].any():
             raise EvaluationError(f"the training part of fold {fold} has no {endpoint} event")
+        if train.sum() < MIN_TRAIN_PATIENTS or y["event"][train].sum() < MIN_TRAIN_EVENTS:
+            raise EvaluationError(f"the training part of fold {fold} has {int(train.sum())} patients and "
+                                  f"{int(y['event'][train].sum())} {endpoint} events: a head needs at least "
+                                  f"{MIN_TRAIN_PATIENTS} and {MIN_TRAIN_EVENTS} (its own inner CV splits them "
+                                  "again); use fewer folds or more patients")
+        t, e = y["time"][test], y["event"][test]
+        if not (e & (t < t.max())).any():  # Harrell's C needs an event before some other patient's time
+            raise EvaluationError(f"fold {fold} has no comparable pair of patients for {endpoint} ({int(test.sum())} "
+                                  f"patients, {int(e.sum())} events, none before another's last follow-up): its "
+                                  "C-index is undefined; use fewer folds or more patients")
     # Folds are independent and each is seeded: fit them in parallel, one per core. Bag heads run one fold
     # at a time (torch uses every core, and shipping the bags to workers would copy gigabytes).
     jobs = 1 if head in BAG_HEADS else min(len(fold_ids), os.cpu_count() or 1)

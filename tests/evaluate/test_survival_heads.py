@@ -97,6 +97,9 @@ def test_bad_inputs(planted, tmp_path):
     censored_fold = {p: (0 if not e else 1) for p, e in zip(data.patient_ids, events)}
     with pytest.raises(EvaluationError, match="fold 0 has no OS event"):
         cross_validate(data, "OS", "coxph", censored_fold)
+    tiny = {p: i % 2 for i, p in enumerate(data.patient_ids[:8])}  # 4 training patients per fold
+    with pytest.raises(EvaluationError, match="training part of fold 0 has 4 patients.*use fewer folds or more patients"):
+        cross_validate(data, "OS", "coxnet", tiny)
     (tmp_path / "censored.csv").write_text("patient_id,OS,OS.time\n" + "".join(f"{p},0,100\n" for p in data.patient_ids))
     all_censored = patient_features(EmbeddingStore.open(url), load_clinical(tmp_path / "censored.csv"))
     with pytest.raises(EvaluationError, match="all 150 patients are censored"):
