@@ -35,7 +35,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_images_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m extract images",
+                                description="Encode the images of InternVL-format datasets (meta JSON + conversation "
+                                            "jsonl) once into an images store of per-tile patch-token grids.")
+    p.add_argument("--meta_path", required=True, help="InternVL meta JSON: {name: {root, annotation, ...}}")
+    p.add_argument("--store", required=True, help="store path or URL")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="extraction YAML (encoder, precision, batch size)")
+    p.add_argument("--encoder", help="registry name: virchow2, virchow2-random, virchow2-tiny")
+    p.add_argument("--weights", help="hub id or local .safetensors for the encoder")
+    p.add_argument("--tokens", help="pool each tile's patch grid to e.g. 8x8 (default: the full grid, 16x16)")
+    p.add_argument("--max_dynamic_patch", type=int, default=6)
+    p.add_argument("--min_dynamic_patch", type=int, default=1)
+    p.add_argument("--use_thumbnail", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-encoders", type=int, help="encoder actors (default: one per GPU, or one on CPU)")
+    return p
+
+
+def images_main(argv: Sequence[str]) -> int:
+    args = build_images_parser().parse_args(argv)
+    try:
+        from extract.images import DynamicTiling, ImageExtraction, collect_images, image_encoder_config
+        from extract.job import connect_ray
+
+        overrides = {"encoder": args.encoder, "weights": args.weights, "tokens": args.tokens,
+                     "batch_size": args.batch_size, "num_encoders": args.num_encoders}
+        cfg = image_encoder_config(ExtractConfig.from_yaml(args.config, overrides))
+        tiling = DynamicTiling(args.min_dynamic_patch, args.max_dynamic_patch, args.use_thumbnail)
+        entries = collect_images(args.meta_path)
+        print(f"[images] {args.meta_path}: {len(entries)} distinct images; store {args.store}; tiles of "
+              f"{tiling.tile_px} px, {tiling.min_dynamic_patch}-{tiling.max_dynamic_patch} per image"
+              f"{' + thumbnail' if tiling.use_thumbnail else ''}; token grids {cfg.tokens}", flush=True)
+        started_ray = connect_ray(cfg)
+        try:
+            summary = ImageExtraction(entries, args.store, cfg, tiling, log=lambda m: print(m, flush=True)).run()
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+        print(summary.table(), flush=True)
+        return 1 if summary.failed else 0
+    except SlidecacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["images"]:
+        return images_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         from extract.job import Extraction, connect_ray

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from store.errors import InvalidSlideId
@@ -48,3 +49,13 @@ def tcga_patient_id(identifier: str) -> str | None:
 def patient_id_for(slide_id: str, patient_column: str | None = None) -> str:
     """TCGA barcode prefix when the slide id is one, else the table's patient id, else the slide id."""
     return tcga_patient_id(slide_id) or (patient_column.strip() if patient_column else None) or slide_id
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def image_key(dataset: str, image: str) -> str:
+    """The store id of the image `image` of meta dataset `dataset`: readable, unique, and the same on every
+    machine (it depends on the names in the annotations, not on where the files live)."""
+    readable = _UNSAFE.sub("_", f"{dataset}__{image}").replace("..", "_.").lstrip(".")[:180]
+    return f"{readable}-{hashlib.sha1(f'{dataset}/{image}'.encode()).hexdigest()[:10]}"

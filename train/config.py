@@ -52,6 +52,15 @@ class DataArguments:
     fold: int = field(default=-1, metadata={"help": "with --split: train on the other folds; this one is held out"})
     system_message: str = SYSTEM_MESSAGE
     conv_style: str = field(default="Hermes-2", metadata={"help": "ChatML template (InternVL2-1B's)"})
+    # InternVL's image flags. Tiling happened at extraction (`python -m extract images`); given here, they
+    # must agree with the images store, so a recipe copied from InternVL cannot silently mean something else.
+    max_dynamic_patch: int | None = field(default=None, metadata={"help": "images: must match the store's tiling"})
+    min_dynamic_patch: int | None = field(default=None, metadata={"help": "images: must match the store's tiling"})
+    use_thumbnail: bool | None = field(default=None, metadata={"help": "images: must match the store's tiling"})
+    dynamic_image_size: bool | None = field(default=None, metadata={"help": "images: True (the store is tiled so)"})
+    force_image_size: int | None = field(default=None, metadata={"help": "images: the encoder's tile size (224)"})
+    down_sample_ratio: float = field(default=0.5, metadata={"help": "pixel shuffle ratio: 0.5 (64 tokens per tile)"})
+    ps_version: str = field(default="v2", metadata={"help": "InternVL's pixel shuffle version: v2"})
 
 
 def _yaml_defaults(path: str | Path) -> dict:
@@ -118,3 +127,21 @@ def validate(model: ModelArguments, data: DataArguments, training: TrainingArgum
         raise ConfigError("nothing to train: the LLM and projector are frozen and no LoRA was asked for")
     if data.max_tiles < 1:
         raise ConfigError("--max_tiles must be >= 1")
+    if data.down_sample_ratio != 0.5 or data.ps_version != "v2":
+        raise ConfigError(f"--down_sample_ratio {data.down_sample_ratio} --ps_version {data.ps_version}: the cached "
+                          "grids are folded by InternVL2's pixel shuffle, ratio 0.5, v2")
+    if data.dynamic_image_size is False:
+        raise ConfigError("--dynamic_image_size False: images stores are tiled dynamically at extraction; extract "
+                          "with --max_dynamic_patch 1 --use_thumbnail False for one tile per image")
+
+
+def check_image_flags(data: DataArguments, tiling: dict) -> None:
+    """InternVL's image flags, when given, against how the images store was tiled."""
+    wanted = {"max_dynamic_patch": data.max_dynamic_patch, "min_dynamic_patch": data.min_dynamic_patch,
+              "use_thumbnail": data.use_thumbnail, "tile_px": data.force_image_size}
+    for key, value in wanted.items():
+        if value is not None and value != tiling.get(key):
+            flag = "force_image_size" if key == "tile_px" else key
+            raise ConfigError(f"--{flag} {value}: the images store was tiled with {key} = {tiling.get(key)} at "
+                              f"extraction; drop the flag, or re-extract with `python -m extract images --{flag} {value}`"
+                              + (" (Virchow-2 reads 224 px tiles)" if key == "tile_px" else ""))

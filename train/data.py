@@ -10,7 +10,6 @@ store, one placeholder per slide, length within --max_seq_length) and a failure 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,23 +20,15 @@ from torch.utils.data import Dataset
 
 from store.embedding_store import EmbeddingStore
 from store.errors import AnnotationError
-from store.ids import tcga_patient_id
+from store.ids import image_key, tcga_patient_id
 from store.jsonl import read_jsonl
+from store.meta import DatasetSpec, read_meta
 from train.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+from train.visual import grid_to_visual_tokens, tokens_per_tile
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-@dataclass
-class DatasetSpec:
-    name: str
-    annotation: Path
-    root: str = ""
-    repeat_time: float = 1.0
-    data_augment: bool = False
-    length: int | None = None
 
 
 @dataclass
@@ -47,6 +38,7 @@ class Sample:
     slides: list[str]
     conversations: list[dict[str, str]]
     meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = "slide"  # slide: `slides` are slide ids; image: store keys of InternVL images (store.ids.image_key)
 
     @property
     def reference(self) -> str:
@@ -54,34 +46,15 @@ class Sample:
         return next((t["value"] for t in self.conversations if ROLES.get(t.get("from", "")) == "assistant"), "")
 
 
-def read_meta(meta_path: str | Path) -> list[DatasetSpec]:
-    path = Path(meta_path)
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AnnotationError(f"meta file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise AnnotationError(f"{path}, line {e.lineno}: not JSON ({e.msg})") from e
-    if not isinstance(meta, dict) or not meta:
-        raise AnnotationError(f"{path}: a meta file maps dataset names to {{root, annotation, repeat_time, ...}}")
-    specs = []
-    for name, entry in meta.items():
-        if not isinstance(entry, dict) or "annotation" not in entry:
-            raise AnnotationError(f"{path}: dataset {name!r} needs an 'annotation' (a jsonl path)")
-        annotation = Path(entry["annotation"])
-        if not annotation.is_absolute():
-            annotation = path.parent / annotation
-        specs.append(DatasetSpec(name, annotation, entry.get("root", ""), float(entry.get("repeat_time", 1.0)),
-                                 bool(entry.get("data_augment", False)), entry.get("length")))
-    return specs
-
-
-def _parse_row(row: dict[str, Any], source: str) -> Sample:
-    if "slide" not in row:
-        hint = (" (InternVL's 'image' key: slidecache trains on cached slides, name them with 'slide')"
-                if "image" in row else "")
-        raise AnnotationError(f"{source}: no 'slide' key{hint}")
-    slides = row["slide"] if isinstance(row["slide"], list) else [row["slide"]]
+def _parse_row(row: dict[str, Any], source: str, dataset: str = "") -> Sample:
+    if "slide" in row:
+        kind, names = "slide", row["slide"] if isinstance(row["slide"], list) else [row["slide"]]
+        visuals = [str(s) for s in names]
+    elif "image" in row:  # InternVL's own key: an image cached by `python -m extract images`
+        kind, names = "image", row["image"] if isinstance(row["image"], list) else [row["image"]]
+        visuals = [image_key(dataset, str(i)) for i in names]
+    else:
+        raise AnnotationError(f"{source}: no 'slide' key (a cached slide) nor 'image' key (a cached InternVL image)")
     conversations = row.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise AnnotationError(f"{source}: 'conversations' must be a non-empty list of {{from, value}} turns")
@@ -91,17 +64,20 @@ def _parse_row(row: dict[str, Any], source: str) -> Sample:
     if not any(ROLES[t["from"]] == "assistant" for t in conversations):
         raise AnnotationError(f"{source}: no assistant (gpt) turn: nothing to learn")
     placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conversations)
-    if placeholders != len(slides):
-        raise AnnotationError(f"{source}: {placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(slides)} slides; "
-                              f"put exactly one {IMAGE_PLACEHOLDER} per slide in the human turns")
-    return Sample(source, str(row.get("id", source)), [str(s) for s in slides], conversations,
-                  {k: v for k, v in row.items() if k not in ("slide", "conversations")})
+    if placeholders != len(visuals):
+        raise AnnotationError(f"{source}: {placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(visuals)} {kind}s; "
+                              f"put exactly one {IMAGE_PLACEHOLDER} per {kind} in the human turns")
+    return Sample(source, str(row.get("id", source)), visuals, conversations,
+                  {k: v for k, v in row.items() if k not in ("slide", "conversations")}, kind)
 
 
 def read_annotations(spec: DatasetSpec, seed: int = 0) -> list[Sample]:
     if not spec.annotation.is_file():
         raise AnnotationError(f"dataset {spec.name!r}: annotation file {spec.annotation} does not exist")
-    samples = [_parse_row(row, f"{spec.annotation}, line {number}")
+    if spec.data_augment:
+        raise AnnotationError(f"dataset {spec.name!r}: data_augment: true cannot apply to cached tokens (the encoder "
+                              "ran once, on one view of each image or slide); set data_augment: false")
+    samples = [_parse_row(row, f"{spec.annotation}, line {number}", spec.name)
                for number, row in read_jsonl(spec.annotation, AnnotationError)]
     if spec.repeat_time < 1:  # InternVL: subsample; > 1: repeat
         keep = np.random.default_rng(seed).permutation(len(samples))[: max(1, int(len(samples) * spec.repeat_time))]
@@ -225,10 +201,13 @@ class SlideConversationDataset(Dataset):
             if resampler_tokens and len(sample.slides) > 1:
                 raise AnnotationError(f"{sample.source}: {len(sample.slides)} slides in one sample; the resampler "
                                       "maps one slide's tiles to its tokens (use one slide per sample)")
+            check_kind(sample, store, store_url)
             for slide_id in sample.slides:
                 if slide_id not in store:
-                    raise AnnotationError(f"{sample.source}: slide {slide_id!r} is not in the store {store_url} "
-                                          "(extract it first, or fix the id)")
+                    what = (f"image {sample.meta.get('image')!r} (store key {slide_id!r})" if sample.kind == "image"
+                            else f"slide {slide_id!r}")
+                    raise AnnotationError(f"{sample.source}: {what} is not in the store {store_url} "
+                                          "(extract it first, or fix the name)")
                 slide = store.slide(slide_id)
                 if slide.n_tiles == 0:
                     raise AnnotationError(f"{sample.source}: slide {slide_id!r} has no tiles in the store "
@@ -257,6 +236,9 @@ class SlideConversationDataset(Dataset):
     def visual_counts(self, sample: Sample) -> list[int]:
         if self.resampler_tokens:
             return [self.resampler_tokens] * len(sample.slides)
+        if sample.kind == "image":  # every tile of the image (its layout was fixed at extraction)
+            per_tile = tokens_per_tile(image_token_shape(self.store)[0])  # type: ignore[index]
+            return [self.store.slide(s).n_tiles * per_tile for s in sample.slides]
         return [min(self.store.slide(s).n_tiles, self.max_tiles) for s in sample.slides]
 
     def __len__(self) -> int:
@@ -264,6 +246,9 @@ class SlideConversationDataset(Dataset):
 
     def tiles_for(self, sample: Sample, index: int) -> list[np.ndarray]:
         """Each slide's selected tiles (float32), in the sample's slide order."""
+        if sample.kind == "image":  # patch-token grids → pixel shuffle → InternVL's visual tokens
+            return [grid_to_visual_tokens(torch.from_numpy(self.store.slide(s).tokens().astype(np.float32))).numpy()
+                    for s in sample.slides]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         parts = []
         for slide_id in sample.slides:
@@ -280,6 +265,36 @@ class SlideConversationDataset(Dataset):
         ids, labels = self.encoder.encode(sample.conversations, counts, prompt_only=not self.training)
         return {"input_ids": ids, "labels": labels, "tiles": np.concatenate(parts), "n_slides": len(sample.slides),
                 "index": index}
+
+
+def check_kind(sample: Sample, store: EmbeddingStore, store_url: str) -> None:
+    """Slides train from a slides store, InternVL images from an images store (`python -m extract images`)."""
+    wanted = "images" if sample.kind == "image" else "slides"
+    if store.kind != wanted:
+        raise AnnotationError(f"{sample.source}: names {'an image' if sample.kind == 'image' else 'a slide'}, but "
+                              f"{store_url} holds {store.kind}; " + (
+                                  "cache the images with `python -m extract images --meta_path ... --store ...` and "
+                                  "train on that store" if sample.kind == "image" else
+                                  "name cached slides with 'slide' in a slides store"))
+    if sample.kind == "image" and not image_token_shape(store):
+        raise AnnotationError(f"{store_url}: an images store without token grids (written by an older version?)")
+
+
+def image_token_shape(store: EmbeddingStore) -> tuple[int, int] | None:
+    """(T, C) of the patch-token grid every image of an images store keeps (recorded at extraction)."""
+    shape = store.spec.get("tokens", {}).get("grid_shape")
+    return (int(shape[0]), int(shape[1])) if shape else None
+
+
+def visual_dim(store: EmbeddingStore) -> int:
+    """Width of one visual token before the projector: the tile embedding for slides, 4 x the patch-token
+    width for images (pixel shuffle)."""
+    if store.kind == "images":
+        shape = image_token_shape(store)
+        if shape is None:
+            raise AnnotationError(f"{store.url}: an images store without token grids")
+        return shape[1] * 4
+    return store.embedding_dim
 
 
 @dataclass

@@ -36,6 +36,8 @@ from train.data import (
     patient_of,
 )
 
+DEFAULT_IMAGE_PROMPT = "Describe this image."
+
 
 def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str | Path, split: str | None = None,
                      fold: int = -1, batch_size: int = 8, max_new_tokens: int = 128, do_sample: bool = False,
@@ -72,9 +74,10 @@ def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str |
             texts = loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for text in texts:
                 sample = dataset.samples[done]
-                f.write(json.dumps({"id": sample.id, "slide": sample.slides[0] if len(sample.slides) == 1 else sample.slides,
-                                    "patient_id": patient_of(store, sample.slides[0]), "text": text.strip(),
-                                    "reference": sample.reference}) + "\n")
+                visual = sample.slides[0] if len(sample.slides) == 1 else sample.slides
+                row = ({"id": sample.id, "image": sample.meta.get("image"), "key": visual} if sample.kind == "image"
+                       else {"id": sample.id, "slide": visual, "patient_id": patient_of(store, sample.slides[0])})
+                f.write(json.dumps(row | {"text": text.strip(), "reference": sample.reference}) + "\n")
                 done += 1
             rate = done / (time.perf_counter() - started)
             print(f"  {done}/{len(dataset)} reports, {rate:.2f}/s, ETA {(len(dataset) - done) / rate:.0f} s", flush=True)
@@ -85,11 +88,42 @@ def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str |
     return {"reports": done, "seconds": time.perf_counter() - started}
 
 
+def answer_image(checkpoint: str, image: str, store_url: str, prompt: str = DEFAULT_IMAGE_PROMPT,
+                 weights: str | None = None, max_new_tokens: int = 128, do_sample: bool = False,
+                 temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, device: str = "auto") -> str:
+    """Encode a new image with the store's encoder and tiling (train.live_image) and answer `prompt` about it."""
+    from train.live_image import encode_image
+
+    torch.manual_seed(seed)
+    target = pick_device(device)
+    model, loaded, spec = load_for_inference(checkpoint, target)
+    store = EmbeddingStore.open(store_url)
+    if spec.store_fingerprint != store.fingerprint:
+        raise TrainingError(f"the checkpoint was trained on a store with fingerprint {spec.store_fingerprint[:12]}, "
+                            f"{store_url} has {store.fingerprint[:12]}: another encoder or tiling")
+    visual = encode_image(image, store, weights, target)
+    conversation = [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": ""}]
+    ids, labels = ConversationEncoder(loaded.tokenizer, spec.system_message).encode(conversation, [len(visual)],
+                                                                                    prompt_only=True)
+    batch = Collator(loaded.tokenizer.pad_token_id, left_pad=True)([{"input_ids": ids, "labels": labels,
+                                                                     "tiles": visual}])
+    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+    if do_sample:
+        options.update(temperature=temperature, top_p=top_p)
+    batch = {k: v.to(target) for k, v in batch.items() if k != "labels"}
+    with torch.autocast(target.type, dtype=torch.bfloat16, enabled=target.type == "cuda"):
+        new_tokens = model.generate(**batch, **options)
+    return loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a training --output_dir or one of its checkpoint-N")
     parser.add_argument("--store", required=True)
-    parser.add_argument("--meta_path", required=True)
+    parser.add_argument("--meta_path", help="annotations to answer (cached slides or images)")
+    parser.add_argument("--image", help="a new image: encoded on the fly with the store's encoder and tiling")
+    parser.add_argument("--prompt", default=DEFAULT_IMAGE_PROMPT, help="the question asked about --image")
+    parser.add_argument("--weights", help="with --image: the encoder's local .safetensors (checked against the store)")
     parser.add_argument("--split")
     parser.add_argument("--fold", type=int, default=-1)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -99,12 +133,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top_p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="jsonl of generated texts (required with --meta_path)")
     parser.set_defaults(func=_run)
     return run_command(parser, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.image:
+        text = answer_image(args.checkpoint, args.image, args.store, args.prompt, args.weights, args.max_new_tokens,
+                            args.do_sample, args.temperature, args.top_p, args.seed, args.device)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"image": args.image, "prompt": args.prompt, "text": text}) + "\n")
+        return 0
+    if not args.meta_path or not args.out:
+        raise TrainingError("give --meta_path and --out (annotations to answer), or --image (one new image)")
     result = generate_reports(args.checkpoint, args.store, args.meta_path, args.out, args.split, args.fold,
                               args.batch_size, args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
                               args.seed, args.device)

@@ -20,8 +20,15 @@ from store.embedding_store import EmbeddingStore
 from store.errors import ConfigError
 from store.provenance import encoder_modules_loaded, provenance
 from train.checkpoint import ModelSpec, build_model, load_trainable, save_checkpoint
-from train.config import DataArguments, ModelArguments
-from train.data import Collator, ConversationEncoder, SlideConversationDataset, filter_by_split, load_samples
+from train.config import DataArguments, ModelArguments, check_image_flags
+from train.data import (
+    Collator,
+    ConversationEncoder,
+    SlideConversationDataset,
+    filter_by_split,
+    load_samples,
+    visual_dim,
+)
 from train.llm import LoadedLLM, load_llm
 from train.model import SlideVLM
 
@@ -84,6 +91,8 @@ def setup(model_args: ModelArguments, data_args: DataArguments, training_args: T
         raise ConfigError("--use_llm_lora with --freeze_llm False: choose LoRA (the LLM frozen under it) or "
                           "full fine-tuning of the LLM, not both")
     store = EmbeddingStore.open(data_args.store)
+    if store.kind == "images":
+        check_image_flags(data_args, store.spec.get("tiling", {}))
     samples = load_samples(data_args.meta_path, training_args.seed)
     counts: dict[str, Any] = {"annotations": len(samples)}
     if data_args.split:
@@ -97,7 +106,7 @@ def setup(model_args: ModelArguments, data_args: DataArguments, training_args: T
                                        resampler_tokens=model_args.resampler_tokens)
     counts.update(samples=len(dataset), skipped_overlong=len(dataset.skipped_overlong),
                   skipped_overlong_examples=dataset.skipped_overlong[:5])
-    spec = ModelSpec(model_args.llm_path, store.embedding_dim, data_args.max_tiles, model_args.use_llm_lora,
+    spec = ModelSpec(model_args.llm_path, visual_dim(store), data_args.max_tiles, model_args.use_llm_lora,
                      model_args.lora_dropout, model_args.resampler_tokens, model_args.unfreeze_lm_head,
                      data_args.system_message, store.fingerprint)
     torch.manual_seed(training_args.seed)  # projector init

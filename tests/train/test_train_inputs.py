@@ -123,7 +123,9 @@ def test_bad_annotations_name_file_and_line(four_slides, tmp_path):
              ([good, good, unknown], r"bad.jsonl, line 3: slide 'NO-SUCH-SLIDE' is not in the store"),
              ([two], r"line 1: 2 <image> placeholders for 1 slides"),
              ([none], r"line 1: 0 <image> placeholders for 1 slides"),
-             ([image_key], r"line 1: no 'slide' key \(InternVL's 'image' key")]
+             ([image_key], r"line 1: names an image, but .* holds slides; cache the images with `python -m extract "
+                           r"images"),
+             ([json.dumps({"id": 1, "conversations": row["conversations"]})], r"line 1: no 'slide' key .* nor 'image'")]
     for i, (lines, message) in enumerate(cases):
         folder = tmp_path / str(i)
         folder.mkdir()

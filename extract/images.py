@@ -1,0 +1,236 @@
+"""InternVL-format image datasets → an `images` store of per-tile patch-token grids, once.
+
+The meta JSON (`{name: {root, annotation, ...}}`) names conversation jsonl files whose lines name images
+under `root` (`"image": "a.jpg"` or a list). Each distinct image is cut with InternVL's dynamic tiling
+(extract.dynamic_tiling), every tile is encoded by the frozen encoder, and the store keeps, per image,
+the tiles' patch-token grids (class and register tokens dropped; average-pooled to a coarser grid when
+asked) next to the usual class ‖ mean-patch embedding, with the tile layout in the image's attributes.
+Ray actors decode, tile and encode; the driver writes each image as one committed entry, so a rerun
+skips what is done and an unreadable or missing image is recorded and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from extract.config import ExtractConfig
+from extract.dynamic_tiling import dynamic_tiles
+from store import EmbeddingStore
+from store.errors import AnnotationError
+from store.ids import image_key
+from store.jsonl import read_jsonl
+from store.meta import read_meta
+
+
+@dataclass(frozen=True)
+class DynamicTiling:
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 6  # InternVL2-1B's finetune scripts
+    use_thumbnail: bool = True
+    tile_px: int = 224  # the encoder's input
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": "internvl-dynamic", "min_dynamic_patch": self.min_dynamic_patch,
+                "max_dynamic_patch": self.max_dynamic_patch, "use_thumbnail": self.use_thumbnail,
+                "tile_px": self.tile_px}
+
+
+@dataclass
+class ImageEntry:
+    key: str
+    path: str
+    source: str  # the first annotation line that names it (file:line), for error messages
+    dataset: str
+    image: str
+
+
+def _images_of(row: dict[str, Any]) -> list[str]:
+    value = row.get("image")
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def collect_images(meta_path: str | Path) -> list[ImageEntry]:
+    """Every distinct image the annotations name, in first-seen order. `data_augment: true` is refused:
+    augmentation would change the pixels every epoch, and the cache holds one view."""
+    entries: dict[str, ImageEntry] = {}
+    for spec in read_meta(meta_path):
+        if spec.data_augment:
+            raise AnnotationError(
+                f"{meta_path}: dataset {spec.name!r} has data_augment: true. Augmentation cannot apply to cached "
+                "tokens (the encoder runs once, on one view of each image); set data_augment: false")
+        if not spec.annotation.is_file():
+            raise AnnotationError(f"dataset {spec.name!r}: annotation file {spec.annotation} does not exist")
+        for line, row in read_jsonl(spec.annotation, AnnotationError):
+            for image in _images_of(row):
+                key = image_key(spec.name, image)
+                if key not in entries:
+                    entries[key] = ImageEntry(key, str(Path(spec.root) / image), f"{spec.annotation}, line {line}",
+                                              spec.name, image)
+    if not entries:
+        raise AnnotationError(f"{meta_path}: no annotation line names an image (an 'image' key)")
+    return list(entries.values())
+
+
+@dataclass
+class ImageResult:
+    key: str
+    error: str | None = None
+    error_class: str | None = None
+    layout: dict[str, Any] = field(default_factory=dict)
+    size: tuple[int, int] = (0, 0)
+    embeddings: np.ndarray | None = None
+    tokens: np.ndarray | None = None
+    seconds: float = 0.0
+
+
+def encode_image(entry: ImageEntry, encoder: Any, tiling: DynamicTiling) -> ImageResult:
+    """Decode, tile and encode one image; a failure is returned (with a message naming the file), not raised."""
+    from PIL import Image, UnidentifiedImageError
+
+    started = time.perf_counter()
+    try:
+        with Image.open(entry.path) as image:
+            image.load()
+            size = image.size
+            tiles, layout = dynamic_tiles(image, tiling.min_dynamic_patch, tiling.max_dynamic_patch, tiling.tile_px,
+                                          tiling.use_thumbnail)
+    except FileNotFoundError:
+        return ImageResult(entry.key, f"{entry.path}: file not found (named at {entry.source}); fix 'root' in the "
+                                      "meta JSON or the image path", "FileNotFoundError")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        return ImageResult(entry.key, f"{entry.path}: not a readable image ({e}); named at {entry.source}",
+                           type(e).__name__)
+    embeddings, tokens = encoder(tiles)
+    return ImageResult(entry.key, layout={"cols": layout.cols, "rows": layout.rows, "thumbnail": layout.thumbnail},
+                       size=size, embeddings=embeddings, tokens=tokens, seconds=time.perf_counter() - started)
+
+
+def image_encoder_config(cfg: ExtractConfig) -> ExtractConfig:
+    """Images keep patch-token grids: the full grid unless `tokens` asks for a coarser one."""
+    from dataclasses import replace
+
+    from extract.encoders import build_encoder
+
+    if cfg.tokens:
+        return cfg
+    grid = build_encoder(cfg.encoder, weights=cfg.weights).grid
+    return replace(cfg, tokens=f"{grid}x{grid}")
+
+
+@dataclass
+class ImageSummary:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    tiles: int = 0
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        lines = [f"{len(self.done)} images encoded ({self.tiles} tiles), {len(self.skipped)} already complete, "
+                 f"{len(self.failed)} failed, in {self.seconds:.1f} s"]
+        lines += [f"  failed: {key}: {message}" for key, message in self.failed]
+        return "\n".join(lines)
+
+
+def _actor_class(cfg: ExtractConfig, tiling: DynamicTiling, gpus: float) -> Any:
+    import ray
+
+    @ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1, max_restarts=-1, max_task_retries=-1)
+    class ImageEncoderActor:
+        def __init__(self) -> None:
+            from extract.encode import BatchEncoder
+
+            self.encoder = BatchEncoder(cfg)
+
+        def describe(self) -> dict[str, Any]:
+            return {"encoder": self.encoder.describe(), "token_shape": self.encoder.token_shape}
+
+        def encode(self, entries: Sequence[ImageEntry]) -> list[ImageResult]:
+            return [encode_image(e, self.encoder, tiling) for e in entries]
+
+    return ImageEncoderActor
+
+
+class ImageExtraction:
+    """Encode the images of `entries` into the `images` store at `store_url` (see module docstring)."""
+
+    def __init__(self, entries: Sequence[ImageEntry], store_url: str, cfg: ExtractConfig,
+                 tiling: DynamicTiling = DynamicTiling(), batch_images: int = 8,
+                 log: Callable[[str], None] = print) -> None:
+        self.entries, self.store_url, self.cfg, self.tiling = list(entries), store_url, cfg, tiling
+        self.batch_images, self.log = batch_images, log
+
+    def run(self) -> ImageSummary:
+        import ray
+
+        started = time.perf_counter()
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        n_actors = self.cfg.num_encoders or max(1, int(ray.cluster_resources().get("GPU", 0))) or 1
+        actor_cls = _actor_class(self.cfg, self.tiling, gpus)
+        actors = [actor_cls.remote() for _ in range(n_actors)]
+        info = ray.get(actors[0].describe.remote())
+        spec = {"encoder": info["encoder"], "tiling": self.tiling.describe(),
+                "tokens": {"grid_shape": list(info["token_shape"]), "prefix_tokens_dropped": True}}
+        store = EmbeddingStore.create_or_open(self.store_url, kind="images", spec=spec, config=self.cfg.to_dict())
+        summary = ImageSummary()
+        todo = []
+        for entry in self.entries:
+            if store.is_complete(entry.key):
+                summary.skipped.append(entry.key)
+            else:
+                todo.append(entry)
+        if summary.skipped:
+            self.log(f"[images] {len(summary.skipped)} images already in the store: skipped")
+        batches = [todo[i:i + self.batch_images] for i in range(0, len(todo), self.batch_images)]
+        by_key = {e.key: e for e in todo}
+        pending: dict[Any, int] = {}
+        next_batch = 0
+        while next_batch < len(batches) or pending:
+            while next_batch < len(batches) and len(pending) < 2 * len(actors):
+                actor = actors[next_batch % len(actors)]
+                pending[actor.encode.remote(batches[next_batch])] = next_batch
+                next_batch += 1
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            pending.pop(ready[0])
+            for result in ray.get(ready[0]):
+                self._write(store, by_key[result.key], result, info["token_shape"], summary)
+            done = len(summary.done) + len(summary.failed)
+            elapsed = time.perf_counter() - started
+            rate = done / elapsed if elapsed else 0.0
+            eta = (len(todo) - done) / rate if rate else float("nan")
+            self.log(f"[images] {done}/{len(todo)} images ({len(summary.failed)} failed), {summary.tiles} tiles, "
+                     f"{summary.tiles / elapsed:.1f} tiles/s, ETA {eta:.0f} s")
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    def _write(self, store: EmbeddingStore, entry: ImageEntry, result: ImageResult, token_shape: Any,
+               summary: ImageSummary) -> None:
+        if result.error is not None:
+            error_type = type(result.error_class or "ImageError", (Exception,), {})  # the actor's class name
+            store.record_failure(entry.key, error_type(result.error))
+            summary.failed.append((entry.key, result.error))
+            self.log(f"[images] failed: {result.error}")
+            return
+        assert result.embeddings is not None and result.tokens is not None
+        n, px = len(result.embeddings), self.tiling.tile_px
+        cols, rows = result.layout["cols"], result.layout["rows"]
+        grid = [(c * px, r * px) for r in range(rows) for c in range(cols)]
+        if result.layout["thumbnail"]:
+            grid.append((0, rows * px))  # the thumbnail: the row after the grid
+        attrs = {"source": {"path": entry.path, "dataset": entry.dataset, "image": entry.image},
+                 "image_size": list(result.size), "layout": result.layout, "patient_id": None,
+                 "timings": {"encode_s": round(result.seconds, 3)}}
+        with store.write_slide(entry.key, attrs, token_shape=tuple(token_shape)) as writer:
+            writer.append(np.asarray(grid, dtype=np.int32), np.ones(n, dtype=np.float16), result.embeddings,
+                          tokens=result.tokens)
+            writer.commit()
+        summary.done.append(entry.key)
+        summary.tiles += n
+
