@@ -203,6 +203,16 @@ def _load_safetensors(model: torch.nn.Module, path: Path) -> None:
         )
 
 
+PATCH_PX = 14  # every registered encoder is a ViT-H/14-family model (vit_huge_patch14_224 below)
+
+
+def patch_grid(name: str) -> int:
+    """Patches per side at the encoder's input size, without building it (16 for Virchow-2 at 224 px)."""
+    if name not in REGISTRY:
+        raise EncoderError(f"unknown encoder {name!r}; registered: {', '.join(sorted(REGISTRY))}")
+    return int(REGISTRY[name].arch["img_size"]) // PATCH_PX
+
+
 def build_vit(arch: dict[str, Any], seed: int = 0) -> torch.nn.Module:
     """The timm ViT for an architecture dict, random-initialised from a fixed seed."""
     with torch.random.fork_rng(devices=[]):

@@ -116,11 +116,11 @@ def image_encoder_config(cfg: ExtractConfig) -> ExtractConfig:
     """Images keep patch-token grids: the full grid unless `tokens` asks for a coarser one."""
     from dataclasses import replace
 
-    from extract.encoders import build_encoder
+    from extract.encoders import patch_grid
 
     if cfg.tokens:
         return cfg
-    grid = build_encoder(cfg.encoder, weights=cfg.weights).grid
+    grid = patch_grid(cfg.encoder)
     return replace(cfg, tokens=f"{grid}x{grid}")
 
 

@@ -80,3 +80,11 @@ def test_full_virchow2_architecture_shapes_and_pooling():
     assert tokens.shape == (2, 261, 1280) and emb.shape == (2, 2560) and enc.embedding_dim == 2560
     torch.testing.assert_close(emb[:, 1280:], tokens[:, 5:].mean(1))
     torch.testing.assert_close(emb[:, :1280], tokens[:, 0])
+
+
+def test_patch_grid_is_known_without_building_the_encoder():
+    from extract.encoders import patch_grid
+
+    assert patch_grid("virchow2") == patch_grid("virchow2-tiny") == build_encoder("virchow2-tiny").grid == 16
+    with pytest.raises(EncoderError, match="unknown encoder"):
+        patch_grid("uni2")
