@@ -26,7 +26,7 @@ from typing import Any, Callable
 from demo.cohort import SEED, DemoSize, plan_patients, write_clinical, write_report_texts, write_slides
 from demo.summary import write_summary
 from extract.config import CONFIG_DIR, ExtractConfig
-from extract.job import Extraction, connect_ray
+from extract.job import Extraction, ray_session
 from extract.qc import write_qc
 from store import EmbeddingStore
 from store.cohort import load_cohort
@@ -81,14 +81,8 @@ class DemoSettings:
 def extract(out: Path, cohort: Path, settings: DemoSettings, log: Callable[[str], None]) -> dict[str, Any]:
     cfg = settings.extract_config()
     store_url = str(out / "store.zarr")
-    started_ray = connect_ray(cfg)
-    try:
+    with ray_session(cfg):
         summary = Extraction(load_cohort(cohort), store_url, cfg, log=log).run()
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     log(summary.table())
     skipped = summary.count("skipped")
     if skipped and not summary.count("done"):

@@ -57,7 +57,7 @@ def images_main(argv: Sequence[str]) -> int:
     args = build_images_parser().parse_args(argv)
     try:
         from extract.images import DynamicTiling, ImageExtraction, collect_images, image_encoder_config
-        from extract.job import connect_ray
+        from extract.job import ray_session
 
         overrides = {"encoder": args.encoder, "weights": args.weights, "tokens": args.tokens,
                      "batch_size": args.batch_size, "num_encoders": args.num_encoders}
@@ -67,14 +67,8 @@ def images_main(argv: Sequence[str]) -> int:
         print(f"[images] {args.meta_path}: {len(entries)} distinct images; store {args.store}; tiles of "
               f"{tiling.tile_px} px, {tiling.min_dynamic_patch}-{tiling.max_dynamic_patch} per image"
               f"{' + thumbnail' if tiling.use_thumbnail else ''}; token grids {cfg.tokens}", flush=True)
-        started_ray = connect_ray(cfg)
-        try:
+        with ray_session(cfg):
             summary = ImageExtraction(entries, args.store, cfg, tiling, log=lambda m: print(m, flush=True)).run()
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
         print(summary.table(), flush=True)
         return 1 if summary.failed else 0
     except SlidecacheError as e:
@@ -88,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return images_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        from extract.job import Extraction, connect_ray
+        from extract.job import Extraction, ray_session
         from extract.qc import default_qc_dir, write_qc
 
         overrides = {"encoder": args.encoder, "weights": args.weights, "mpp_override": args.mpp_override,
@@ -101,14 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--storage-options must be JSON: {e}") from e
         entries = resolve_cohort(args.cohort)
         print(f"[extract] cohort {args.cohort}: {len(entries)} slides; store {args.store}", flush=True)
-        started_ray = connect_ray(cfg)
-        try:
+        with ray_session(cfg):
             summary = Extraction(entries, args.store, cfg, options, log=lambda m: print(m, flush=True)).run()
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
         print(summary.table(), flush=True)
         qc_dir = cfg.qc_dir or default_qc_dir(args.store)
         if not args.no_qc and qc_dir:

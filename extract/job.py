@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -86,6 +87,20 @@ def connect_ray(cfg: ExtractConfig) -> bool:
         return True
     ray.init(object_store_memory=cfg.object_store_memory, include_dashboard=False, log_to_driver=True)
     return True
+
+
+@contextmanager
+def ray_session(cfg: ExtractConfig) -> Iterator[None]:
+    """Ray for the length of a `with` block: the cluster joined or the local Ray started by connect_ray,
+    shut down afterwards only if this process started it."""
+    started = connect_ray(cfg)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def _ray_remotes(cfg: ExtractConfig, encoder_gpus: float) -> tuple[Any, Any, Any]:

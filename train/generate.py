@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -39,17 +39,23 @@ from train.data import (
 DEFAULT_IMAGE_PROMPT = "Describe this image."
 
 
+def load_checked(checkpoint: str, store_url: str, device: torch.device) -> tuple[Any, Any, Any, EmbeddingStore]:
+    """The checkpoint's model on `device` and the store, refused unless the store is the one it trained on."""
+    model, loaded, spec = load_for_inference(checkpoint, device)
+    store = EmbeddingStore.open(store_url)
+    if spec.store_fingerprint != store.fingerprint:
+        raise TrainingError(f"the checkpoint was trained on a store with fingerprint {spec.store_fingerprint[:12]}, "
+                            f"{store_url} has {store.fingerprint[:12]}: its embeddings come from another encoder or tiling")
+    return model, loaded, spec, store
+
+
 def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str | Path, split: str | None = None,
                      fold: int = -1, batch_size: int = 8, max_new_tokens: int = 128, do_sample: bool = False,
                      temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, device: str = "auto",
                      max_seq_length: int = 1 << 20) -> dict:
     torch.manual_seed(seed)
     target = pick_device(device)
-    model, loaded, spec = load_for_inference(checkpoint, target)
-    store = EmbeddingStore.open(store_url)
-    if spec.store_fingerprint != store.fingerprint:
-        raise TrainingError(f"the checkpoint was trained on a store with fingerprint {spec.store_fingerprint[:12]}, "
-                            f"{store_url} has {store.fingerprint[:12]}: its embeddings come from another encoder or tiling")
+    model, loaded, spec, store = load_checked(checkpoint, store_url, target)
     samples = load_samples(meta_path, seed)
     if split:
         if fold < 0:
@@ -96,11 +102,7 @@ def answer_image(checkpoint: str, image: str, store_url: str, prompt: str = DEFA
 
     torch.manual_seed(seed)
     target = pick_device(device)
-    model, loaded, spec = load_for_inference(checkpoint, target)
-    store = EmbeddingStore.open(store_url)
-    if spec.store_fingerprint != store.fingerprint:
-        raise TrainingError(f"the checkpoint was trained on a store with fingerprint {spec.store_fingerprint[:12]}, "
-                            f"{store_url} has {store.fingerprint[:12]}: another encoder or tiling")
+    model, loaded, spec, store = load_checked(checkpoint, store_url, target)
     visual = encode_image(image, store, weights, target)
     conversation = [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": ""}]
     ids, labels = ConversationEncoder(loaded.tokenizer, spec.system_message).encode(conversation, [len(visual)],
