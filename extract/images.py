@@ -57,14 +57,9 @@ def _images_of(row: dict[str, Any]) -> list[str]:
 
 
 def collect_images(meta_path: str | Path) -> list[ImageEntry]:
-    """Every distinct image the annotations name, in first-seen order. `data_augment: true` is refused:
-    augmentation would change the pixels every epoch, and the cache holds one view."""
+    """Every distinct image the annotations name, in first-seen order (read_meta refuses data_augment)."""
     entries: dict[str, ImageEntry] = {}
     for spec in read_meta(meta_path):
-        if spec.data_augment:
-            raise AnnotationError(
-                f"{meta_path}: dataset {spec.name!r} has data_augment: true. Augmentation cannot apply to cached "
-                "tokens (the encoder runs once, on one view of each image); set data_augment: false")
         if not spec.annotation.is_file():
             raise AnnotationError(f"dataset {spec.name!r}: annotation file {spec.annotation} does not exist")
         for line, row in read_jsonl(spec.annotation, AnnotationError):

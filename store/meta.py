@@ -37,6 +37,9 @@ def read_meta(meta_path: str | Path) -> list[DatasetSpec]:
         annotation = Path(entry["annotation"])
         if not annotation.is_absolute():
             annotation = path.parent / annotation
+        if entry.get("data_augment"):  # one view of each image or slide was encoded, once
+            raise AnnotationError(f"{path}: dataset {name!r}: data_augment: true cannot apply to cached tokens (the "
+                                  "encoder ran once, on one view of each image or slide); set data_augment: false")
         specs.append(DatasetSpec(name, annotation, entry.get("root", ""), float(entry.get("repeat_time", 1.0)),
                                  bool(entry.get("data_augment", False)), entry.get("length")))
     return specs

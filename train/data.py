@@ -74,9 +74,6 @@ def _parse_row(row: dict[str, Any], source: str, dataset: str = "") -> Sample:
 def read_annotations(spec: DatasetSpec, seed: int = 0) -> list[Sample]:
     if not spec.annotation.is_file():
         raise AnnotationError(f"dataset {spec.name!r}: annotation file {spec.annotation} does not exist")
-    if spec.data_augment:
-        raise AnnotationError(f"dataset {spec.name!r}: data_augment: true cannot apply to cached tokens (the encoder "
-                              "ran once, on one view of each image or slide); set data_augment: false")
     samples = [_parse_row(row, f"{spec.annotation}, line {number}", spec.name)
                for number, row in read_jsonl(spec.annotation, AnnotationError)]
     if spec.repeat_time < 1:  # InternVL: subsample; > 1: repeat
