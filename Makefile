@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/extract_bench.py
 	$(PY) bench/eval_bench.py
 	$(PY) bench/train_bench.py
+	$(PY) bench/loss_bench.py
 
 clean-venv:
 	rm -rf $(VENV)

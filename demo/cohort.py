@@ -9,6 +9,9 @@ from slide to slide. Everything follows from the seed.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -62,22 +65,35 @@ def plan_patients(size: DemoSize, seed: int = SEED) -> list[DemoPatient]:
     return patients
 
 
+def _write_slide(path: Path, size: DemoSize, seed: int, p: int, s: int, risk: float) -> None:
+    rng = np.random.default_rng([seed, p, s])
+    height, width = (int(v) for v in rng.integers(size.min_side, size.max_side + 1, 2))
+    pixels = synthetic_he(height, width, seed=seed + 1000 * p + s, nuclear_density=nuclear_density(risk))
+    partial = path.with_name(f".{path.name}.partial")
+    write_pyramid(partial, pixels, mpp=MPP)
+    partial.replace(path)  # an interrupted run leaves no half-written slide behind
+
+
 def write_slides(out: Path, size: DemoSize, patients: list[DemoPatient], log: Callable[[str], None],
                  seed: int = SEED) -> Path:
-    """Pyramidal TIFFs (existing files kept) and the cohort CSV naming slide, path and patient."""
+    """Pyramidal TIFFs (existing files kept), written on every core, and the cohort CSV naming slide, path
+    and patient. Paths in the CSV are relative to the CSV's own folder, the rule every cohort table follows
+    (so the folder can move, and `--out` may be relative to any working directory)."""
     folder = out / "slides"
+    folder.mkdir(parents=True, exist_ok=True)
     rows = ["slide_id,path,patient_id"]
-    written = 0
+    jobs = []
     for p, patient in enumerate(patients):
         for s, slide_id in enumerate(patient.slides):
             path = folder / f"{slide_id}.tiff"
             if not path.exists():
-                rng = np.random.default_rng([seed, p, s])
-                height, width = (int(v) for v in rng.integers(size.min_side, size.max_side + 1, 2))
-                pixels = synthetic_he(height, width, seed=seed + 1000 * p + s, nuclear_density=nuclear_density(patient.risk))
-                write_pyramid(path, pixels, mpp=MPP)
-                written += 1
-            rows.append(f"{slide_id},{path},{patient.patient_id}")
+                jobs.append((path, size, seed, p, s, patient.risk))
+            rows.append(f"{slide_id},{path.relative_to(out).as_posix()},{patient.patient_id}")
+    if jobs:
+        with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_write_slide, *zip(*jobs)))
+    written = len(jobs)
     table = out / "cohort.csv"
     table.write_text("\n".join(rows) + "\n")
     log(f"[demo] cohort: {len(rows) - 1} synthetic slides of {len(patients)} patients ({written} written now) in {folder}")

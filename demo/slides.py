@@ -28,8 +28,8 @@ def synthetic_he(height: int, width: int, seed: int = 0, nuclear_density: float 
     coarse = ndimage.gaussian_filter(rng.normal(size=(max(4, height // 32), max(4, width // 32))), 2.0)
     field = ndimage.zoom(coarse, (height / coarse.shape[0], width / coarse.shape[1]), order=1)[:height, :width]
     tissue = field > np.quantile(field, 1 - tissue_fraction)
-    texture = ndimage.gaussian_filter(rng.normal(size=(height, width)), 1.5)
-    img = np.where(tissue[..., None], EOSIN + 25 * texture[..., None], BACKGROUND + 3 * texture[..., None])
+    texture = ndimage.gaussian_filter(rng.normal(size=(height, width)), 1.5).astype(np.float32)[..., None]
+    img = np.where(tissue[..., None], EOSIN + 25 * texture, BACKGROUND + 3 * texture)  # float32 (h, w, 3)
     n_nuclei = int(nuclear_density * tissue.sum())
     if n_nuclei:
         ys, xs = np.nonzero(tissue)
@@ -37,7 +37,7 @@ def synthetic_he(height: int, width: int, seed: int = 0, nuclear_density: float 
         seeds = np.zeros((height, width), dtype=bool)
         seeds[ys[pick], xs[pick]] = True
         nuclei = ndimage.binary_dilation(seeds, iterations=2) & tissue
-        img = np.where(nuclei[..., None], HEMATOXYLIN + 15 * texture[..., None], img)
+        img = np.where(nuclei[..., None], HEMATOXYLIN + 15 * texture, img)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

@@ -23,6 +23,8 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     if isinstance(value, dict) and "mean" in value:
+        if value["mean"] is None:
+            return "not computed: " + "; ".join(sorted(set((value.get("not_computed_in_folds") or {}).values())))
         return f"{value['mean']:.3f} ± {value.get('std', 0):.3f}"
     return str(value)
 

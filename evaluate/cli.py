@@ -18,6 +18,7 @@ from evaluate.grade import GRADE_HEADS, confusion_plot, cross_validate_grade
 from evaluate.splits import import_published_splits, make_folds, read_split, write_split
 from evaluate.survival import BAG_HEADS, HEADS, clinical_covariates, cross_validate, km_plot
 from store.cli import run_command
+from store.cli_args import ArgumentParser
 from store.clinical import ENDPOINTS, load_clinical_tables
 from store.embedding_store import EmbeddingStore
 from store.errors import EvaluationError
@@ -75,6 +76,34 @@ def _draw_heatmaps(args: argparse.Namespace, store: EmbeddingStore, data: Patien
     return drawn
 
 
+def format_summary(value: dict) -> str:
+    """'0.812 ± 0.030', with the folds that could not be scored, or 'not computed: reason'."""
+    missing = value.get("not_computed_in_folds") or {}
+    if value.get("mean") is None:
+        reasons = sorted(set(missing.values()))
+        return "not computed: " + ("; ".join(reasons[:2]) or "no fold could be scored")
+    text = f"{value['mean']:.3f} ± {value['std']:.3f}"
+    if missing:
+        fold, reason = next(iter(missing.items()))
+        text += f"  ({value['folds']} folds; not in {len(missing)}, e.g. fold {fold}: {reason})"
+    return text
+
+
+BASELINE_MIN_PATIENTS = 20
+
+
+def _clinical_baseline(data: PatientData, endpoint: str, folds: dict[str, int], seed: int) -> dict:
+    """An age + stage CoxPH on the same folds, or why there is none: recorded beside the results, never instead."""
+    mask, covariates = clinical_covariates(data)
+    if mask.sum() < BASELINE_MIN_PATIENTS:
+        return {"error": f"{int(mask.sum())} patients have both age and stage (at least {BASELINE_MIN_PATIENTS} needed)"}
+    try:
+        baseline = cross_validate(data.subset(mask), endpoint, "coxph", folds, seed, covariates[mask])
+    except EvaluationError as e:
+        return {"error": str(e)}
+    return {"summary": baseline.summary, "patients": len(baseline.predictions)}
+
+
 def _write_outputs(out: Path, report: dict, predictions: list[dict]) -> None:
     (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
     with open(out / "predictions.csv", "w", newline="") as f:
@@ -108,11 +137,8 @@ def cmd_survival(args: argparse.Namespace) -> int:
     report = {"endpoint": args.endpoint, "head": args.head, "pooling": "tiles" if tiles else args.pooling,
               "summary": result.summary,
               "logrank_p": result.logrank_p, "folds": result.folds, "patients": len(result.predictions),
-              "store_fingerprint": store.fingerprint, "re_encoded_tiles": 0}
-    mask, covariates = clinical_covariates(data)
-    if mask.sum() >= 20:
-        baseline = cross_validate(data.subset(mask), args.endpoint, "coxph", folds, args.seed, covariates[mask])
-        report["clinical_baseline_age_stage"] = {"summary": baseline.summary, "patients": len(baseline.predictions)}
+              "store_fingerprint": store.fingerprint, "re_encoded_tiles": 0,
+              "clinical_baseline_age_stage": _clinical_baseline(data, args.endpoint, folds, args.seed)}
     report["provenance"] = provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})
     if tiles:
         report["abmil"] = vars(_settings(args)) | {"max_tiles": args.max_tiles}
@@ -124,11 +150,12 @@ def cmd_survival(args: argparse.Namespace) -> int:
     km_plot(result, str(out / "km.png"))
     print(f"{args.endpoint} {args.head} ({report['pooling']}), {len(result.predictions)} patients, {len(result.folds)} folds:")
     for key, value in result.summary.items():
-        print(f"  {key:<10} {value['mean']:.3f} ± {value['std']:.3f}")
-    if "clinical_baseline_age_stage" in report:
-        base = report["clinical_baseline_age_stage"]["summary"].get("harrell_c")
-        if base:
-            print(f"  clinical baseline (age + stage CoxPH) harrell_c {base['mean']:.3f} ± {base['std']:.3f}")
+        print(f"  {key:<10} {format_summary(value)}")
+    baseline = report["clinical_baseline_age_stage"]
+    if "summary" in baseline:
+        print(f"  clinical baseline (age + stage CoxPH) harrell_c {format_summary(baseline['summary']['harrell_c'])}")
+    else:
+        print(f"  clinical baseline (age + stage CoxPH): {baseline['error']}")
     print(f"  log-rank p (held-out risk groups) {result.logrank_p if result.logrank_p is not None else 'n/a'}")
     source = "tile embeddings" if tiles else "slide vectors"
     print(f"wrote {out}/metrics.json, predictions.csv, km.png; re-encoded nothing ({source} read from the store)")
@@ -201,6 +228,7 @@ def cmd_import_split(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from evaluate.sweep import best_by_task, format_table, run_sweep
 
+    already = set(encoder_modules_loaded())  # a process that ran extraction before (a test, a notebook)
     store = EmbeddingStore.open(args.store)
     clinical = load_clinical_tables(args.clinical)
     if args.cancer_type:
@@ -218,7 +246,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     rows = run_sweep(store, clinical, args.tasks, args.heads, args.grade_heads, args.poolings, folds_for, args.seed,
                      _settings(args), args.max_tiles, progress)
     table = format_table(rows)
-    loaded = encoder_modules_loaded()
+    loaded = sorted(set(encoder_modules_loaded()) - already)  # imported by this sweep
     report = {"rows": [r.as_dict() for r in rows], "best": best_by_task(rows), "store_fingerprint": store.fingerprint,
               "re_encoded_tiles": 0, "encoder_modules_loaded": loaded,
               "provenance": provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})}
@@ -233,13 +261,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"best {task}: {best}")
     if loaded:
         raise EvaluationError(f"encoder modules were imported during the sweep: {loaded}")
+    if rows and all(r.error for r in rows):
+        raise EvaluationError(f"no head of the sweep could be fitted (every row's reason is in {out}/sweep.json); "
+                              f"the first: {rows[0].error}")
     print(f"wrote {out}/sweep.json, sweep.csv; re-encoded nothing: {len(rows)} fits from the store, "
           "the encoder was never imported")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluate", description="Heads and metrics from the cache.")
+    parser = ArgumentParser(prog="python -m evaluate", description="Heads and metrics from the cache.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", required=True)
@@ -250,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("split", parents=[common], help="write a patient-level split file (patient_id,fold)")
-    p.add_argument("--site-preserving", action="store_true", help="keep each tissue source site in one fold")
+    p.add_bool("--site-preserving", help="keep each tissue source site in one fold")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_split)
 

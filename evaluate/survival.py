@@ -3,11 +3,12 @@
 Heads (scikit-survival): `coxnet` (elastic net, alpha chosen by inner cross-validation on the training
 fold and passed explicitly at prediction), `coxph` and `rsf` (on PCA components fitted inside the
 training fold: 2560 raw dimensions would make CoxPH singular); and attention-MIL heads on the tiles
-(`abmil-cox`, `abmil-nll`, see evaluate/abmil.py), whose input is one bag of tiles per patient. Per fold: Harrell's C with a bootstrap
-95% CI over the held-out patients, Uno's C (tau inside the follow-up), time-dependent AUC at event-time
-quartiles, the integrated Brier score, and low/high-risk groups split at the *training* fold's median
-risk. Across folds: mean ± std, and a Kaplan-Meier plot of the pooled held-out risk groups with the
-log-rank p.
+(`abmil-cox`, `abmil-nll`, see evaluate/abmil.py), whose input is one bag of tiles per patient. Per fold
+(evaluate/survival_metrics.py): Harrell's C with a bootstrap 95% CI over the held-out patients, Uno's C,
+time-dependent AUC at event-time quartiles and the integrated Brier score over an even grid of the test
+follow-up, the IPCW ones below the training fold's censoring horizon; and low/high-risk groups split at
+the *training* fold's median risk. A metric a fold cannot define is null with its reason. Across folds:
+mean ± std, and a Kaplan-Meier plot of the pooled held-out risk groups with the log-rank p.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from evaluate.features import PatientData
 from store.errors import EvaluationError
 
 PCA_COMPONENTS = 16
+SUMMARY_METRICS = ("harrell_c", "uno_c", "mean_auc", "ibs")
 COXNET_L1_RATIO = 0.5
 
 
@@ -52,8 +54,13 @@ class FittedHead:
         return np.asarray(self.model.predict(x, **self.predict_kwargs), dtype=float)
 
     def survival(self, x: np.ndarray, times: np.ndarray) -> np.ndarray:
-        functions = self.model.predict_survival_function(x, **self.predict_kwargs)
-        return np.asarray([[fn(t) for t in times] for fn in functions])
+        return _evaluate_curves(self.model.predict_survival_function(x, **self.predict_kwargs), times)
+
+
+def _evaluate_curves(functions: Any, times: np.ndarray) -> np.ndarray:
+    """(n, k) survival of scikit-survival step functions at `times`, held constant outside each function's
+    domain (before the first and after the last training time), where scikit-survival would raise."""
+    return np.asarray([fn(np.clip(times, *fn.domain)) for fn in functions], dtype=float).reshape(len(functions), -1)
 
 
 MIN_TRAIN_PATIENTS, MIN_TRAIN_EVENTS = 10, 3  # below this a 3-fold inner CV leaves folds without a comparable pair
@@ -70,8 +77,8 @@ def fit_coxnet(x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings 
     alphas = final.alphas_
     scores = np.zeros(len(alphas))
     for inner_train, inner_val in KFold(n_splits=3, shuffle=True, random_state=seed).split(xs):
-        if not y["event"][inner_val].any():
-            continue
+        if not sm.has_comparable_pair(y["time"][inner_val], y["event"][inner_val]):
+            continue  # this inner fold cannot score any alpha
         path = CoxnetSurvivalAnalysis(l1_ratio=COXNET_L1_RATIO, alphas=alphas).fit(xs[inner_train], y[inner_train])
         for k, alpha in enumerate(alphas):
             risk = path.predict(xs[inner_val], alpha=alpha)
@@ -113,7 +120,7 @@ class ABMILHead(FittedHead):
     def survival(self, x: np.ndarray, times: np.ndarray) -> np.ndarray:
         if self.baseline is None:
             return self.model.bin_survival(list(x), times)
-        return np.asarray([[fn(t) for t in times] for fn in self.baseline.get_survival_function(self.risk(x))])
+        return _evaluate_curves(self.baseline.get_survival_function(self.risk(x)), times)
 
 
 def _fit_abmil(loss: str, x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | None) -> FittedHead:
@@ -142,33 +149,22 @@ def _fold_metrics(head: FittedHead, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np
                   seed: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     risk_te = head.risk(x_te)
     threshold = float(np.median(head.risk(x_tr)))  # the training fold's median: no peeking at test risks
-    lo, hi = sm.bootstrap_ci(y_te["time"], y_te["event"], risk_te, seed=seed)
-    metrics: dict[str, Any] = {
-        "n_test": int(len(y_te)), "events_test": int(y_te["event"].sum()),
-        "harrell_c": sm.harrell_c(y_te["time"], y_te["event"], risk_te), "harrell_c_ci95": [lo, hi],
-        "uno_c": sm.uno_c(y_tr, y_te, risk_te),
-        "head": head.describe,
-    }
-    try:
-        times = sm.evaluation_times(y_tr, y_te)
-        auc, mean_auc = sm.time_dependent_auc(y_tr, y_te, risk_te, times)
-        metrics.update(auc_times=times.tolist(), auc=auc.tolist(), mean_auc=mean_auc)
-        if len(times) > 1:
-            metrics["ibs"] = sm.integrated_brier(y_tr, y_te, head.survival(x_te, times), times)
-    except EvaluationError as e:
-        metrics["time_dependent_skipped"] = str(e)
+    metrics = sm.fold_metrics(y_tr, y_te, risk_te, lambda times: head.survival(x_te, times), seed)
+    metrics["head"] = head.describe
     return metrics, risk_te, risk_te > threshold
 
 
 def _run_fold(head: str, x: np.ndarray, y: np.ndarray, test: np.ndarray, seed: int, settings: TrainSettings | None
               ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, FittedHead]:
+    where = f"({int((~test).sum())} training, {int(test.sum())} held-out patients in this fold)"
     try:
         fitted = HEADS[head](x[~test], y[~test], seed, settings)
-        return (*_fold_metrics(fitted, x[~test], y[~test], x[test], y[test], seed), fitted)
     except NoComparablePairException as e:  # e.g. in coxnet's inner CV on a handful of training patients
-        raise EvaluationError(f"the {head} head: a C-index had no comparable pair of patients ({int((~test).sum())} "
-                              f"training, {int(test.sum())} held-out patients in this fold): too few patients or "
-                              "events per fold; use fewer folds or more patients") from e
+        raise EvaluationError(f"the {head} head: a C-index had no comparable pair of patients {where}: too few "
+                              "patients or events per fold; use fewer folds or more patients") from e
+    except (ArithmeticError, np.linalg.LinAlgError, ValueError) as e:  # the fit itself failed on these data
+        raise EvaluationError(f"the {head} head could not be fitted {where}: {type(e).__name__}: {e}") from e
+    return (*_fold_metrics(fitted, x[~test], y[~test], x[test], y[test], seed), fitted)
 
 
 @dataclass
@@ -202,11 +198,10 @@ def cross_validate(data: PatientData, endpoint: str, head: str, folds: dict[str,
     if not y["event"].any():
         raise EvaluationError(f"all {len(y)} patients are censored for {endpoint}: nothing to learn or score")
     fold_ids = sorted(set(f.tolist()))
+    if len(fold_ids) < 2:
+        raise EvaluationError(f"the split puts all {len(y)} patients with {endpoint} in one fold: nothing to hold out")
     for fold in fold_ids:  # check every fold before spending time on any
         test, train = f == fold, f != fold
-        if not y["event"][test].any():
-            raise EvaluationError(f"fold {fold} has no {endpoint} event among its {int(test.sum())} patients: "
-                                  "use fewer folds or a split stratified by event (`python -m evaluate split`)")
         if not y["event"][train].any():
             raise EvaluationError(f"the training part of fold {fold} has no {endpoint} event")
         if train.sum() < MIN_TRAIN_PATIENTS or y["event"][train].sum() < MIN_TRAIN_EVENTS:
@@ -214,11 +209,11 @@ def cross_validate(data: PatientData, endpoint: str, head: str, folds: dict[str,
                                   f"{int(y['event'][train].sum())} {endpoint} events: a head needs at least "
                                   f"{MIN_TRAIN_PATIENTS} and {MIN_TRAIN_EVENTS} (its own inner CV splits them "
                                   "again); use fewer folds or more patients")
-        t, e = y["time"][test], y["event"][test]
-        if not (e & (t < t.max())).any():  # Harrell's C needs an event before some other patient's time
-            raise EvaluationError(f"fold {fold} has no comparable pair of patients for {endpoint} ({int(test.sum())} "
-                                  f"patients, {int(e.sum())} events, none before another's last follow-up): its "
-                                  "C-index is undefined; use fewer folds or more patients")
+    scorable = [fold for fold in fold_ids if sm.has_comparable_pair(y["time"][f == fold], y["event"][f == fold])]
+    if not scorable:  # a fold without one is scored null with its reason; with none, nothing could be scored
+        raise EvaluationError(f"no held-out fold has a comparable pair of patients for {endpoint} (an event before "
+                              "another patient's last follow-up): no C-index is defined; use fewer folds, a split "
+                              "stratified by event (`python -m evaluate split`), or more patients")
     # Folds are independent and each is seeded: fit them in parallel, one per core. Bag heads run one fold
     # at a time (torch uses every core, and shipping the bags to workers would copy gigabytes).
     jobs = 1 if head in BAG_HEADS else min(len(fold_ids), os.cpu_count() or 1)
@@ -232,11 +227,7 @@ def cross_validate(data: PatientData, endpoint: str, head: str, folds: dict[str,
         for i, r, h in zip(np.flatnonzero(test), risk, high):
             predictions.append({"patient_id": ids[i], "fold": fold, "time": float(y["time"][i]),
                                 "event": bool(y["event"][i]), "risk": float(r), "high_risk": bool(h)})
-    summary = {}
-    for key in ("harrell_c", "uno_c", "mean_auc", "ibs"):
-        values = [m[key] for m in results if key in m]
-        if values:
-            summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "folds": len(values)}
+    summary = sm.summarise(results, SUMMARY_METRICS)
     groups = np.array([p["high_risk"] for p in predictions])
     logrank_p = None
     if 0 < groups.sum() < len(groups):

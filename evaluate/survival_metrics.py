@@ -1,11 +1,23 @@
 """Survival metrics as thin wrappers over scikit-survival, with the checks its functions leave to callers.
 
 Risk scores follow scikit-survival's convention: higher = worse (earlier event). Times in days.
+
+The IPCW metrics (Uno's C, time-dependent AUC, Brier score) weight test patients by the training fold's
+censoring distribution G. scikit-survival raises when G is zero at a test event ("censoring survival
+function is zero", e.g. when the training fold's longest follow-up is censored) or when a test time lies
+past the training follow-up ("time must be smaller than largest observed time point"). So each fold has an
+IPCW horizon tau: the first time G reaches zero, else the end of the training follow-up. The test fold is
+administratively censored at tau (an event at or after tau becomes "followed up to tau, no event"), which
+leaves every metric at times before tau unchanged, and every time point is chosen below tau. A metric
+that still cannot be computed for a fold is None with its reason in `not_computed`, never an exception.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
+from sksurv.exceptions import NoComparablePairException
 from sksurv.metrics import (
     brier_score,
     concordance_index_censored,
@@ -13,9 +25,16 @@ from sksurv.metrics import (
     cumulative_dynamic_auc,
     integrated_brier_score,
 )
+from sksurv.nonparametric import CensoringDistributionEstimator
 from sksurv.util import Surv
 
 from store.errors import EvaluationError
+
+IBS_GRID_POINTS = 50
+BOOTSTRAP_RESAMPLES = 200
+AUC_QUANTILES = (0.25, 0.5, 0.75)
+
+SurvivalAt = Callable[[np.ndarray], np.ndarray]  # times (k,) → P(T_i > t) for each test patient, (n_test, k)
 
 
 def surv(times: np.ndarray, events: np.ndarray) -> np.ndarray:
@@ -31,40 +50,89 @@ def surv(times: np.ndarray, events: np.ndarray) -> np.ndarray:
     return Surv.from_arrays(event=events.astype(bool), time=times)
 
 
+class NotComputed(EvaluationError):
+    """A metric that is undefined for this fold; the message is the reason recorded beside the null."""
+
+
+def has_comparable_pair(times: np.ndarray, events: np.ndarray) -> bool:
+    """Harrell's C needs an event strictly before some other patient's time."""
+    events = np.asarray(events, bool)
+    return bool(events.any() and (times[events].min() < times.max()))
+
+
 def harrell_c(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> float:
     y = surv(times, events)
     if not y["event"].any():
-        raise EvaluationError("Harrell's C needs at least one event; this set is all censored")
-    return float(concordance_index_censored(y["event"], y["time"], np.asarray(risk, dtype=float))[0])
+        raise NotComputed("Harrell's C needs at least one event; this set is all censored")
+    if not has_comparable_pair(y["time"], y["event"]):
+        raise NotComputed("no comparable pair of patients (no event before another patient's last follow-up)")
+    value = float(concordance_index_censored(y["event"], y["time"], np.asarray(risk, dtype=float))[0])
+    if not np.isfinite(value):
+        raise NotComputed("Harrell's C is undefined for this set")
+    return value
 
 
-def uno_c(train: np.ndarray, test: np.ndarray, risk: np.ndarray, tau: float | None = None) -> float:
-    """Uno's IPCW C, truncated at tau (default: the last test time inside the training follow-up)."""
-    if tau is None:
-        tau = follow_up_limit(train, test)
-    return float(concordance_index_ipcw(train, test, np.asarray(risk, dtype=float), tau=tau)[0])
+def ipcw_horizon(train: np.ndarray) -> tuple[float, str]:
+    """(tau, why): IPCW metrics are defined at times below tau for this training fold."""
+    if not train["event"].any():
+        raise NotComputed("the training fold has no event, so no censoring distribution to weight by")
+    cens = CensoringDistributionEstimator().fit(train)
+    times, prob = cens.unique_time_, cens.prob_
+    zero = np.flatnonzero(prob <= 0)
+    end = float(times[-1])
+    if len(zero) and float(times[zero[0]]) < end:
+        return float(times[zero[0]]), "the training fold's censoring distribution reaches zero there"
+    if len(zero):
+        return end, "the training fold's censoring distribution reaches zero at its last follow-up"
+    return end, "the training fold's follow-up ends there"
 
 
-def follow_up_limit(train: np.ndarray, test: np.ndarray) -> float:
-    """The largest time the censoring distribution of `train` can weight: below its last follow-up."""
-    limit = min(train["time"].max(), test["time"].max())
-    below = test["time"][test["time"] < limit]
-    return float(below.max()) if len(below) else float(limit) * 0.999
+def censor_at(test: np.ndarray, tau: float) -> np.ndarray:
+    """The test set administratively censored at tau: what happens at or after tau is unseen."""
+    times = np.minimum(test["time"], tau)
+    events = test["event"] & (test["time"] < tau)
+    return Surv.from_arrays(event=events, time=times)
 
 
-def evaluation_times(train: np.ndarray, test: np.ndarray, quantiles: tuple[float, ...] = (0.25, 0.5, 0.75)) -> np.ndarray:
-    """Time points for AUC/Brier inside the test follow-up (scikit-survival requires that): event-time quantiles."""
-    lo = test["time"].min()
-    hi = follow_up_limit(train, test)
-    event_times = test["time"][test["event"] & (test["time"] > lo) & (test["time"] < hi)]
+def uno_c(train: np.ndarray, test: np.ndarray, risk: np.ndarray, tau: float) -> float:
+    """Uno's IPCW C truncated at tau (test already censored at tau)."""
+    if not has_comparable_pair(test["time"], test["event"]):
+        raise NotComputed(f"no comparable pair of test patients before the IPCW horizon {tau:g}")
+    try:
+        value = float(concordance_index_ipcw(train, test, np.asarray(risk, dtype=float), tau=tau)[0])
+    except NoComparablePairException as e:
+        raise NotComputed(f"no comparable pair of test patients before the IPCW horizon {tau:g}") from e
+    if not np.isfinite(value):  # every comparable pair had weight 0
+        raise NotComputed(f"every comparable pair has zero IPCW weight before the horizon {tau:g}")
+    return value
+
+
+def auc_times(test: np.ndarray, quantiles: tuple[float, ...] = AUC_QUANTILES) -> np.ndarray:
+    """Event-time quantiles strictly inside the (censored-at-tau) test follow-up, as scikit-survival requires."""
+    lo, hi = test["time"].min(), test["time"].max()
+    event_times = test["time"][test["event"] & (test["time"] >= lo) & (test["time"] < hi)]
     if len(event_times) == 0:
-        raise EvaluationError("no event inside the test follow-up: time-dependent metrics are undefined for this fold")
+        raise NotComputed("no test event before the last test follow-up and the IPCW horizon: time-dependent AUC "
+                          "is undefined for this fold")
     return np.unique(np.quantile(event_times, quantiles))
 
 
 def time_dependent_auc(train: np.ndarray, test: np.ndarray, risk: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, float]:
     auc, mean_auc = cumulative_dynamic_auc(train, test, np.asarray(risk, dtype=float), times)
-    return np.asarray(auc, dtype=float), float(mean_auc)
+    auc = np.asarray(auc, dtype=float)
+    if not np.isfinite(auc).all() or not np.isfinite(mean_auc):
+        raise NotComputed("time-dependent AUC is undefined at these times (no case or no control)")
+    return auc, float(mean_auc)
+
+
+def ibs_grid(test: np.ndarray, points: int = IBS_GRID_POINTS) -> np.ndarray:
+    """Evenly spaced times over the (censored-at-tau) test fold's follow-up: [first time, last time)."""
+    if not test["event"].any():
+        raise NotComputed("no test event before the IPCW horizon: the Brier score needs one")
+    lo, hi = float(test["time"].min()), float(test["time"].max())
+    if not hi > lo:
+        raise NotComputed("the test fold's follow-up is a single time point: no interval to integrate over")
+    return np.linspace(lo, hi, points, endpoint=False)
 
 
 def brier_at(train: np.ndarray, test: np.ndarray, survival_prob: np.ndarray, time: float) -> float:
@@ -74,20 +142,102 @@ def brier_at(train: np.ndarray, test: np.ndarray, survival_prob: np.ndarray, tim
 
 def integrated_brier(train: np.ndarray, test: np.ndarray, survival_probs: np.ndarray, times: np.ndarray) -> float:
     """IBS over `times`; survival_probs (n_test, n_times)."""
-    return float(integrated_brier_score(train, test, np.asarray(survival_probs, dtype=float), times))
+    value = float(integrated_brier_score(train, test, np.asarray(survival_probs, dtype=float), times))
+    if not np.isfinite(value):
+        raise NotComputed("the integrated Brier score is undefined on this grid")
+    return value
 
 
-def bootstrap_ci(times: np.ndarray, events: np.ndarray, risk: np.ndarray, n: int = 200, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of Harrell's C over patients (resamples without an event are skipped)."""
+def bootstrap_ci(times: np.ndarray, events: np.ndarray, risk: np.ndarray, n: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float, int]:
+    """Percentile bootstrap CI of Harrell's C over patients, and how many resamples were skipped because
+    they held no comparable pair."""
     rng = np.random.default_rng(seed)
-    times, events, risk = np.asarray(times), np.asarray(events, bool), np.asarray(risk, float)
+    times, events, risk = np.asarray(times, float), np.asarray(events, bool), np.asarray(risk, float)
     values = []
     for _ in range(n):
         idx = rng.integers(0, len(times), len(times))
-        if events[idx].any():
-            values.append(concordance_index_censored(events[idx], times[idx], risk[idx])[0])
+        t, e = times[idx], events[idx]
+        if not has_comparable_pair(t, e):
+            continue
+        value = concordance_index_censored(e, t, risk[idx])[0]
+        if np.isfinite(value):
+            values.append(value)
     if not values:
-        raise EvaluationError("no bootstrap resample held an event")
+        raise NotComputed(f"none of the {n} bootstrap resamples held a comparable pair of patients")
     alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha)), n - len(values)
+
+
+def fold_metrics(train: np.ndarray, test: np.ndarray, risk: np.ndarray, survival_at: SurvivalAt | None,
+                 seed: int = 0, n_bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
+    """Every metric of one fold; an undefined one is None with its reason in `not_computed`.
+
+    `survival_at(times)` gives the held-out patients' predicted survival at those times (None: the head
+    has no survival curves, so no Brier score)."""
+    risk = np.asarray(risk, dtype=float)
+    out: dict[str, Any] = {"n_test": int(len(test)), "events_test": int(test["event"].sum())}
+    reasons: dict[str, str] = {}
+
+    def attempt(keys: tuple[str, ...], compute: Callable[[], Any], reason_key: str | None = None) -> None:
+        try:
+            values = compute()
+        except NotComputed as e:
+            out.update({k: None for k in keys})
+            reasons[reason_key or keys[0]] = str(e)
+            return
+        out.update(zip(keys, values if len(keys) > 1 else (values,)))
+
+    attempt(("harrell_c",), lambda: harrell_c(test["time"], test["event"], risk))
+    if out["harrell_c"] is not None:
+        def ci() -> tuple[list[float], int]:
+            lo, hi, skipped = bootstrap_ci(test["time"], test["event"], risk, n_bootstrap, seed)
+            return [lo, hi], skipped
+        attempt(("harrell_c_ci95", "bootstrap_skipped"), ci)
+    try:
+        tau, why = ipcw_horizon(train)
+    except NotComputed as e:
+        out["ipcw_horizon"] = None
+        for key in ("uno_c", "auc_times", "auc", "mean_auc", "ibs"):
+            out[key] = None
+        reasons.update({"uno_c": str(e), "mean_auc": str(e), "ibs": str(e)})
+        out["not_computed"] = reasons
+        return out
+    truncated = censor_at(test, tau)
+    out["ipcw_horizon"] = {"tau": tau, "why": why, "test_events_at_or_after": int((test["event"] & (test["time"] >= tau)).sum())}
+    attempt(("uno_c",), lambda: uno_c(train, truncated, risk, tau))
+
+    def auc() -> tuple[list[float], list[float], float]:
+        times = auc_times(truncated)
+        values, mean = time_dependent_auc(train, truncated, risk, times)
+        return times.tolist(), values.tolist(), mean
+    attempt(("auc_times", "auc", "mean_auc"), auc, "mean_auc")
+    if survival_at is None:
+        out["ibs"] = None
+        reasons["ibs"] = "this head gives no survival curves"
+    else:
+        def ibs() -> tuple[float, dict[str, Any]]:
+            grid = ibs_grid(truncated)
+            value = integrated_brier(train, truncated, survival_at(grid), grid)
+            return value, {"points": len(grid), "from": float(grid[0]), "to": float(grid[-1]),
+                           "spacing": "even, over the test fold's follow-up below the IPCW horizon"}
+        attempt(("ibs", "ibs_grid"), ibs)
+    out["not_computed"] = reasons
+    return out
+
+
+def summarise(folds: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Mean ± std over the folds where each metric was computed; a metric computed in no fold is None with
+    the folds' reasons (never a NaN mean)."""
+    summary: dict[str, Any] = {}
+    for key in keys:
+        values = [m[key] for m in folds if m.get(key) is not None]
+        missing = {str(m.get("fold", i)): m.get("not_computed", {}).get(key, "not computed")
+                   for i, m in enumerate(folds) if m.get(key) is None}
+        if values:
+            summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "folds": len(values)}
+            if missing:
+                summary[key]["not_computed_in_folds"] = missing
+        else:
+            summary[key] = {"mean": None, "std": None, "folds": 0, "not_computed_in_folds": missing}
+    return summary

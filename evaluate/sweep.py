@@ -91,10 +91,17 @@ def format_table(rows: Sequence[SweepRow]) -> str:
         if r.error:
             lines.append(f"{r.task:<6} {r.head:<10} {r.pooling:<7} {'-':>5} error: {r.error}")
             continue
-        cells = [f"{r.metrics[c]['mean']:.3f} ± {r.metrics[c]['std']:.3f}".rjust(15) if c in r.metrics else " " * 15
-                 for c in columns]
+        cells = [_cell(r.metrics.get(c)) for c in columns]
         lines.append(f"{r.task:<6} {r.head:<10} {r.pooling:<7} {r.patients:>5} " + " ".join(cells) + f" {r.seconds:>7.1f}")
     return "\n".join(lines)
+
+
+def _cell(value: dict[str, Any] | None) -> str:
+    if value is None:
+        return " " * 15
+    if value.get("mean") is None:  # no fold could compute it: metrics.json holds the reasons
+        return "n/a".rjust(15)
+    return f"{value['mean']:.3f} ± {value['std']:.3f}".rjust(15)
 
 
 def best_by_task(rows: Sequence[SweepRow]) -> dict[str, str]:
@@ -102,7 +109,7 @@ def best_by_task(rows: Sequence[SweepRow]) -> dict[str, str]:
     best = {}
     for task in dict.fromkeys(r.task for r in rows):
         key = "qwk" if task == "grade" else "harrell_c"
-        scored = [r for r in rows if r.task == task and key in r.metrics]
+        scored = [r for r in rows if r.task == task and (r.metrics.get(key) or {}).get("mean") is not None]
         if scored:
             top = max(scored, key=lambda r: r.metrics[key]["mean"])
             best[task] = f"{top.head} ({top.pooling}) {key} {top.metrics[key]['mean']:.3f}"

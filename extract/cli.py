@@ -10,15 +10,19 @@ from typing import Sequence
 
 from extract.cohorts import resolve_cohort
 from extract.config import CONFIG_DIR, ExtractConfig
+from store.backends import display_url
+from store.cli_args import ArgumentParser
 from store.errors import ConfigError, SlidecacheError
 
 DEFAULT_CONFIG = CONFIG_DIR / "extract" / "virchow2.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m extract",
+    p = ArgumentParser(prog="python -m extract",
                                 description="Encode whole-slide images once into a slidecache store (Ray job).")
-    p.add_argument("--cohort", required=True, help="named cohort (configs/cohorts/NAME.yaml), a slide folder, a CSV or a GDC manifest")
+    p.add_argument("--cohort", required=True,
+                   help="named cohort (configs/cohorts/NAME.yaml), a slide folder, a CSV or a GDC manifest; relative "
+                        "paths inside a table are relative to the table's folder, not to the working directory")
     p.add_argument("--store", required=True, help="store path or URL (file://, s3://, memory://)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"extraction YAML (default {DEFAULT_CONFIG.relative_to(CONFIG_DIR.parent)})")
     p.add_argument("--encoder", help="registry name: virchow2, virchow2-random, virchow2-tiny")
@@ -26,17 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp-override", type=float, help="µm/px for every slide, overriding metadata")
     p.add_argument("--tokens", help="also store pooled patch-token grids, e.g. 4x4")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--retry-failed", action="store_true", default=None, help="retry slides recorded as failed")
+    p.add_bool("--retry-failed", default=None, help="retry slides recorded as failed")
     p.add_argument("--limit", type=int, help="extract at most N slides this run")
     p.add_argument("--num-encoders", type=int, help="encoder actors (default: one per GPU, or one on CPU)")
     p.add_argument("--qc-dir", help="where QC pictures go (default: <store>/../<store name>_qc for local stores)")
     p.add_argument("--storage-options", metavar="JSON", help="fsspec options for the store (s3 credentials: prefer AWS_* variables)")
-    p.add_argument("--no-qc", action="store_true", help="skip the QC pictures")
+    p.add_bool("--no-qc", help="skip the QC pictures")
     return p
 
 
 def build_images_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m extract images",
+    p = ArgumentParser(prog="python -m extract images",
                                 description="Encode the images of InternVL-format datasets (meta JSON + conversation "
                                             "jsonl) once into an images store of per-tile patch-token grids.")
     p.add_argument("--meta_path", required=True, help="InternVL meta JSON: {name: {root, annotation, ...}}")
@@ -47,7 +51,7 @@ def build_images_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", help="pool each tile's patch grid to e.g. 8x8 (default: the full grid, 16x16)")
     p.add_argument("--max_dynamic_patch", type=int, default=6)
     p.add_argument("--min_dynamic_patch", type=int, default=1)
-    p.add_argument("--use_thumbnail", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
+    p.add_bool("--use_thumbnail", default=True, help="add a thumbnail tile when an image has more than one tile")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-encoders", type=int, help="encoder actors (default: one per GPU, or one on CPU)")
     return p
@@ -64,7 +68,7 @@ def images_main(argv: Sequence[str]) -> int:
         cfg = image_encoder_config(ExtractConfig.from_yaml(args.config, overrides))
         tiling = DynamicTiling(args.min_dynamic_patch, args.max_dynamic_patch, args.use_thumbnail)
         entries = collect_images(args.meta_path)
-        print(f"[images] {args.meta_path}: {len(entries)} distinct images; store {args.store}; tiles of "
+        print(f"[images] {args.meta_path}: {len(entries)} distinct images; store {display_url(args.store)}; tiles of "
               f"{tiling.tile_px} px, {tiling.min_dynamic_patch}-{tiling.max_dynamic_patch} per image"
               f"{' + thumbnail' if tiling.use_thumbnail else ''}; token grids {cfg.tokens}", flush=True)
         with ray_session(cfg):
@@ -94,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except json.JSONDecodeError as e:
             raise ConfigError(f"--storage-options must be JSON: {e}") from e
         entries = resolve_cohort(args.cohort)
-        print(f"[extract] cohort {args.cohort}: {len(entries)} slides; store {args.store}", flush=True)
+        print(f"[extract] cohort {args.cohort}: {len(entries)} slides; store {display_url(args.store)}", flush=True)
         with ray_session(cfg):
             summary = Extraction(entries, args.store, cfg, options, log=lambda m: print(m, flush=True)).run()
         print(summary.table(), flush=True)

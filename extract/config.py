@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from store.configs import find_config
 from store.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ class ExtractConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExtractConfig:
-        path = Path(path)
+        path = find_config(path, "extract")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from extract.config import ExtractConfig
 from extract.encoders import build_encoder, pool_tile_embedding, pool_token_grid
+from extract.faults import maybe_kill_encoder
 from store.devices import pick_device
 
 STORE_DTYPE = "float16"
@@ -64,6 +65,7 @@ class BatchEncoder:
     def __call__(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
             raise ValueError(f"tiles must be uint8 (n, H, W, 3), got {tiles.dtype} {tiles.shape}")
+        maybe_kill_encoder(tiles)
         embeddings, grids = [], []
         for start in range(0, len(tiles), self.batch_size):
             tokens = self.encoder.tokens(self._preprocess(tiles[start:start + self.batch_size]))  # (B, 1+R+P, C)

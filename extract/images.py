@@ -21,7 +21,7 @@ import numpy as np
 from extract.config import ExtractConfig
 from extract.dynamic_tiling import dynamic_tiles
 from store import EmbeddingStore
-from store.errors import AnnotationError
+from store.errors import AnnotationError, SlideBusy
 from store.ids import image_key
 from store.jsonl import read_jsonl
 from store.meta import read_meta
@@ -222,10 +222,18 @@ class ImageExtraction:
         attrs = {"source": {"path": entry.path, "dataset": entry.dataset, "image": entry.image},
                  "image_size": list(result.size), "layout": result.layout, "patient_id": None,
                  "timings": {"encode_s": round(result.seconds, 3)}}
-        with store.write_slide(entry.key, attrs, token_shape=tuple(token_shape)) as writer:
-            writer.append(np.asarray(grid, dtype=np.int32), np.ones(n, dtype=np.float16), result.embeddings,
-                          tokens=result.tokens)
-            writer.commit()
+        if store.is_complete(entry.key):  # another job finished it meanwhile
+            summary.skipped.append(entry.key)
+            return
+        try:
+            with store.write_slide(entry.key, attrs, token_shape=tuple(token_shape)) as writer:
+                writer.append(np.asarray(grid, dtype=np.int32), np.ones(n, dtype=np.float16), result.embeddings,
+                              tokens=result.tokens)
+                writer.commit()
+        except SlideBusy as e:  # another live job writes this image and will commit it
+            summary.skipped.append(entry.key)
+            self.log(f"[images] skipped: {e}")
+            return
         summary.done.append(entry.key)
         summary.tiles += n
 

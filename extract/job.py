@@ -7,8 +7,10 @@ the driver streams results into the store slide by slide and commits each slide 
 Tile pixels go from reader tasks to encoder actors through Ray's object store without visiting the
 driver, which receives only embeddings. In-flight chunks and slides open for writing are bounded, so
 memory stays flat however large a slide is. Encoder actors restart when killed and their in-flight
-chunk runs again (max_restarts=-1, max_task_retries=-1); the driver appends each chunk exactly once.
-One bad slide is recorded as a failure in the store and never stops the cohort.
+chunk runs again, at most MAX_CHUNK_RETRIES times: a chunk that kills its actor every time fails its slide
+instead of retrying forever. The driver appends each chunk exactly once. One bad slide is recorded as a
+failure in the store and never stops the cohort. Each slide's writer holds a lease on it (store/lease.py):
+a slide another live job is writing is skipped here and reported as "owned", not as a failure.
 """
 
 from __future__ import annotations
@@ -23,18 +25,20 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from extract.config import ExtractConfig
+from extract.faults import pause_after_first_append
 from extract.slide_prep import PreparedSlide, prepare_slide, read_tiles, tissue_params
 from store.cohort import SlideEntry
 from store.embedding_store import EmbeddingStore, SlideWriter
-from store.errors import SlidecacheError
+from store.errors import EncoderError, SlideBusy, SlidecacheError
 
 PROGRESS_EVERY_S = 10.0
+MAX_CHUNK_RETRIES = 2  # a chunk runs at most 3 times on encoder actors that die under it
 
 
 @dataclass
 class SlideOutcome:
     slide_id: str
-    status: str  # done | empty | skipped | failed
+    status: str  # done | empty | skipped | owned (another live job writes it) | failed | failed-before
     tiles: int = 0
     seconds: float = 0.0
     reader: str = ""
@@ -66,7 +70,8 @@ class ExtractionSummary:
             mpp = f"{o.mpp:.3f}" if o.mpp else "-"
             rows.append(f"{o.slide_id[:40]:<40} {o.status:<8} {o.tiles:>7} {o.reader:<10} {mpp:>7} {o.seconds:>7.1f}  {o.error[:120]}")
         rows.append(f"{self.count('done')} done, {self.count('empty')} without tiles, {self.count('skipped')} already "
-                    f"complete, {self.count('failed')} failed, {self.count('failed-before')} failed before and not retried; "
+                    f"complete, {self.count('owned')} being written by another job, {self.count('failed')} failed, "
+                    f"{self.count('failed-before')} failed before and not retried; "
                     f"{self.tiles} tiles in "
                     f"{self.seconds:.1f} s ({self.tiles / max(self.seconds, 1e-9):.1f} tiles/s)")
         return "\n".join(rows)
@@ -115,7 +120,10 @@ def _ray_remotes(cfg: ExtractConfig, encoder_gpus: float) -> tuple[Any, Any, Any
     def read_task(reader: str, path: str, plan: Any, coords: np.ndarray) -> np.ndarray:
         return read_tiles(reader, path, plan, coords)
 
-    @ray.remote(num_gpus=encoder_gpus, num_cpus=0 if encoder_gpus else 1, max_restarts=-1, max_task_retries=-1)
+    # No CPU reserved for the encoder even without a GPU: reserving one left a single reader task on a
+    # 2-core node, and reading dominates small slides (the demo's 100 slides: 72 s → 43 s, measured).
+    @ray.remote(num_gpus=encoder_gpus, num_cpus=0, max_restarts=-1,
+                max_task_retries=MAX_CHUNK_RETRIES)
     class EncoderActor:
         def __init__(self, config: ExtractConfig) -> None:
             from extract.encode import BatchEncoder
@@ -137,6 +145,12 @@ def _error_text(error: BaseException) -> tuple[BaseException, str]:
     cause = getattr(error, "cause", None)
     original = cause if isinstance(cause, BaseException) else error
     return original, f"{type(original).__name__}: {original}"
+
+
+def _actor_died(error: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    return isinstance(error, RayActorError)
 
 
 @dataclass
@@ -210,6 +224,7 @@ class Extraction:
                  f"re-encoded), {self.summary.count('failed-before')} failed before (retry with --retry-failed)")
         self._total, self._done_tiles, self._t0, self._last_report = len(todo), 0, time.perf_counter(), 0.0
         self._planned_tiles = self._planned_slides = 0
+        self._paused = False
         pipeline_started = time.perf_counter()
 
         max_prepare = max(2, int(ray.cluster_resources().get("CPU", 2)))
@@ -241,6 +256,12 @@ class Extraction:
             if not refs:
                 continue
             ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            for slide in list(active):  # keep our leases alive while chunks are encoded
+                try:
+                    slide.writer.heartbeat()
+                except SlideBusy as e:
+                    inflight -= len(slide.pending)
+                    self._drop(slide, active, e)
             for ref in ready:
                 if ref in preparing:
                     entry = preparing.pop(ref)
@@ -263,12 +284,17 @@ class Extraction:
                         slide.writer.append(slide.prepared.coords[start:stop], slide.prepared.tissue[start:stop], emb, grid)
                     except Exception as e:  # noqa: BLE001
                         inflight -= len(slide.pending)
-                        slide.pending.clear()
-                        slide.writer.abort()
-                        active.remove(slide)
-                        self._fail(slide.prepared.entry, e, slide.started)
+                        if _actor_died(e):
+                            e = EncoderError(
+                                f"the encoder process died {1 + MAX_CHUNK_RETRIES} times while encoding tiles "
+                                f"{chunk[0]}-{chunk[1]} of this slide (killed, out of memory, or a crash inside the "
+                                f"model: {e.__class__.__name__}); the slide is failed, the cohort goes on")
+                        self._drop(slide, active, e)
                         break
                     self._done_tiles += len(emb)
+                    if not self._paused:
+                        self._paused = True
+                        pause_after_first_append(self.log)
                 if slide in active and not slide.pending and not slide.chunks:
                     active.remove(slide)
                     self._commit_or_fail(slide)
@@ -278,16 +304,40 @@ class Extraction:
         self.summary.pipeline_seconds = time.perf_counter() - pipeline_started
         return self.summary
 
+    def _drop(self, slide: _ActiveSlide, active: list[_ActiveSlide], error: BaseException) -> None:
+        """Stop a slide: abort its writer (which removes only its own rows) and record why."""
+        slide.pending.clear()
+        slide.writer.abort()
+        active.remove(slide)
+        if isinstance(error, SlideBusy):
+            self._owned(slide.prepared.entry.slide_id, error, slide.started)
+        else:
+            self._fail(slide.prepared.entry, error, slide.started)
+
+    def _owned(self, slide_id: str, error: BaseException, started: float) -> None:
+        """Another live job owns the slide and will commit it: not a failure of this run."""
+        self.summary.outcomes.append(SlideOutcome(slide_id, "owned", seconds=time.perf_counter() - started,
+                                                  error=str(error)))
+        self.log(f"[extract] skipped: {slide_id}: {error}")
+
     def _activate(self, prepared: PreparedSlide) -> _ActiveSlide | None:
-        """Open the slide's writer; None when it needs no encoding (committed empty) or failed here."""
+        """Open the slide's writer; None when it needs no encoding (committed empty), is another job's, or failed."""
         started = time.perf_counter()
         if self.store.is_complete(prepared.entry.slide_id):  # another job finished it meanwhile: never overwrite
             self.summary.outcomes.append(SlideOutcome(prepared.entry.slide_id, "skipped", error="complete"))
             return None
         try:
             writer = self.store.write_slide(prepared.entry.slide_id, prepared.attrs, token_shape=self.token_shape)
-            writer.set_thumbnail(prepared.thumbnail, prepared.mask, prepared.downsample)
+        except SlideBusy as e:
+            self._owned(prepared.entry.slide_id, e, started)
+            return None
         except Exception as e:  # noqa: BLE001 - e.g. object storage unreachable for this slide
+            self._fail(prepared.entry, e, started)
+            return None
+        try:
+            writer.set_thumbnail(prepared.thumbnail, prepared.mask, prepared.downsample)
+        except Exception as e:  # noqa: BLE001
+            writer.abort()
             self._fail(prepared.entry, e, started)
             return None
         slide = _ActiveSlide(prepared, writer, deque(), deque(), started)
@@ -301,6 +351,9 @@ class Extraction:
     def _commit_or_fail(self, slide: _ActiveSlide) -> None:
         try:
             self._commit(slide)
+        except SlideBusy as e:  # taken over while we wrote: the other writer commits it
+            slide.writer.abort()
+            self._owned(slide.prepared.entry.slide_id, e, slide.started)
         except Exception as e:  # noqa: BLE001
             slide.writer.abort()
             self._fail(slide.prepared.entry, e, slide.started)

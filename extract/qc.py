@@ -10,11 +10,13 @@ from typing import Any
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from store.backends import is_local, local_path
+from store.backends import display_url, is_local, local_path
 from store.embedding_store import EmbeddingStore
 
 CONTOUR = (0, 170, 0)
 TILE = (30, 80, 255)
+PICTURE_MAX_SIDE = 1024  # a QC picture is for the eye: larger thumbnails are shrunk (PNG encoding dominated)
+PNG_COMPRESS_LEVEL = 1  # zlib level 1: ~5x faster than the default 6 on noisy H&E, ~20% larger files
 
 
 def default_qc_dir(store_url: str) -> str:
@@ -39,7 +41,8 @@ def slide_picture(store: EmbeddingStore, slide_id: str) -> Image.Image | None:
     side = float(slide.attrs.get("tile_px_level0") or 0) / downsample
     for x, y in slide.coords() / downsample:
         draw.rectangle([x, y, x + side, y + side], outline=TILE)
-    return image
+    step = -(-max(image.size) // PICTURE_MAX_SIDE)  # ceil: an integer reduction keeps the outlines sharp
+    return image.reduce(step) if step > 1 else image
 
 
 def tiles_geojson(store: EmbeddingStore, slide_id: str) -> dict[str, Any]:
@@ -62,12 +65,12 @@ def write_qc(store_url: str, qc_dir: str | Path, summary: Any = None, storage_op
     for slide_id in store.slide_ids():
         picture = slide_picture(store, slide_id)
         if picture is not None:
-            picture.save(out / "slides" / f"{slide_id}.png")
+            picture.save(out / "slides" / f"{slide_id}.png", compress_level=PNG_COMPRESS_LEVEL)
         (out / "slides" / f"{slide_id}.geojson").write_text(json.dumps(tiles_geojson(store, slide_id)))
         tiles[slide_id] = store.slide(slide_id).n_tiles
     failures = store.failures()
     _tiles_histogram(tiles, out / "tiles_per_slide.png")
-    lines = [f"# Extraction QC: {store_url}", "",
+    lines = [f"# Extraction QC: {display_url(store_url)}", "",
              f"{len(tiles)} slides in the store, {sum(tiles.values())} tiles; {len(failures)} failed slides.", "",
              "![tiles per slide](tiles_per_slide.png)", ""]
     if summary is not None:

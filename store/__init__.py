@@ -10,9 +10,15 @@ benchmark imports it on machines that have torch and timm but no zarr.
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
 from typing import Any
 
 from store.errors import *  # noqa: F401,F403  (the one error hierarchy)
+
+# cuFile (loaded by cuCIM and by CUDA builds of torch) writes cufile.log into the working directory unless
+# told where: every process that imports our code (CLIs, Ray workers) keeps it in the temp folder instead.
+os.environ.setdefault("CUFILE_LOGFILE_PATH", os.path.join(tempfile.gettempdir(), f"slidecache-cufile-{os.getuid()}.log"))
 
 _LAZY = {
     "SCHEMA_VERSION": "store.embedding_store",

@@ -8,6 +8,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from store.backends import display_url
+from store.cli_args import ArgumentParser
 from store.embedding_store import EmbeddingStore
 from store.errors import ConfigError, SlidecacheError
 from store.h5io import export_h5, import_h5
@@ -92,7 +93,7 @@ def cmd_import_h5(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     store = _open(args, args.store, mode="a")
-    missing = [s for s in args.slide_ids if not store.delete_slide(s)]
+    missing = [s for s in args.slide_ids if not store.delete_slide(s, force=args.force)]
     for slide_id in missing:
         print(f"not in store: {slide_id}", file=sys.stderr)
     print(f"removed {len(args.slide_ids) - len(missing)} slides")
@@ -113,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--storage-options", metavar="JSON",
                         help="fsspec storage options as JSON (s3 credentials are better taken from AWS_* variables)")
-    parser = argparse.ArgumentParser(prog="python -m store", description="Inspect and maintain a slidecache embedding store.")
+    parser = ArgumentParser(prog="python -m store", description="Inspect and maintain a slidecache embedding store.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_, description=help_)
         p.set_defaults(func=func)
         return p
@@ -124,12 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("info", cmd_info, "Summarise a store, or one slide with --slide.")
     p.add_argument("store", help="path or URL (file://, s3://, memory://)")
     p.add_argument("--slide", help="show this slide's attributes")
-    p.add_argument("--list", action="store_true", help="list every complete slide")
+    p.add_bool("--list", help="list every complete slide")
     p = add("verify", cmd_verify, "Check shapes, dtypes, NaN/Inf, commit markers and fingerprints; exit 1 on errors.")
     p.add_argument("store")
     p = add("failures", cmd_failures, "List slides whose extraction failed, with the error and attempt count.")
     p.add_argument("store")
-    p.add_argument("--json", action="store_true", help="print the full records as JSON")
+    p.add_bool("--json", help="print the full records as JSON")
     p = add("export-h5", cmd_export_h5, "Write TRIDENT/CLAM-style per-slide .h5 files (features, coords).")
     p.add_argument("store")
     p.add_argument("out_dir")
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rm", cmd_rm, "Remove slides (complete or interrupted) and their failure records.")
     p.add_argument("store")
     p.add_argument("slide_ids", nargs="+", metavar="ID")
+    p.add_bool("--force", help="also remove slides a live writer is writing (it stops at its next append)")
     p = add("merge", cmd_merge, "Copy the complete slides of stores with one fingerprint into DEST.")
     p.add_argument("sources", nargs="+", metavar="SRC")
     p.add_argument("dest", metavar="DEST")

@@ -90,6 +90,7 @@ def cohort_from_csv(path: str | Path, root: str | Path | None = None) -> list[Sl
     if "path" not in header:
         raise CohortError(f"{path}: a cohort CSV needs a 'path' column (found {header}); optional: slide_id, patient_id, mpp")
     entries: dict[str, SlideEntry] = {}
+    first_row: dict[str, int] = {}
     for line, row in rows:
         where = f"{path}, row {line}"
         if not row.get("path"):
@@ -106,8 +107,10 @@ def cohort_from_csv(path: str | Path, root: str | Path | None = None) -> list[Sl
             if not 0 < mpp < 100:
                 raise CohortError(f"{where}, column 'mpp': {mpp} µm/px is not plausible")
         if slide_id in entries:
-            raise CohortError(f"{where}: slide id {slide_id!r} appears twice")
+            raise CohortError(f"{where}: slide id {slide_id!r} is already listed at row {first_row[slide_id]}; "
+                              "each slide must appear once")
         entries[slide_id] = _entry(slide_id, slide_path, where, row.get("patient_id") or None, mpp=mpp)
+        first_row[slide_id] = line
     if not entries:
         raise CohortError(f"{path}: the cohort table has no rows")
     return list(entries.values())
@@ -121,7 +124,8 @@ def cohort_from_gdc_manifest(path: str | Path, root: str | Path | None = None) -
     missing = [c for c in ("id", "filename") if c not in header]
     if missing:
         raise CohortError(f"{path}: not a GDC manifest, columns {missing} missing (expected {GDC_MANIFEST_COLUMNS})")
-    entries = []
+    entries: dict[str, SlideEntry] = {}
+    first_row: dict[str, int] = {}
     for line, row in rows:
         where = f"{path}, row {line}"
         filename = row.get("filename", "")
@@ -134,10 +138,15 @@ def cohort_from_gdc_manifest(path: str | Path, root: str | Path | None = None) -
             size_bytes = int(size) if size else None
         except ValueError:
             raise CohortError(f"{where}, column 'size': {size!r} is not an integer") from None
-        entries.append(_entry(Path(filename).stem, slide_path, where, md5=row.get("md5") or None, size=size_bytes))
+        slide_id = Path(filename).stem
+        if slide_id in entries:
+            raise CohortError(f"{where}: {filename} (slide id {slide_id!r}) is already listed at row {first_row[slide_id]}; "
+                              "a GDC manifest must name each slide once: remove the duplicate row")
+        entries[slide_id] = _entry(slide_id, slide_path, where, md5=row.get("md5") or None, size=size_bytes)
+        first_row[slide_id] = line
     if not entries:
         raise CohortError(f"{path}: the manifest lists no files")
-    return entries
+    return list(entries.values())
 
 
 def load_cohort(source: str | Path, root: str | Path | None = None) -> list[SlideEntry]:

@@ -1,27 +1,34 @@
 """The Zarr v3 embedding store: one group per slide, streamed writes, commit marker written last.
 
-Layout (schema 1):
+Layout (schema 2):
     <root>                 attrs: schema_version, kind, fingerprint, fingerprint_spec, provenance, imported
-      slides/<slide_id>/   attrs: source, patient_id, mpp, ..., n_tiles, fingerprint; `complete` LAST
-        coords      int32   (N, 2)         level-0 pixel x, y of each tile's top-left corner
-        tissue      float16 (N,)           tissue fraction of each tile (NaN when unknown, e.g. imported)
-        embeddings  float16 (N, D)         class ‖ mean-patch, sharded, zstd
-        tokens      float16 (N, T, C)      optional pooled patch-token grids
-        pooled_mean float32 (D,)           mean over the slide's tiles, written at commit
-        pooled_max  float32 (D,)           max over the slide's tiles, written at commit
-        thumbnail   uint8   (h, w, 3)      optional, with tissue_mask uint8 (h, w); attrs downsample
+      slides/<slide_id>/   the marker. attrs: source, patient_id, mpp, ..., n_tiles, fingerprint, `data`;
+                           `complete` LAST; `writer` (a lease) while a write is in progress
+        <data>/            the arrays of the committed write, in a group named after its writer (w-<token>):
+          coords      int32   (N, 2)         level-0 pixel x, y of each tile's top-left corner
+          tissue      float16 (N,)           tissue fraction of each tile (NaN when unknown, e.g. imported)
+          embeddings  float16 (N, D)         class ‖ mean-patch, sharded, zstd
+          tokens      float16 (N, T, C)      optional pooled patch-token grids
+          pooled_mean float32 (D,)           mean over the slide's tiles, written at commit
+          pooled_max  float32 (D,)           max over the slide's tiles, written at commit
+          thumbnail   uint8   (h, w, 3)      optional, with tissue_mask uint8 (h, w); attrs downsample
       failures/<slide_id>  attrs: error_class, message, traceback_tail, attempts, last_attempt_at
+    Schema 1 (still read): a slide's arrays directly in its group, no `data` attribute.
 
-A slide is visible to readers only once its group attrs say `complete: true`; that attribute is written
-by one atomic object write (rename on local disk, one PUT on object storage) after every array is
-written. Anything else under slides/ is debris of an interrupted write; the next write of that slide
-deletes it first. Writers of different slides never touch the same object, so processes can write a
-store concurrently.
+A slide is visible to readers only once its marker says `complete: true`; that attribute is written by
+one atomic object write (rename on local disk, one PUT on object storage) after every array is written.
+Each write owns its slide through a lease in the marker (store/lease.py), renewed while it writes and
+checked before every append and at commit, and writes its arrays into a group of its own: two writers
+of one slide never touch each other's arrays, a second writer meeting a live lease is refused
+(SlideBusy), and a writer whose slide was taken over stops without keeping or deleting anything of the
+other's. An overwrite keeps the old version readable until the new one commits. Writers of different
+slides never touch the same object, so processes can write a store concurrently.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -31,23 +38,28 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
-from zarr.errors import GroupNotFoundError, NodeNotFoundError
+from zarr.errors import ContainsGroupError, GroupNotFoundError, NodeNotFoundError
 
 from store.backends import display_url, zarr_store
 from store.errors import (
     FingerprintMismatch,
+    SlideBusy,
     SlideNotFound,
+    SlideOwnershipLost,
     SlideWriteError,
     StoreNotFound,
     StoreSchemaError,
 )
 from store.ids import validate_slide_id
+from store.lease import DEFAULT_LEASE_SECONDS, Lease
 from store.provenance import fingerprint, provenance, spec_differences, utc_now
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # 1: arrays directly in the slide group; a store written to is upgraded to 2
 KINDS = ("slides", "images")
 SLIDES, FAILURES = "slides", "failures"
-COMPLETE = "complete"
+COMPLETE, WRITER, DATA = "complete", "writer", "data"
+LEASE_ENV = "SLIDECACHE_LEASE_SECONDS"
 
 _ZSTD = [ZstdCodec(level=3)]
 # Compression of the float arrays (embeddings, tokens), chosen per store at creation; it does not change
@@ -90,12 +102,16 @@ class EmbeddingStore:
         self.url = url
         self.read_only = read_only
         attrs = dict(root.attrs)
-        if attrs.get("schema_version") != SCHEMA_VERSION or attrs.get("kind") not in KINDS:
+        if attrs.get("schema_version") not in READABLE_SCHEMAS or attrs.get("kind") not in KINDS:
             raise StoreSchemaError(
-                f"{display_url(url)} is not a slidecache store of schema {SCHEMA_VERSION} "
+                f"{display_url(url)} is not a slidecache store of schema {' or '.join(map(str, READABLE_SCHEMAS))} "
                 f"(schema_version={attrs.get('schema_version')!r}, kind={attrs.get('kind')!r})"
             )
+        if not read_only and attrs["schema_version"] != SCHEMA_VERSION:
+            attrs["schema_version"] = SCHEMA_VERSION  # new slides are written in the schema-2 layout
+            root.attrs.put(attrs)
         self._attrs = attrs
+        self.lease_seconds = float(os.environ.get(LEASE_ENV, DEFAULT_LEASE_SECONDS))
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -250,37 +266,64 @@ class EmbeddingStore:
         token_shape: tuple[int, int] | None = None,
         overwrite: bool = False,
         block_rows: int | None = None,
+        lease_seconds: float | None = None,
     ) -> SlideWriter:
-        """Start writing one slide. Debris of an earlier interrupted write is deleted first.
+        """Start writing one slide; the writer owns it through a lease until commit or abort.
 
-        A complete slide is replaced only with overwrite=True. `token_shape` = (T, C) when token grids
-        are stored. Use as a context manager: an exception inside deletes the partial slide.
+        Debris of a dead writer (an incomplete slide whose lease expired or whose process is gone) is
+        deleted first; a slide another live writer owns raises SlideBusy. A complete slide is replaced
+        only with overwrite=True, and stays readable until the new version commits. `token_shape` = (T, C)
+        when token grids are stored. Use as a context manager: an exception inside removes what this writer
+        wrote (and nothing else).
         """
         self._require_writable()
-        try:  # this slide's own state only: listing every slide here would make a cohort O(n^2)
-            state: bool | None = bool(self.slide_group(slide_id).attrs.get(COMPLETE, False))
-        except SlideNotFound:
-            state = None
-        if state and not overwrite:
-            raise SlideWriteError(
-                f"slide {slide_id!r} is already complete in {display_url(self.url)}; pass overwrite=True "
-                "(or `python -m store rm`) to replace it"
-            )
-        if state is not None:
-            self.delete_slide(slide_id)
-        return SlideWriter(self, slide_id, dict(attrs), token_shape=token_shape, block_rows=block_rows)
+        validate_slide_id(slide_id)
+        current = self._marker_attrs(slide_id)  # this slide's state only: listing every slide would be O(n^2)
+        if current is not None:
+            lease = Lease.from_attrs(current.get(WRITER))
+            if lease is not None and lease.alive():
+                raise SlideBusy(
+                    f"slide {slide_id!r} in {display_url(self.url)} is being written by another writer "
+                    f"({lease.describe()}), which will commit it; if that writer is gone, wait for its lease to "
+                    f"expire or remove the slide with `python -m store rm --force`"
+                )
+            if current.get(COMPLETE) and not overwrite:
+                raise SlideWriteError(
+                    f"slide {slide_id!r} is already complete in {display_url(self.url)}; pass overwrite=True "
+                    "(or `python -m store rm`) to replace it"
+                )
+            if not current.get(COMPLETE):
+                self._delete_slide_group(slide_id)  # a dead writer's debris
+                current = None
+        return SlideWriter(self, slide_id, dict(attrs), token_shape=token_shape, block_rows=block_rows,
+                           replaces=current, lease=Lease.new(lease_seconds or self.lease_seconds))
 
-    def delete_slide(self, slide_id: str) -> bool:
-        """Remove a slide group (complete or debris) and its failure record; True if anything was there."""
+    def delete_slide(self, slide_id: str, force: bool = False) -> bool:
+        """Remove a slide (complete or debris) and its failure record; True if anything was there.
+
+        A slide a live writer owns is refused (SlideBusy) unless `force`: that writer would then find its
+        slide gone at its next append and stop.
+        """
         self._require_writable()
         validate_slide_id(slide_id)
-        removed = False
-        for parent in (SLIDES, FAILURES):
-            group = self._root.require_group(parent)
-            if slide_id in group:
-                del group[slide_id]
-                removed = True
+        current = self._marker_attrs(slide_id)
+        lease = Lease.from_attrs(current.get(WRITER)) if current else None
+        if lease is not None and lease.alive() and not force:
+            raise SlideBusy(f"slide {slide_id!r} is being written ({lease.describe()}); pass force=True "
+                            "(`python -m store rm --force`) to remove it anyway")
+        removed = self._delete_slide_group(slide_id)
+        failures = self._root.require_group(FAILURES)
+        if slide_id in failures:
+            del failures[slide_id]
+            removed = True
         return removed
+
+    def _delete_slide_group(self, slide_id: str) -> bool:
+        slides = self._root.require_group(SLIDES)
+        if slide_id in slides:
+            del slides[slide_id]
+            return True
+        return False
 
     # ---- failures ------------------------------------------------------------------------------
 
@@ -318,8 +361,24 @@ class EmbeddingStore:
 
     # ---- internals for the writer ----------------------------------------------------------------
 
-    def _new_slide_group(self, slide_id: str, attrs: Mapping[str, Any]) -> zarr.Group:
-        return self._root.require_group(SLIDES).create_group(slide_id, attributes=dict(attrs), overwrite=True)
+    def _marker_attrs(self, slide_id: str) -> dict[str, Any] | None:
+        """The slide marker's attributes as stored now (a fresh read), or None when there is no slide."""
+        try:
+            return dict(zarr.open_group(self._root.store, path=f"{SLIDES}/{slide_id}", mode="r").attrs)
+        except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError):
+            return None
+
+    def _put_marker(self, slide_id: str, attrs: Mapping[str, Any]) -> zarr.Group:
+        """Write the marker's attributes, creating the group if needed; never deletes what is inside it."""
+        try:
+            group = zarr.open_group(self._root.store, path=f"{SLIDES}/{slide_id}", mode="r+")
+        except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError):
+            try:
+                return self._root.require_group(SLIDES).create_group(slide_id, attributes=dict(attrs))
+            except ContainsGroupError:  # created by another writer a moment ago: the lease check decides
+                group = zarr.open_group(self._root.store, path=f"{SLIDES}/{slide_id}", mode="r+")
+        group.attrs.put(dict(attrs))
+        return group
 
 
 @dataclass
@@ -335,7 +394,9 @@ class SlideWriter:
     """Streams one slide's rows into the store in blocks of whole shards; `commit()` makes it visible.
 
     Memory stays at one block (≤ ~64 MiB) however many tiles the slide has. The running sum and max
-    for the pooled vectors are kept in float64/float32 as rows arrive.
+    for the pooled vectors are kept in float64/float32 as rows arrive. The writer owns the slide through
+    `lease`: checked before each append and at commit (SlideOwnershipLost when another writer took the
+    slide over), renewed by `heartbeat()` (called by append, and by callers that wait between appends).
     """
 
     def __init__(
@@ -346,6 +407,8 @@ class SlideWriter:
         *,
         token_shape: tuple[int, int] | None,
         block_rows: int | None,
+        replaces: dict[str, Any] | None,
+        lease: Lease,
     ) -> None:
         if COMPLETE in attrs:
             raise SlideWriteError(f"slide {slide_id!r}: '{COMPLETE}' is written by commit(), not by the caller")
@@ -358,18 +421,28 @@ class SlideWriter:
         if self.token_shape:
             row_bytes += int(np.prod(self.token_shape)) * self.dtype.itemsize
         self.block_rows = block_rows or block_rows_for(row_bytes)
+        self.lease = lease
+        self.data_name = f"w-{lease.token[:16]}"
         self._started = time.perf_counter()
-        self._group = store._new_slide_group(slide_id, {**attrs, "fingerprint": store.fingerprint, COMPLETE: False})
+        self._attrs = {**attrs, "fingerprint": store.fingerprint}  # the new version's, written at commit
+        self._replaces = replaces  # the complete version this write replaces (readable until commit), or None
+        self._done = False
+        self._group = store._put_marker(slide_id, self._marker())
+        self._check_owner()  # read after write: of two writers that started together, one goes on
+        self._data = self._group.create_group(self.data_name)
         self._arrays = self._create_arrays()
         self._pending = _Pending([], [], [], [])
         self._written = 0
         self._sum = np.zeros(self.dim, dtype=np.float64)
         self._max = np.full(self.dim, -np.inf, dtype=np.float32)
-        self._done = False
+
+    def _marker(self) -> dict[str, Any]:
+        base = dict(self._replaces) if self._replaces is not None else {**self._attrs, COMPLETE: False}
+        return {**base, WRITER: self.lease.to_attrs()}
 
     def _create_arrays(self) -> dict[str, zarr.Array]:
         b = self.block_rows
-        g = self._group
+        g = self._data
         floats = FLOAT_COMPRESSION[self.store.compression]
         emb_chunk = chunk_rows_for(self.dim * self.dtype.itemsize, b)
         arrays = {
@@ -384,6 +457,42 @@ class SlideWriter:
             arrays["tokens"] = g.create_array("tokens", shape=(0, t, c), dtype=self.dtype,
                                               chunks=(tok_chunk, t, c), shards=(b, t, c), compressors=floats)
         return arrays
+
+    # ---- ownership -----------------------------------------------------------------------------
+
+    def _check_owner(self) -> None:
+        """Raise SlideOwnershipLost (after removing this writer's own arrays) unless the marker holds our lease."""
+        current = self.store._marker_attrs(self.slide_id)
+        holder = Lease.from_attrs((current or {}).get(WRITER))
+        if holder is not None and holder.token == self.lease.token:
+            return
+        self._done = True
+        self._remove_own_data()
+        if current is None:
+            why = "was removed (`python -m store rm --force`?)"
+        elif holder is not None:
+            why = f"was taken over by another writer ({holder.describe()})"
+        else:
+            why = "was committed by another writer"
+        raise SlideOwnershipLost(f"slide {self.slide_id!r} {why} while this writer was writing it (its lease "
+                                 f"{'was renewed' if self._written else 'started'} {time.time() - self.lease.heartbeat_at:.0f} s "
+                                 "ago); this writer stopped and kept nothing")
+
+    def heartbeat(self) -> None:
+        """Renew the lease when a tenth of it has passed (cheap to call often)."""
+        if self._done or not self.lease.due_for_renewal():
+            return
+        self._check_owner()
+        self.lease = self.lease.renewed()
+        self._group.attrs.put(self._marker())
+
+    def _remove_own_data(self) -> None:
+        try:
+            group = zarr.open_group(self.store._root.store, path=f"{SLIDES}/{self.slide_id}", mode="r+")
+            if self.data_name in group:
+                del group[self.data_name]
+        except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError, KeyError):
+            pass
 
     # ---- rows ----------------------------------------------------------------------------------
 
@@ -422,9 +531,13 @@ class SlideWriter:
             tok = np.asarray(tokens).astype(self.dtype, copy=False)
             self._check(tok.shape == (n, *self.token_shape), f"tokens must be ({n}, {self.token_shape}), got {tok.shape}")
             self._check(bool(np.isfinite(tok).all()), "token grids hold NaN/Inf")
-            self._pending.tokens.append(tok)
         elif tokens is not None:
             raise SlideWriteError(f"slide {self.slide_id!r}: tokens given but the writer was opened without token_shape")
+        self._check_owner()
+        if self.lease.due_for_renewal():
+            self.heartbeat()
+        if self.token_shape:
+            self._pending.tokens.append(tok)
         self._sum += stored.astype(np.float64).sum(axis=0)
         if n:
             np.maximum(self._max, stored.max(axis=0).astype(np.float32), out=self._max)
@@ -463,7 +576,7 @@ class SlideWriter:
         rgb = np.asarray(rgb)
         self._check(rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8,
                      f"thumbnail must be uint8 (h, w, 3), got {rgb.dtype} {rgb.shape}")
-        g = self._group
+        g = self._data
         g.create_array("thumbnail", data=rgb, chunks=rgb.shape, compressors=_ZSTD, overwrite=True)
         if tissue_mask is not None:
             mask = np.asarray(tissue_mask)
@@ -481,6 +594,7 @@ class SlideWriter:
         """Flush, write pooled vectors, then the commit marker (last). A slide of 0 tiles needs a reason."""
         if self._done:
             raise SlideWriteError(f"slide {self.slide_id!r}: committed or aborted already")
+        self._check_owner()
         self._flush(self._pending.rows)
         n = self._written
         if n == 0 and not empty_reason:
@@ -488,9 +602,8 @@ class SlideWriter:
         if n:
             mean = (self._sum / n).astype(np.float32)
             for name, vec in (("pooled_mean", mean), ("pooled_max", self._max)):
-                self._group.create_array(name, data=vec, chunks=vec.shape, compressors=_ZSTD, overwrite=True)
-        attrs = dict(self._group.attrs)
-        attrs.update(extra_attrs or {})
+                self._data.create_array(name, data=vec, chunks=vec.shape, compressors=_ZSTD, overwrite=True)
+        attrs = {**self._attrs, **(extra_attrs or {})}
         attrs.update({
             "n_tiles": n,
             "embedding_dim": self.dim,
@@ -499,18 +612,32 @@ class SlideWriter:
             "empty_reason": empty_reason if n == 0 else None,
             "write_seconds": round(time.perf_counter() - self._started, 3),
             "committed_at": utc_now(),
+            DATA: self.data_name,
             COMPLETE: True,  # the marker: one atomic write of the group's zarr.json, after everything else
         })
+        self._check_owner()  # the last moment another writer could have taken the slide over
         self._group.attrs.put(attrs)
         self._done = True
+        for name in [name for name, _ in self._group.members() if name != self.data_name]:
+            del self._group[name]  # the replaced version, a dead writer's leftovers, or schema-1 arrays
         self.store.clear_failure(self.slide_id)
         return self.store.slide(self.slide_id)
 
     def abort(self) -> None:
-        """Delete what was written of this slide (best effort; a crash leaves debris the next write removes)."""
-        if not self._done:
-            self._done = True
-            self.store.delete_slide(self.slide_id)
+        """Remove what this writer wrote (best effort; a crash leaves debris the next writer removes once the
+        lease is dead). A replaced complete version stays as it was; another writer's slide is never touched."""
+        if self._done:
+            return
+        self._done = True
+        current = self.store._marker_attrs(self.slide_id)
+        holder = Lease.from_attrs((current or {}).get(WRITER))
+        if holder is None or holder.token != self.lease.token:
+            self._remove_own_data()
+        elif self._replaces is not None:
+            self._group.attrs.put(self._replaces)  # the old version, readable all along, without our lease
+            self._remove_own_data()
+        else:
+            self.store._delete_slide_group(self.slide_id)
 
     def __enter__(self) -> SlideWriter:
         return self
@@ -523,13 +650,19 @@ class SlideWriter:
             raise SlideWriteError(f"slide {self.slide_id!r}: writer closed without commit(); nothing was kept")
 
 
+def data_group(marker: zarr.Group, attrs: Mapping[str, Any] | None = None) -> zarr.Group:
+    """The group holding a committed slide's arrays: its `data` group (schema 2) or the marker itself (schema 1)."""
+    name = (attrs if attrs is not None else marker.attrs).get(DATA)
+    return marker[name] if name else marker  # type: ignore[return-value]
+
+
 class SlideView:
     """One complete slide, read lazily: arrays are read only for the rows asked."""
 
     def __init__(self, slide_id: str, group: zarr.Group) -> None:
         self.slide_id = slide_id
-        self._group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
+        self._group = data_group(group, self.attrs)
 
     def __repr__(self) -> str:
         return f"SlideView({self.slide_id!r}, n_tiles={self.n_tiles}, dim={self.embedding_dim})"

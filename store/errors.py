@@ -44,6 +44,14 @@ class SlideWriteError(StoreError, ValueError):
     """Rows handed to a slide writer that do not fit the slide (shape, dtype, NaN, after commit)."""
 
 
+class SlideBusy(StoreError, RuntimeError):
+    """A slide that another live writer owns (its lease is current): that writer will commit it."""
+
+
+class SlideOwnershipLost(SlideBusy):
+    """This writer's slide was taken over by another (its lease expired); nothing of this writer is kept."""
+
+
 class InvalidSlideId(SlidecacheError, ValueError):
     """A slide id that could escape its folder or cannot be a key (separators, '..', control chars)."""
 
@@ -79,6 +87,10 @@ class EvaluationError(SlidecacheError, ValueError):
 class AnnotationError(SlidecacheError, ValueError):
     """A training annotation that cannot be used: bad JSON, an unknown slide, a placeholder count mismatch,
     a sample longer than --max_seq_length. The message names the file and line."""
+
+
+class PipelineError(SlidecacheError, RuntimeError):
+    """A multi-stage run that cannot go on, e.g. every slide failed to extract: nothing to train or evaluate."""
 
 
 class TrainingError(SlidecacheError, RuntimeError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -79,8 +80,17 @@ def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str
     return versions
 
 
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_url_credentials(text: str) -> str:
+    """'s3://KEY:SECRET@bucket/x' → 's3://<redacted>@bucket/x', anywhere in a string (argv, logs, URLs)."""
+    return _URL_USERINFO.sub(r"\1<redacted>@", text)
+
+
 def scrub_secrets(obj: Any) -> Any:
-    """Copy of a config with the values of secret-looking keys replaced, so they never reach disk."""
+    """Copy of a config with the values of secret-looking keys replaced, and credentials inside URLs
+    (user:password@) removed from every string, so they never reach disk."""
     if isinstance(obj, Mapping):
         return {
             k: "<redacted>" if _is_secret(str(k)) and not isinstance(v, Mapping) else scrub_secrets(v)
@@ -88,6 +98,10 @@ def scrub_secrets(obj: Any) -> Any:
         }
     if isinstance(obj, (list, tuple)):
         return [scrub_secrets(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_url_credentials(obj)
+    if isinstance(obj, Path):
+        return redact_url_credentials(str(obj))
     return obj
 
 

@@ -7,8 +7,9 @@ from typing import Callable
 
 import numpy as np
 
-from store.embedding_store import EmbeddingStore
+from store.embedding_store import WRITER, EmbeddingStore, data_group
 from store.errors import StoreError
+from store.lease import Lease
 from store.provenance import fingerprint
 
 POOLED_TOLERANCE = 1e-2  # pooled_mean is computed in float64 from the float16 rows; this is rounding slack
@@ -49,7 +50,7 @@ def _check_slide(store: EmbeddingStore, slide_id: str) -> list[Problem]:
     if n:
         expected["pooled_mean"] = ((dim,), "float32")
         expected["pooled_max"] = ((dim,), "float32")
-    arrays = dict(group.arrays())
+    arrays = dict(data_group(group, attrs).arrays())
     for name, (shape, dtype) in expected.items():
         if name not in arrays:
             err(f"committed but array {name!r} is missing")
@@ -95,9 +96,14 @@ def verify_store(store: EmbeddingStore, progress: Callable[[str], None] | None =
     states = store.slide_states()
     for slide_id, complete in sorted(states.items()):
         if not complete:
-            problems.append(Problem(slide_id, "warning",
-                                    "incomplete (an interrupted write); invisible to readers, replaced by the next "
-                                    "extraction of this slide, or remove it with `python -m store rm`"))
+            lease = Lease.from_attrs(store.slide_group(slide_id).attrs.get(WRITER))
+            if lease is not None and lease.alive():
+                problems.append(Problem(slide_id, "warning", f"being written ({lease.describe()}); invisible to "
+                                                             "readers until that writer commits it"))
+            else:
+                problems.append(Problem(slide_id, "warning",
+                                        "incomplete (an interrupted write); invisible to readers, replaced by the next "
+                                        "extraction of this slide, or remove it with `python -m store rm`"))
             continue
         try:
             problems += _check_slide(store, slide_id)

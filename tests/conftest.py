@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -79,3 +82,73 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict]:
         return f"memory://slidecache-{uuid.uuid4().hex}", {}
     endpoint = request.getfixturevalue("s3_endpoint")
     return f"s3://slidecache-test/{uuid.uuid4().hex}", s3_options(endpoint)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """One test that needs the README demo first (its worker starts the run), the tests that need none next,
+    the other demo tests last: the other worker is busy while the demo runs, instead of waiting on its lock."""
+    needs = [item for item in items if "readme_demo" in getattr(item, "fixturenames", ())]
+    if needs:
+        rest = [item for item in items if item not in needs]
+        items[:] = needs[:1] + rest + needs[1:]
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """`python -m demo` as the README types it, run once per test session in a fresh working directory."""
+
+    cwd: Path
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def out(self) -> Path:
+        return self.cwd / "demo_output"
+
+    @property
+    def store(self) -> str:
+        return str(self.out / "store.zarr")
+
+    def copy_store(self, dest: Path) -> str:
+        """A private copy of the demo store, for commands that change it."""
+        shutil.copytree(self.store, dest)
+        return str(dest)
+
+
+@pytest.fixture(scope="session")
+def readme_demo(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> DemoRun:
+    """The README's main command, `python -m demo`, with its defaults, in a fresh working directory (no
+    --out): one run per test session, shared by every test that needs a demo store, and by every xdist
+    worker through a file lock, so CI pays for it once. Tests read it; a test that changes files copies them."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    if os.environ.get("SLIDECACHE_TEST_DEMO_DIR"):  # developing the tests only: reuse a finished run (CI never sets it)
+        shared = Path(os.environ["SLIDECACHE_TEST_DEMO_DIR"])
+        shared.mkdir(parents=True, exist_ok=True)
+    cwd, record = shared / "readme_demo", shared / "readme_demo.json"
+    with FileLock(str(shared / "readme_demo.lock")):
+        if not record.is_file():
+            cwd.mkdir(exist_ok=True)
+            started = time.monotonic()
+            run = subprocess.run([sys.executable, "-m", "demo"], cwd=cwd, capture_output=True, text=True, timeout=1800,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            record.write_text(json.dumps({"returncode": run.returncode, "stdout": run.stdout, "stderr": run.stderr,
+                                          "seconds": time.monotonic() - started}))
+    data = json.loads(record.read_text())
+    return DemoRun(cwd, data["returncode"], data["stdout"], data["stderr"], data["seconds"])
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tiny-qwen2 (random init, the real Qwen2 tokenizer) saved with save_pretrained: what a hub id becomes
+    here, read through the same local-directory loading path (tests/readme.py, the substitution table)."""
+    from train.llm import load_llm
+
+    folder = tmp_path_factory.mktemp("tiny_qwen2_checkpoint")
+    loaded = load_llm("tiny-qwen2", seed=0)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -25,8 +25,9 @@ def head_env() -> dict[str, str]:
 
 
 @contextmanager
-def ray_head(num_cpus: int = 2) -> Iterator[dict[str, str]]:
-    """Start `ray start --head` in its own session and temp dir; yield its addresses; stop only it."""
+def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """Start `ray start --head` in its own session and temp dir; yield its addresses; stop only it.
+    `env`: variables the cluster's processes see (a job's driver and workers inherit the head's)."""
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
     ports = {name: free_port() for name in ("gcs", "dashboard", "client", "node_manager", "object_manager",
                                              "agent_listen", "agent_grpc", "runtime_env", "metrics")}
@@ -37,7 +38,8 @@ def ray_head(num_cpus: int = 2) -> Iterator[dict[str, str]]:
            f"--object-manager-port={ports['object_manager']}", f"--dashboard-agent-listen-port={ports['agent_listen']}",
            f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
            f"--metrics-export-port={ports['metrics']}", "--node-ip-address=127.0.0.1"]
-    started = subprocess.run(cmd, env=head_env(), capture_output=True, text=True, timeout=180, start_new_session=True)
+    started = subprocess.run(cmd, env={**head_env(), **(env or {})}, capture_output=True, text=True, timeout=180,
+                             start_new_session=True)
     info = {"gcs": f"127.0.0.1:{ports['gcs']}", "dashboard": f"http://127.0.0.1:{ports['dashboard']}",
             "temp_dir": temp_dir, "client_port": str(ports["client"])}
     try:

@@ -2,12 +2,13 @@
 `"slide"`, plus the meta JSON that names it. For the demo and for TCGA.
 
 The answer states what the table knows: "Tumour grade: G2." and "Prognosis: high risk." — high when the
-endpoint's event came at or before the cohort's median observed time, low when the patient was followed
-past it; a patient censored before it has no stated prognosis. A report text given for the slide or
-patient comes first.
+endpoint's event came at or before the horizon, low when the patient was followed past it; a patient
+censored before it has no stated prognosis. The horizon is the median observed time of the cohort, or,
+with `--split FILE --fold K`, of the training patients only (the held-out fold must not shape its own
+labels). A report text given for the slide or patient comes first.
 
     python -m train.annotations --store STORE --clinical TABLE [--reports reports.jsonl] [--endpoint OS]
-        --out annotations.jsonl [--meta meta.json]
+        [--split splits.csv --fold 0] --out annotations.jsonl [--meta meta.json]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -30,12 +31,18 @@ from store.jsonl import read_jsonl
 QUESTION = "<image>\nWrite the pathology report for this slide, stating the tumour grade and the prognosis."
 
 
-def risk_groups(clinical: ClinicalTable, endpoint: str) -> tuple[dict[str, str], float]:
-    """({patient: 'high' | 'low'}, horizon in days)."""
+def risk_groups(clinical: ClinicalTable, endpoint: str, horizon_patients: Collection[str] | None = None
+                ) -> tuple[dict[str, str], float]:
+    """({patient: 'high' | 'low'}, horizon in days). The horizon is the median observed time over
+    `horizon_patients` (the training patients when a split is given), else over every patient."""
     have = {pid: c.endpoints[endpoint] for pid, c in clinical.patients.items() if endpoint in c.endpoints}
     if not have:
         raise AnnotationError(f"{clinical.path}: no patient has {endpoint}")
-    horizon = float(np.median([o.time_days for o in have.values()]))
+    basis = have if horizon_patients is None else {p: o for p, o in have.items() if p in horizon_patients}
+    if not basis:
+        raise AnnotationError(f"{clinical.path}: none of the {len(horizon_patients or [])} training patients has "
+                              f"{endpoint}: no prognosis horizon can be set")
+    horizon = float(np.median([o.time_days for o in basis.values()]))
     groups = {}
     for pid, outcome in have.items():
         if outcome.event and outcome.time_days <= horizon:
@@ -65,10 +72,12 @@ def _read_reports(path: Path) -> dict[str, str]:
 
 
 def write_annotations(store: EmbeddingStore, clinical: ClinicalTable, out: str | Path, endpoint: str = "OS",
-                      reports: str | Path | None = None) -> dict[str, int | float]:
+                      reports: str | Path | None = None, training_patients: Collection[str] | None = None
+                      ) -> dict[str, int | float]:
+    """`training_patients`: set the prognosis horizon from these patients only (the split's training folds)."""
     if endpoint not in ENDPOINTS:
         raise AnnotationError(f"unknown endpoint {endpoint!r}; choose one of {', '.join(ENDPOINTS)}")
-    groups, horizon = risk_groups(clinical, endpoint)
+    groups, horizon = risk_groups(clinical, endpoint, training_patients)
     texts = _read_reports(Path(reports)) if reports else {}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +101,18 @@ def write_annotations(store: EmbeddingStore, clinical: ClinicalTable, out: str |
             written += 1
     partial.replace(out)  # never a half-written annotation file
     return {"written": written, "slides_without_patient": no_patient, "nothing_to_state": nothing,
-            "risk_horizon_days": horizon}
+            "risk_horizon_days": horizon,
+            "risk_horizon_from": "all patients" if training_patients is None else f"{len(training_patients)} training patients"}
+
+
+def training_patients(split: str | Path, fold: int) -> set[str]:
+    """The patients of a split file outside the held-out fold."""
+    from evaluate.splits import read_split
+
+    folds = read_split(split)
+    if fold not in set(folds.values()):
+        raise AnnotationError(f"{split}: no fold {fold} (folds {sorted(set(folds.values()))})")
+    return {p for p, f in folds.items() if f != fold}
 
 
 def write_meta(meta: str | Path, annotation: str | Path, name: str = "slide_reports") -> Path:
@@ -110,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clinical", required=True, nargs="+")
     parser.add_argument("--endpoint", default="OS", choices=ENDPOINTS)
     parser.add_argument("--reports", help="jsonl of {slide_id|patient_id, text}: report texts to start answers with")
+    parser.add_argument("--split", help="patient split file: the prognosis horizon comes from the training folds only")
+    parser.add_argument("--fold", type=int, default=-1, help="with --split: the held-out fold")
     parser.add_argument("--out", required=True, help="annotation jsonl to write")
     parser.add_argument("--meta", help="also write an InternVL meta JSON naming it")
     parser.set_defaults(func=_run)
@@ -117,12 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.split and args.fold < 0:
+        raise AnnotationError("--split needs --fold K: the held-out fold, whose patients do not set the horizon")
+    train_patients = training_patients(args.split, args.fold) if args.split else None
     counts = write_annotations(EmbeddingStore.open(args.store), load_clinical_tables(args.clinical), args.out,
-                               args.endpoint, args.reports)
+                               args.endpoint, args.reports, train_patients)
     if args.meta:
         write_meta(args.meta, args.out)
     print(f"wrote {counts['written']} annotations to {args.out} (prognosis horizon {counts['risk_horizon_days']:.0f} "
-          f"days; {counts['slides_without_patient']} slides without a clinical record skipped)"
+          f"days, from {counts['risk_horizon_from']}; {counts['slides_without_patient']} slides without a clinical "
+          "record skipped)"
           + (f"; meta {args.meta}" if args.meta else ""))
     return 0
 

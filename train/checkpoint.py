@@ -35,6 +35,7 @@ class ModelSpec:
     unfreeze_lm_head: bool
     system_message: str
     store_fingerprint: str
+    llm_seed: int = 0  # the seed a random stand-in LLM (tiny-qwen2, qwen2-0.5b-random) was built with
 
 
 def apply_lora(llm: torch.nn.Module, rank: int, dropout: float) -> torch.nn.Module:
@@ -93,7 +94,7 @@ def read_spec(folder: str | Path) -> ModelSpec:
 def load_for_inference(folder: str | Path, device: torch.device) -> tuple[SlideVLM, LoadedLLM, ModelSpec]:
     """Rebuild the model: the LLM from its source, the LoRA adapter via PEFT, then the trained tensors."""
     spec = read_spec(folder)
-    loaded = load_llm(spec.llm_path)
+    loaded = load_llm(spec.llm_path, seed=spec.llm_seed)  # a random stand-in is rebuilt exactly as trained
     llm = loaded.model
     if spec.lora_rank:
         from peft import PeftModel

@@ -3,18 +3,27 @@
 --bf16, --save_steps, --resume_from_checkpoint ...) works as in InternVL's finetune scripts, plus
 slidecache's --store and --max_tiles. A YAML in configs/train/ gives defaults; flags override it.
 GPUS, BATCH_SIZE and PER_DEVICE_BATCH_SIZE are honoured as in InternVL's shell scripts.
+
+Precision is decided here, before TrainingArguments is built (transformers resolves mixed precision in its
+`__post_init__`; setting `bf16` afterwards never reaches the Accelerator): bf16 when neither --bf16 nor
+--fp16 is given and the GPU supports it. Without a visible GPU `--use_cpu` defaults to True, which lets
+`--bf16 True` run on the CPU and makes CPU processes under torchrun join their gloo group.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
+from store.configs import find_config
 from store.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
@@ -64,9 +73,7 @@ class DataArguments:
 
 
 def _yaml_defaults(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file() and (CONFIG_DIR / path).is_file():
-        path = CONFIG_DIR / path
+    path = find_config(path, "train")
     if not path.is_file():
         raise ConfigError(f"training config {path} does not exist (those shipped are in {CONFIG_DIR})")
     values = yaml.safe_load(path.read_text()) or {}
@@ -89,18 +96,38 @@ def _apply_batch_env(args: TrainingArguments) -> None:
         args.gradient_accumulation_steps = total // per_step
 
 
+def _given(argv: Sequence[str], name: str) -> bool:
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+
+def precision_defaults(argv: Sequence[str], yaml_defaults: dict) -> dict:
+    """Defaults decided before TrainingArguments exists: bf16 on GPUs that support it (unless a precision is
+    given), use_cpu without a GPU (unless given)."""
+    given = {name for name in ("bf16", "fp16", "use_cpu") if name in yaml_defaults or _given(argv, name)}
+    defaults = {}
+    cuda = torch.cuda.is_available()
+    if not cuda and "use_cpu" not in given:
+        defaults["use_cpu"] = True
+    if cuda and not given & {"bf16", "fp16"} and torch.cuda.is_bf16_supported():
+        defaults["bf16"] = True
+    return defaults
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     parser.add_argument("--config", help="a YAML of defaults (configs/train/*.yaml); flags given override it")
-    argv = list(argv) if argv is not None else None
+    for action in parser._actions:  # optional booleans (`bool | None`) too: `--flag` alone means True, as for the rest
+        if action.type is string_to_bool and action.nargs is None:
+            action.nargs, action.const = "?", True
+    argv = list(argv) if argv is not None else sys.argv[1:]
     pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        defaults = _yaml_defaults(pre.config)
+    defaults = _yaml_defaults(pre.config) if pre.config else {}
+    if defaults:
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(defaults) - known)
         if unknown:
             raise ConfigError(f"{pre.config}: unknown keys {unknown}")
-        parser.set_defaults(**defaults)
+    parser.set_defaults(**precision_defaults(argv, defaults), **defaults)
     parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     model_args, data_args, training_args = parsed[0], parsed[1], parsed[2]  # parsed[3]: the --config namespace
     _apply_batch_env(training_args)

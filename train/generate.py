@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from evaluate.splits import read_split
 from store.cli import run_command
+from store.cli_args import ArgumentParser
 from store.devices import pick_device
 from store.embedding_store import EmbeddingStore
 from store.errors import TrainingError
@@ -118,8 +119,8 @@ def answer_image(checkpoint: str, image: str, store_url: str, prompt: str = DEFA
     return loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m train.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a training --output_dir or one of its checkpoint-N")
     parser.add_argument("--store", required=True)
     parser.add_argument("--meta_path", help="annotations to answer (cached slides or images)")
@@ -130,14 +131,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fold", type=int, default=-1)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_bool("--do_sample", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top_p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--out", help="jsonl of generated texts (required with --meta_path)")
     parser.set_defaults(func=_run)
-    return run_command(parser, argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,9 +6,13 @@ learned latent tokens (cross-attention), so long slides cost K tokens.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from store.errors import TrainingError
+
+IGNORE_INDEX = -100
 
 
 class MLPProjector(nn.Sequential):
@@ -38,7 +42,15 @@ class Resampler(nn.Module):
 
 
 class SlideVLM(nn.Module):
-    """forward(input_ids, attention_mask, labels, tiles (B, T, D), tile_mask (B, T)) → the LLM's output."""
+    """forward(input_ids, attention_mask, labels, tiles (B, T, D), tile_mask (B, T)) → the LLM's output.
+
+    HF Trainer passes `num_items_in_batch` (the supervised tokens of the whole accumulated batch, over every
+    device) and then leaves the loss as it comes: the LLM's loss must divide by that count, so the loss is
+    the token-weighted mean over everything accumulated, however it is split into micro-batches or workers.
+    """
+
+    accepts_loss_kwargs = True  # Trainer: the model normalises by num_items_in_batch (it does, below)
+    loss_type = "ForCausalLM"  # Trainer counts supervised tokens as a causal LM shifts them: labels[..., 1:]
 
     def __init__(self, llm: nn.Module, in_dim: int, llm_dim: int, img_context_id: int, resampler_tokens: int = 0) -> None:
         super().__init__()
@@ -73,9 +85,28 @@ class SlideVLM(nn.Module):
         return embeddings
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tiles: torch.Tensor,
-                tile_mask: torch.Tensor, labels: torch.Tensor | None = None, **_: object):
+                tile_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                num_items_in_batch: torch.Tensor | int | None = None):
         embeddings = self.embed(input_ids, tiles, tile_mask)
-        return self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels, use_cache=False)
+        if labels is None or not self.training:  # evaluation and inference: the LLM's own output, logits included
+            loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            return self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels, use_cache=False,
+                            **loss_kwargs)
+        return CausalLMOutputWithPast(loss=self._supervised_loss(embeddings, attention_mask, labels, num_items_in_batch))
+
+    def _supervised_loss(self, embeddings: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                         num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        """The causal-LM loss of HF's ForCausalLMLoss (position p predicts label p+1; summed cross-entropy over
+        the supervised tokens, divided by num_items_in_batch, else by their count), with logits computed only
+        at the supervised positions: Qwen2's 151,936-entry vocabulary makes the full (B, L, V) logits and their
+        gradient ~90% of a training step (measured, tiny-qwen2, B=4, L=100), and only the answers carry loss."""
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm  # LoRA sits inside
+        hidden = base.model(inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        targets = labels[:, 1:]  # (B, L-1)
+        picked = targets != IGNORE_INDEX
+        logits = base.lm_head(hidden[:, :-1][picked]).float()  # (N, V): only where a label is predicted
+        loss = F.cross_entropy(logits, targets[picked], reduction="sum")
+        return loss / (num_items_in_batch if num_items_in_batch is not None else picked.sum())
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tiles: torch.Tensor,

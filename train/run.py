@@ -108,7 +108,7 @@ def setup(model_args: ModelArguments, data_args: DataArguments, training_args: T
                   skipped_overlong_examples=dataset.skipped_overlong[:5])
     spec = ModelSpec(model_args.llm_path, visual_dim(store), data_args.max_tiles, model_args.use_llm_lora,
                      model_args.lora_dropout, model_args.resampler_tokens, model_args.unfreeze_lm_head,
-                     data_args.system_message, store.fingerprint)
+                     data_args.system_message, store.fingerprint, llm_seed=training_args.seed)
     torch.manual_seed(training_args.seed)  # projector init
     model = build_model(spec, loaded)
     for note in freeze(model, model_args):
@@ -139,8 +139,8 @@ class TrainResult:
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> TrainResult:
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not training_args.fp16:
-        training_args.bf16 = True
+    """Precision was decided when the arguments were parsed (train.config.parse_args): setting bf16 here would
+    never reach the Accelerator."""
     training_args.remove_unused_columns = False  # the model takes tiles and tile_mask, which Trainer cannot see
     ready = setup(model_args, data_args, training_args)
     counts = parameter_counts(ready.model)
@@ -151,15 +151,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     out = Path(training_args.output_dir)
     writes = training_args.should_save  # the main process only, under torchrun or Ray Train
     world = training_args.world_size
-    if writes:
-        write_manifest(out, model_args, data_args, training_args,
-                       {"data_counts": ready.counts, "parameters": counts, "llm_source": ready.loaded.source,
-                        "world_size": world})
     trainer = SlideTrainer(model=ready.model, args=training_args, train_dataset=ready.train_dataset,
                            data_collator=Collator(ready.loaded.tokenizer.pad_token_id),
                            processing_class=ready.loaded.tokenizer,
                            callbacks=[TileEpochCallback(ready.train_dataset)])
     trainer.spec = ready.spec
+    precision = {"bf16": training_args.bf16, "fp16": training_args.fp16,
+                 "accelerator_mixed_precision": str(trainer.accelerator.mixed_precision),
+                 "device": str(training_args.device)}
+    print(f"precision: {precision['accelerator_mixed_precision']} mixed precision on {precision['device']}")
+    if writes:
+        write_manifest(out, model_args, data_args, training_args,
+                       {"data_counts": ready.counts, "parameters": counts, "llm_source": ready.loaded.source,
+                        "world_size": world, "precision": precision})
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or None)
     trainer.save_model(str(out))
     trainer.save_state()

@@ -1,12 +1,23 @@
-"""The README's main command on a smaller cohort: the planted signal is found from the cache, reports are
-well formed and scored on held-out patients only, and a second run extracts and trains nothing."""
+"""The README's main command as a new user runs it: `python -m demo` with its defaults, in a fresh working
+directory, no --out (the session fixture `readme_demo`). It extracts every slide, finds the planted signal
+from the cache, writes well formed reports scored on held-out patients only, and a second run encodes and
+trains nothing. When every slide fails, the run stops with one line naming the first errors."""
+
+from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
 
 from demo.cohort import DemoSize, nuclear_density, plan_patients
-from demo.pipeline import DemoSettings, run
 from evaluate.report_metrics import parse_grade, parse_risk
 from evaluate.splits import read_split
+from store import EmbeddingStore
+from tests.conftest import REPO_ROOT
 
 
 def test_planted_cohort_is_consistent():
@@ -18,25 +29,66 @@ def test_planted_cohort_is_consistent():
     assert nuclear_density(-2) < nuclear_density(0) < nuclear_density(2)
 
 
-def test_demo_end_to_end_and_second_run_reuses_everything(tmp_path):
-    settings = DemoSettings(size=DemoSize(patients=40, min_side=900, max_side=1300), train_epochs=4, max_tiles=16)
-    first = run(tmp_path, settings, log=lambda m: None)
-    assert first["failed"] == [] and first["verify_problems"] == [] and first["extracted_now"] == first["slides_in_store"]
-    survival = first["evaluation"]["survival"]["summary"]
+@pytest.mark.readme("make demo")
+def test_make_demo_runs_python_m_demo_with_no_arguments():
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipe = re.search(r"^demo: .*\n\t(.+)$", makefile, re.MULTILINE)
+    assert recipe and recipe.group(1).strip() == "$(PY) -m demo"  # so the fixture's command is exactly what it runs
+
+
+@pytest.mark.readme("python -m demo")
+@pytest.mark.recipe("extract/virchow2-tiny.yaml")
+def test_the_readme_demo_on_a_fresh_working_directory(readme_demo):
+    assert readme_demo.returncode == 0, readme_demo.stderr[-3000:]
+    out = readme_demo.out
+    result = json.loads((out / "run_manifest.json").read_text())["summary"]
+    assert (out / "summary.html").is_file() and result["summary_html"] == "demo_output/summary.html"
+    assert result["failed"] == [] and result["verify_problems"] == []
+    assert result["slides_in_store"] == result["extracted_now"] == 100  # every slide of the cohort
+    store = EmbeddingStore.open(readme_demo.store)
+    assert len(store.slide_ids()) == 100 and store.failures() == {}
+    assert not (readme_demo.cwd / "cufile.log").exists() and not (out / "cufile.log").exists()
+    survival = result["evaluation"]["survival"]["summary"]
     assert survival["harrell_c"]["mean"] >= 0.75, survival
-    grade = first["evaluation"]["grade"]["summary"]
+    grade = result["evaluation"]["grade"]["summary"]
     assert grade["balanced_accuracy"]["mean"] > 1.5 * grade["chance"]["balanced_accuracy"], grade
-    held_out = {p for p, fold in read_split(first["split"]).items() if fold == 0}
-    rows = [json.loads(line) for line in open(first["generated"])]
+    held_out = {p for p, fold in read_split(out / "splits.csv").items() if fold == 0}
+    rows = [json.loads(line) for line in open(out / "reports_heldout.jsonl")]
     assert rows and all(r["id"].rsplit("-S", 1)[0] in held_out for r in rows)  # test patients only
     assert all(isinstance(r["text"], str) and r["reference"] for r in rows)
     assert all(parse_grade(r["reference"]) and parse_risk(r["reference"]) is not None or "Prognosis" not in r["reference"]
                for r in rows)
-    reports = first["evaluation"]["reports"]
+    reports = result["evaluation"]["reports"]
     assert reports["n"] == len(rows) and reports["clinical"]["stated_risk_unmatched"] == 0  # each report has its patient
-    html = (tmp_path / "summary.html").read_text()
+    assert result["annotation_counts"]["risk_horizon_from"].endswith("training patients")  # the held-out fold excluded
+    html = (out / "summary.html").read_text()
     assert "random weights" in html and "km.png" in html and "confusion.png" in html and "qc/slides/" in html
-    second = run(tmp_path, settings, log=lambda m: None)
-    assert second["extracted_now"] == 0 and second["skipped_complete"] == first["slides_in_store"]
-    manifest = json.loads((tmp_path / "run_manifest.json").read_text())
+    manifest = json.loads((out / "run_manifest.json").read_text())
     assert manifest["provenance"]["config"]["seed"] == 0 and "torch" in manifest["provenance"]["packages"]
+    assert set(result["stage_seconds"]) == {"slides", "extraction", "training and generation", "evaluation"}
+
+
+def test_a_second_run_encodes_and_trains_nothing(readme_demo, tmp_path):
+    copy = tmp_path / "again"
+    shutil.copytree(readme_demo.cwd, copy, ignore=shutil.ignore_patterns("*.lock"))
+    rerun = subprocess.run([sys.executable, "-m", "demo"], cwd=copy, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "all 100 slides already in the store: nothing encoded" in rerun.stdout
+    assert "already holds a finished run: reused" in rerun.stdout and "generated by this run's model: reused" in rerun.stdout
+    second = json.loads((copy / "demo_output" / "run_manifest.json").read_text())["summary"]
+    assert second["extracted_now"] == 0 and second["skipped_complete"] == 100
+
+
+def test_when_every_slide_fails_the_demo_stops_with_one_line_naming_the_errors(tmp_path):
+    slides = tmp_path / "demo_output" / "slides"
+    slides.mkdir(parents=True)
+    for patient in plan_patients(DemoSize(patients=3)):
+        for slide_id in patient.slides:
+            (slides / f"{slide_id}.tiff").write_bytes(b"not a slide at all")  # existing files are kept
+    run = subprocess.run([sys.executable, "-m", "demo", "--patients", "3"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    (line,) = [row for row in run.stderr.splitlines() if row.startswith("error:")]
+    assert "all 3 slides" in line and "failed to extract" in line and "DEMO-P000-S0: SlideReadError" in line
+    assert "python -m store failures" in line

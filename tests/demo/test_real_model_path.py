@@ -29,6 +29,8 @@ def saved_models(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.readme("python -m demo --encoder virchow2 --llm_path Qwen/Qwen2-0.5B-Instruct")  # tests/readme.py
+@pytest.mark.recipe("extract/virchow2.yaml")
 def test_demo_runs_the_real_architectures_from_local_weights(saved_models, tmp_path):
     weights, llm_dir = saved_models
     settings = DemoSettings(size=DemoSize(patients=10, two_slides_every=100, min_side=600, max_side=700), folds=2,

@@ -24,6 +24,8 @@ from store.clinical import load_clinical
 from store.errors import EvaluationError
 from tests.evaluate.helpers import planted_cohort
 
+pytestmark = pytest.mark.xdist_group("test_abmil")  # its module fixture is built once, on one worker
+
 
 def reference_nll(eta: np.ndarray, time: np.ndarray, event: np.ndarray, ties: str) -> float:
     """The textbook definition, one event time at a time (Efron 1977; Breslow 1974)."""

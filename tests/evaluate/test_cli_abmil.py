@@ -21,6 +21,8 @@ from store.clinical import load_clinical
 from tests.conftest import REPO_ROOT
 from tests.evaluate.helpers import THUMB_DOWNSAMPLE, TILE, planted_cohort
 
+pytestmark = pytest.mark.xdist_group("test_cli_abmil")  # its module fixture is built once, on one worker
+
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):

@@ -18,6 +18,8 @@ from store.errors import EvaluationError
 from tests.conftest import REPO_ROOT
 from tests.evaluate.helpers import planted_cohort
 
+pytestmark = pytest.mark.xdist_group("test_grade")  # its module fixture is built once, on one worker
+
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):

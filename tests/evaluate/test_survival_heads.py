@@ -18,6 +18,8 @@ from store.errors import EvaluationError
 from tests.conftest import REPO_ROOT
 from tests.evaluate.helpers import planted_cohort
 
+pytestmark = pytest.mark.xdist_group("test_survival_heads")  # its module fixture is built once, on one worker
+
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
@@ -95,8 +97,16 @@ def test_bad_inputs(planted, tmp_path):
     has, times, events = data.endpoint("OS")
     folds = folds_for(data)
     censored_fold = {p: (0 if not e else 1) for p, e in zip(data.patient_ids, events)}
-    with pytest.raises(EvaluationError, match="fold 0 has no OS event"):
+    with pytest.raises(EvaluationError, match="the training part of fold 1 has no OS event"):
         cross_validate(data, "OS", "coxph", censored_fold)
+    # a held-out fold without an event is scored null with its reason; the other folds still count
+    no_event_test = dict(folds)
+    censored = [p for p, e in zip(data.patient_ids, events) if not e]
+    no_event_test.update({p: 5 for p in censored[:6]})
+    result = cross_validate(data, "OS", "coxph", no_event_test)
+    fold5 = next(m for m in result.folds if m["fold"] == 5)
+    assert fold5["harrell_c"] is None and "all censored" in fold5["not_computed"]["harrell_c"]
+    assert result.summary["harrell_c"]["folds"] == 5 and "5" in result.summary["harrell_c"]["not_computed_in_folds"]
     tiny = {p: i % 2 for i, p in enumerate(data.patient_ids[:8])}  # 4 training patients per fold
     with pytest.raises(EvaluationError, match="training part of fold 0 has 4 patients.*use fewer folds or more patients"):
         cross_validate(data, "OS", "coxnet", tiny)

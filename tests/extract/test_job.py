@@ -22,6 +22,8 @@ from store.errors import FingerprintMismatch
 from store.verify import verify_store
 from tests.store.helpers import spec as other_spec
 
+pytestmark = pytest.mark.xdist_group("test_job")  # its module fixture is built once, on one worker
+
 TINY = dict(encoder="virchow2-tiny", precision="fp32", batch_size=16, read_chunk=8)
 
 

@@ -46,12 +46,12 @@ def write_dataset(root: Path, bad: bool = False) -> Path:
     for i, (name, w, h, caption) in enumerate(IMAGES):
         _picture(i, w, h).save(images / name)
         lines.append({"id": i, "image": name, "conversations": [
-            {"from": "human", "value": "<image>\nDescribe this H&E image."}, {"from": "gpt", "value": caption}]})
+            {"from": "human", "value": "<image>\nDescribe this image."}, {"from": "gpt", "value": caption}]})
     if bad:
         (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
         for name in ("missing.png", "corrupt.png"):
             lines.append({"id": name, "image": name, "conversations": [
-                {"from": "human", "value": "<image>\nDescribe this H&E image."}, {"from": "gpt", "value": "none"}]})
+                {"from": "human", "value": "<image>\nDescribe this image."}, {"from": "gpt", "value": "none"}]})
     annotation = root / "captions.jsonl"
     annotation.write_text("".join(json.dumps(line) + "\n" for line in lines))
     meta = root / "meta.json"

@@ -2,11 +2,14 @@
 caches per-tile 16x16 token grids, records unreadable and missing images without stopping, and skips
 what is done on a rerun; training folds each grid by pixel shuffle into 64 tokens per tile, exactly as
 many as the prompt reserves; a forward pass from the cache equals one with the encoder run live on the
-same image; `python -m train.generate` answers from the cache and, with `--image`, from a new file."""
+same image; the README's image block runs as printed (tests/readme.py): the InternVL2-1B + Virchow-2 LoRA
+recipe under `GPUS=2` torchrun, generation from the cache and, with `--image`, from a new file (the same
+answer), and the caption metrics; both image recipes take one optimiser step at their own settings."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -14,20 +17,32 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate.report_metrics import score_reports
 from extract.dynamic_tiling import choose_layout
 from store import EmbeddingStore
 from store.errors import AnnotationError, ConfigError
 from store.ids import image_key
 from tests.conftest import REPO_ROOT
 from tests.images.helpers import IMAGES, write_dataset
+from tests.readme import run_in_process, run_subprocess, to_argv
 from train.config import parse_args
 from train.data import Collator
 from train.live_image import encode_image
 from train.run import setup, train
 from train.tokenizer import IMG_CONTEXT
 
+pytestmark = pytest.mark.xdist_group("test_images_pipeline")  # its module fixture is built once, on one worker
+
 TINY = str(REPO_ROOT / "configs" / "extract" / "virchow2-tiny.yaml")
+EXTRACT = ("python -m extract images --meta_path meta.json --store images.zarr [--config configs/extract/virchow2.yaml] "
+           "[--max_dynamic_patch 6] [--min_dynamic_patch 1] [--use_thumbnail True] [--tokens 8x8]")
+TRAIN = ("GPUS=8 PER_DEVICE_BATCH_SIZE=4 BATCH_SIZE=16 python -m train --config "
+         "configs/train/internvl2_1b_virchow2_lora.yaml --meta_path meta.json --store images.zarr "
+         "--output_dir runs/caption-lora")
+GENERATE = ("python -m train.generate --checkpoint runs/caption-lora --store images.zarr --meta_path test_meta.json "
+            "--out gen.jsonl")
+ANSWER = ('python -m train.generate --checkpoint runs/caption-lora --store images.zarr --image new.png --prompt '
+          '"Describe this image."')
+REPORT = "python -m evaluate report --predictions gen.jsonl --references test_captions.jsonl"
 
 
 def extract_images(meta, store):
@@ -37,17 +52,20 @@ def extract_images(meta, store):
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
+    """The README's extraction command in the dataset's folder (with a missing and a corrupt image)."""
     root = tmp_path_factory.mktemp("images")
-    meta_bad = write_dataset(root / "with_bad", bad=True)
-    store = root / "images.zarr"
-    first = extract_images(meta_bad, store)
+    write_dataset(root / "with_bad", bad=True)
+    first = run_subprocess(to_argv(EXTRACT, tiny_encoder=True), root / "with_bad", timeout=600)
+    store = root / "with_bad" / "images.zarr"
     meta = write_dataset(root / "clean")  # same dataset name and image names: the same store keys
+    (root / "clean" / "images.zarr").symlink_to(store)
     return root, meta, store, first
 
 
+@pytest.mark.readme(EXTRACT)
 def test_extract_images_records_bad_images_and_reruns_skip(cached):
     root, _, store, first = cached
-    assert first.returncode == 1, first.stderr[-2000:]  # failures are reported in the exit code, not raised
+    assert first.code == 1, first.stderr[-2000:]  # failures are reported in the exit code, not raised
     assert "6 images encoded" in first.stdout and "2 failed" in first.stdout
     assert "missing.png: file not found (named at" in first.stdout and "captions.jsonl, line 7" in first.stdout
     assert "corrupt.png: not a readable image" in first.stdout
@@ -95,27 +113,66 @@ def test_forward_from_the_cache_equals_the_encoder_run_live(cached, tmp_path):
     torch.testing.assert_close(live_logits, cached_logits)
 
 
-def test_train_then_answer_from_the_cache_and_from_a_new_image(cached, tmp_path):
+def test_training_from_the_cache_learns_the_captions_and_a_new_image_gets_the_cached_answer(cached, tmp_path):
+    from train.generate import answer_image, generate_reports
+
     root, meta, store, _ = cached
     out = tmp_path / "run"
     result = train(*parse_args(flags(meta, store, out, "--num_train_epochs", "12", "--logging_steps", "3")))
     curve = [h["loss"] for h in result.summary["log_history"] if "loss" in h]
     assert curve[-1] < 0.7 * curve[0], curve
-    generated = tmp_path / "gen.jsonl"
-    run = subprocess.run([sys.executable, "-m", "train.generate", "--checkpoint", str(out), "--store", str(store),
-                          "--meta_path", str(meta), "--max_new_tokens", "12", "--out", str(generated)],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = {r["image"]: r for r in map(json.loads, generated.read_text().splitlines())}
+    generate_reports(str(out), str(store), str(meta), tmp_path / "gen.jsonl", max_new_tokens=12)
+    rows = {r["image"]: r for r in map(json.loads, (tmp_path / "gen.jsonl").read_text().splitlines())}
+    live = answer_image(str(out), str(root / "clean" / "images" / "wide.png"), str(store), max_new_tokens=12)
+    assert live and live == rows["wide.png"]["text"]  # encoded now or read from the cache: the same answer
+
+
+@pytest.mark.recipe("internvl2_1b_virchow2_lora.yaml")
+@pytest.mark.recipe("internvl2_1b_virchow2_full.yaml")
+@pytest.mark.parametrize("recipe", ["internvl2_1b_virchow2_lora.yaml", "internvl2_1b_virchow2_full.yaml"])
+def test_each_image_recipe_takes_a_step_at_its_own_settings(cached, saved_tiny_llm, recipe, tmp_path):
+    _, meta, store, _ = cached
+    out = tmp_path / "run"
+    result = train(*parse_args(["--config", recipe, "--meta_path", str(meta), "--store", str(store),
+                                "--output_dir", str(out), "--llm_path", saved_tiny_llm]))
+    manifest = json.loads((out / "run_manifest.json").read_text())
+    settings = manifest["config"]["training"]
+    assert (settings["per_device_train_batch_size"], settings["gradient_accumulation_steps"]) == (4, 4)
+    assert result.summary["steps"] == 1 and manifest["precision"]["accelerator_mixed_precision"] in ("no", "bf16")
+    full = recipe.endswith("full.yaml")
+    assert (manifest["config"]["model"]["use_llm_lora"] == 0) == full
+    assert manifest["parameters"]["trainable"] > (0.5 if full else 0) * manifest["parameters"]["total"]
+
+
+@pytest.mark.readme(TRAIN)
+@pytest.mark.readme(GENERATE)
+@pytest.mark.readme(ANSWER)
+@pytest.mark.readme(REPORT)
+def test_the_readme_image_block_in_order(cached, saved_tiny_llm):
+    root, _, _, _ = cached
+    here = root / "clean"
+    shutil.copy(here / "meta.json", here / "test_meta.json")
+    shutil.copy(here / "captions.jsonl", here / "test_captions.jsonl")
+    shutil.copy(here / "images" / "wide.png", here / "new.png")
+    trained = run_subprocess(to_argv(TRAIN, llm_dir=saved_tiny_llm), here, timeout=600)
+    assert trained.code == 0, trained.log[-3000:]
+    assert "torch.distributed.run --nproc_per_node=2" in trained.stdout
+    manifest = json.loads((here / "runs" / "caption-lora" / "run_manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["config"]["training"]["gradient_accumulation_steps"] == 2  # 16 / (2 x 4)
+
+    generated = run_in_process(to_argv(GENERATE), here)
+    assert generated.code == 0, generated.log[-2000:]
+    rows = {r["image"]: r for r in map(json.loads, (here / "gen.jsonl").read_text().splitlines())}
     assert set(rows) == {name for name, *_ in IMAGES} and all(r["reference"] for r in rows.values())
-    scores = score_reports(generated, root / "clean" / "captions.jsonl")  # pycocoevalcap, as InternVL's caption eval
-    assert scores.n == 6 and all(0 <= scores.caption[k] <= 10 for k in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"))
-    image = root / "clean" / "images" / "wide.png"
-    live = subprocess.run([sys.executable, "-m", "train.generate", "--checkpoint", str(out), "--store", str(store),
-                           "--image", str(image), "--prompt", "Describe this H&E image.", "--max_new_tokens", "12"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert live.returncode == 0, live.stderr[-2000:]
-    assert live.stdout.strip().splitlines()[-1] == rows["wide.png"]["text"]  # same tokens, same greedy answer
+
+    answered = run_in_process(to_argv(ANSWER), here)
+    assert answered.code == 0, answered.log[-2000:]
+    answer = answered.stdout.strip().splitlines()
+    assert (answer[-1] if answer else "") == rows["wide.png"]["text"]  # same prompt and tokens, same greedy answer
+
+    scored = run_in_process(to_argv(REPORT), here)  # pycocoevalcap, as InternVL's caption eval
+    assert scored.code == 0 and "6 generated reports vs references" in scored.stdout
+    assert all(key in scored.stdout for key in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"))
 
 
 def test_refusals_name_the_problem(cached, tmp_path):

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from store import EmbeddingStore
+from store.embedding_store import data_group
 from store.cli import build_parser
 from tests.conftest import REPO_ROOT
 from tests.store.helpers import spec, write_slide
@@ -63,7 +64,7 @@ def test_verify_exits_nonzero_with_the_problem(tmp_path):
     url = str(tmp_path / "store")
     store = EmbeddingStore.create_or_open(url, kind="slides", spec=spec())
     write_slide(store, "s1", 100)
-    store._root["slides/s1/embeddings"][3, 0] = float("nan")
+    data_group(store._root["slides/s1"])["embeddings"][3, 0] = float("nan")
     result = run("verify", url)
     assert result.returncode == 1
     assert "error: slide s1: embedding row 3 is NaN/Inf" in result.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from store.cohort import load_cohort
@@ -58,7 +60,7 @@ def test_csv(tmp_path):
     ("path,mpp\na.svs,fast\n", r"row 2, column 'mpp': 'fast' is not a number"),
     ("path,mpp\na.svs,352.8\n", "not plausible"),
     ("path,slide_id\na.svs,../x\n", r"row 2: invalid slide id '../x'"),
-    ("path,slide_id\na.svs,x\nb.svs,x\n", "row 3: slide id 'x' appears twice"),
+    ("path,slide_id\na.svs,x\nb.svs,x\n", "row 3: slide id 'x' is already listed at row 2"),
     ("path\n", "has no rows"),
 ])
 def test_bad_csv_names_the_line(tmp_path, body, message):
@@ -76,6 +78,26 @@ def test_gdc_manifest(tmp_path):
     assert entry.slide_id == "TCGA-CR-7395-01Z-00-DX1.X" and entry.patient_id == "TCGA-CR-7395"
     assert entry.path == str(tmp_path / "uuid-1" / "TCGA-CR-7395-01Z-00-DX1.X.svs")
     assert (entry.md5, entry.size) == ("abc", 123)
+
+
+def test_gdc_manifest_naming_one_file_twice_is_refused_with_both_rows(tmp_path):
+    manifest = tmp_path / "gdc_manifest.txt"
+    manifest.write_text("id\tfilename\tmd5\tsize\tstate\n"
+                        "uuid-1\tTCGA-CR-7395-01Z-00-DX1.X.svs\tabc\t123\treleased\n"
+                        "uuid-2\tTCGA-CR-7396-01Z-00-DX1.Y.svs\tabd\t124\treleased\n"
+                        "uuid-1\tTCGA-CR-7395-01Z-00-DX1.X.svs\tabc\t123\treleased\n")
+    with pytest.raises(CohortError, match=r"row 4: TCGA-CR-7395-01Z-00-DX1.X.svs .*already listed at row 2"):
+        load_cohort(manifest)
+
+
+def test_csv_paths_are_relative_to_the_table_not_the_working_directory(tmp_path, monkeypatch):
+    cohort = tmp_path / "project" / "cohort.csv"
+    touch(tmp_path / "project" / "slides" / "a.tiff")
+    cohort.write_text("slide_id,path\na,slides/a.tiff\n")
+    monkeypatch.chdir(tmp_path)
+    (entry,) = load_cohort("project/cohort.csv")
+    assert Path(entry.path).resolve() == (tmp_path / "project" / "slides" / "a.tiff").resolve()
+    assert Path(entry.path).exists()
 
 
 def test_patient_ids():

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 
 from store import EmbeddingStore
+from store.embedding_store import data_group
 from store.errors import (
     FingerprintMismatch,
     InvalidSlideId,
@@ -74,14 +76,17 @@ def test_lazy_reads_by_range_and_index(store):
     assert blocks[0] == slice(0, 512) and blocks[-1].stop == 3000
 
 
-def test_unfinished_slide_is_invisible_and_replaced(store):
+def test_unfinished_slide_is_invisible_and_replaced_once_its_writer_is_dead(store):
     coords, tissue, emb = slide_rows(600)
-    w = store.write_slide("half", {"patient_id": "p"}, block_rows=128)
-    w.append(coords, tissue, emb)  # several shards already on storage, no commit
+    w = store.write_slide("half", {"patient_id": "p"}, block_rows=128, lease_seconds=0.5)
+    w.append(coords, tissue, emb)  # several shards already on storage, no commit; then the writer goes silent
     assert store.slide_ids() == []
     assert store.slide_states() == {"half": False}
     with pytest.raises(SlideNotFound, match="not complete"):
         store.slide("half")
+    problems = verify_store(store)
+    assert [p.severity for p in problems] == ["warning"] and "being written" in problems[0].message
+    time.sleep(0.6)  # its lease runs out
     problems = verify_store(store)
     assert [p.severity for p in problems] == ["warning"] and "interrupted" in problems[0].message
     view, *_ = write_slide(store, "half", 50, seed=3)  # the next write deletes the debris first
@@ -189,7 +194,7 @@ def test_verify_finds_tampering(store):
     write_slide(store, "tampered", 40, seed=1)
     assert verify_store(store) == []
     group = store._root["slides/tampered"]
-    group["pooled_mean"][0] = 1000.0
+    data_group(group)["pooled_mean"][0] = 1000.0
     attrs = dict(group.attrs)
     attrs["n_tiles"] = 41
     group.attrs.put(attrs)

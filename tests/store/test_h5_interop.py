@@ -23,7 +23,9 @@ def test_round_trip_store_h5_store(tmp_path):
         assert f["features"].dtype == np.float32 and f["features"].shape == (700, 32)
         assert f["coords"].shape == (700, 2)
         attrs = dict(f["coords"].attrs)
-        assert attrs["patch_size"] == 224 and attrs["patch_size_level0"] == 448  # 224 px at 0.5 µm from 0.25 µm/px
+        assert attrs["patch_size_level0"] == 448 and attrs["target_patch_size"] == 224  # 224 px at 0.5 µm, 0.25 µm/px
+        # CLAM reads read_region(coord, patch_level, (patch_size, patch_size)): level 0 needs the level-0 side
+        assert attrs["patch_level"] == 0 and attrs["patch_size"] == 448
         assert attrs["target_magnification"] == 20.0 and attrs["level0_magnification"] == 40.0
         assert attrs["name"] == "s1"
 
@@ -48,8 +50,45 @@ def test_import_of_foreign_h5_without_our_attributes(tmp_path):
         f["coords"].attrs["patch_size"] = 256
     store = import_h5(tmp_path / "h5", str(tmp_path / "dst"), "uni_v1")
     s = store.slide("TCGA-AA-0001-01Z-00-DX1")
-    assert s.n_tiles == 5 and s.patient_id == "TCGA-AA-0001-01Z-00-DX1"
+    assert s.n_tiles == 5 and s.patient_id == "TCGA-AA-0001"  # the barcode's patient, as on every path
     assert store.spec["tiling"]["tile_px"] == 256 and store.spec["tiling"]["target_mpp"] == "unknown"
+
+
+def test_import_split_works_on_an_imported_tcga_store(tmp_path):
+    from evaluate.cli import main as evaluate_main
+    from evaluate.splits import read_split
+
+    (tmp_path / "h5").mkdir()
+    for i in range(4):
+        with h5py.File(tmp_path / "h5" / f"TCGA-AA-000{i}-01Z-00-DX1.h5", "w") as f:
+            f["features"] = np.ones((3, 8), np.float32)
+            f["coords"] = np.zeros((3, 2), np.int64)
+    import_h5(tmp_path / "h5", str(tmp_path / "dst"), "uni_v1")
+    for fold in range(2):  # CLAM-style split files of slide ids
+        ids = [f"TCGA-AA-000{i}-01Z-00-DX1" for i in range(4)]
+        (tmp_path / f"splits_{fold}.csv").write_text(
+            ",train,val,test\n" + "".join(f"{k},{ids[k] if k % 2 != fold else ''},,{ids[k] if k % 2 == fold else ''}\n"
+                                          for k in range(4)))
+    code = evaluate_main(["import-split", str(tmp_path / "splits_0.csv"), str(tmp_path / "splits_1.csv"),
+                          "--store", str(tmp_path / "dst"), "--out", str(tmp_path / "split.csv")])
+    assert code == 0
+    assert read_split(tmp_path / "split.csv") == {"TCGA-AA-0000": 0, "TCGA-AA-0001": 1, "TCGA-AA-0002": 0,
+                                                   "TCGA-AA-0003": 1}
+
+
+def test_exported_clam_attributes_name_a_level_they_fit(tmp_path):
+    """Tiles read unresampled from a pyramid level: CLAM's pair names that level at the tile size."""
+    src = EmbeddingStore.create_or_open(str(tmp_path / "src"), kind="slides", spec=spec())
+    coords = np.array([[0, 0], [448, 0]], np.int64)
+    with src.write_slide("s", {"patient_id": "p", "mpp": 0.25, "tile_px_level0": 448,
+                               "tiling": {"level": 1, "level_downsample": 2.0, "read_px": 224, "resample": "none"}}) as w:
+        w.append(coords, np.ones(2), np.ones((2, 32), np.float16))
+        w.commit()
+    export_h5(src, tmp_path / "h5")
+    with h5py.File(tmp_path / "h5" / "s.h5") as f:
+        attrs = dict(f["coords"].attrs)
+    assert (attrs["patch_level"], attrs["patch_size"], list(attrs["downsample"])) == (1, 224, [2.0, 2.0])
+    assert attrs["patch_size_level0"] == 448
 
 
 @pytest.mark.parametrize("content, message", [

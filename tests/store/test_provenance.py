@@ -30,6 +30,19 @@ def test_provenance_records_versions_not_secrets():
     assert scrub_secrets({"keys_to_sort": 1}) == {"keys_to_sort": 1}
 
 
+def test_credentials_inside_urls_are_redacted_everywhere():
+    record = provenance({"store": "s3://AKIAEXAMPLE:wJalrSECRET@bucket/tcga.zarr",
+                         "argv": ["--store", "https://user:p4ssw0rd@minio.local:9000/b/x.zarr", "--fold", "0"],
+                         "plain": "s3://bucket/no-credentials.zarr", "at_in_path": "/data/a@b/slides"})
+    text = repr(record)
+    for secret in ("AKIAEXAMPLE", "wJalrSECRET", "p4ssw0rd", "user:"):
+        assert secret not in text
+    config = record["config"]
+    assert config["store"] == "s3://<redacted>@bucket/tcga.zarr"
+    assert config["argv"][1] == "https://<redacted>@minio.local:9000/b/x.zarr"
+    assert config["plain"] == "s3://bucket/no-credentials.zarr" and config["at_in_path"] == "/data/a@b/slides"
+
+
 def test_store_imports_neither_torch_nor_ray():
     code = "import store, store.cli, store.h5io, store.verify, store.merge, store.cohort, store.clinical, sys; " \
            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'extract', 'train', 'evaluate')))"

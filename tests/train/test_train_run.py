@@ -20,6 +20,8 @@ from train.llm import load_llm
 from train.merge import merge
 from train.run import train
 
+pytestmark = pytest.mark.xdist_group("test_train_run")  # its module fixture is built once, on one worker
+
 
 def losses(log_history: list[dict]) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in log_history if "loss" in h}
@@ -32,6 +34,7 @@ def overfit(four_slides, tmp_path_factory):
     return four_slides, out, result
 
 
+@pytest.mark.recipe("tiny.yaml")  # its own batch, accumulation and precision (only the epochs are raised)
 def test_loss_falls_far_and_generation_reproduces_training_reports(overfit, tmp_path):
     inputs, out, result = overfit
     curve = list(losses(result.summary["log_history"]).values())
@@ -112,3 +115,15 @@ def test_generation_on_held_out_fold_only_and_sampling(overfit, tmp_path):
     assert sorted(json.loads(line)["slide"] for line in generated.read_text().splitlines()) == ["PT0000-S0", "PT0003-S0"]
     manifest = json.loads((tmp_path / "held_out_manifest.json").read_text())
     assert manifest["config"]["do_sample"] is True and manifest["config"]["fold"] == 0 and manifest["packages"]
+
+
+def test_a_random_stand_in_llm_is_rebuilt_with_the_seed_it_was_trained_with(four_slides, tmp_path):
+    from train.checkpoint import load_for_inference
+
+    out = tmp_path / "seed7"
+    result = train(*parse_args(four_slides.flags(out, "--seed", "7", "--max_steps", "1", "--save_strategy", "no")))
+    model, _, spec = load_for_inference(out, torch.device("cpu"))
+    assert spec.llm_seed == 7
+    rebuilt = dict(model.llm.named_parameters())
+    for name, trained in result.model.llm.named_parameters():
+        assert torch.equal(rebuilt[name].detach(), trained.detach().cpu()), name  # base weights and LoRA alike

@@ -1,0 +1,33 @@
+"""Fault injection for tests, driven by environment variables that nothing sets in normal use.
+
+    SLIDECACHE_FAULT_KILL_ENCODER_ON=uniform    an encoder process handed a tile of one single colour (which
+                                                 no scanned tissue is) exits at once: a crash Ray sees as a
+                                                 dead actor (a kill, the OOM killer, a segfault in a kernel)
+    SLIDECACHE_FAULT_PAUSE_AFTER_FIRST_APPEND=S  the extraction driver sleeps S seconds after the run's first
+                                                 append, so a second job over the same slides overlaps it
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+KILL_ENCODER_ON = "SLIDECACHE_FAULT_KILL_ENCODER_ON"
+PAUSE_AFTER_FIRST_APPEND = "SLIDECACHE_FAULT_PAUSE_AFTER_FIRST_APPEND"
+
+
+def maybe_kill_encoder(tiles: np.ndarray) -> None:
+    if os.environ.get(KILL_ENCODER_ON) != "uniform":
+        return
+    flat = tiles.reshape(len(tiles), -1, tiles.shape[-1])
+    if len(tiles) and bool(((flat == flat[:, :1]).all(axis=(1, 2))).any()):
+        os._exit(17)  # no cleanup: what a SIGKILL or the OOM killer leaves
+
+
+def pause_after_first_append(log) -> None:
+    seconds = float(os.environ.get(PAUSE_AFTER_FIRST_APPEND, "0") or 0)
+    if seconds > 0:
+        log(f"[extract] fault injection: pausing {seconds:.0f} s after the first append ({PAUSE_AFTER_FIRST_APPEND})")
+        time.sleep(seconds)

@@ -1,0 +1,63 @@
+"""One rule for boolean flags in every slidecache CLI, the one InternVL's (Hugging Face) flags follow:
+`--flag`, `--flag True`, `--flag False` (and `--flag=false`, yes/no, 1/0) all work.
+
+A plain `nargs="?"` flag would swallow the next positional argument (`rm --force STORE ID` would read
+STORE as the flag's value), so each parser first rewrites its own boolean flags to `--flag=VALUE`,
+taking the next word only when it is a boolean literal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+TRUE, FALSE = ("true", "yes", "y", "1"), ("false", "no", "n", "0")
+
+
+def parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE:
+        return True
+    if word in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with `add_bool`; subparsers made from it are of this class too."""
+
+    def add_bool(self, *names: str, default: bool | None = False, help: str = "") -> argparse.Action:
+        return self.add_argument(*names, type=parse_bool, nargs="?", const=True, default=default,
+                                 metavar="True|False", help=help)
+
+    def _bool_options(self) -> set[str]:
+        return {option for action in self._actions if action.type is parse_bool for option in action.option_strings}
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):  # type: ignore[override]
+        words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(normalise_bools(words, self._bool_options()), namespace)
+
+
+def normalise_bools(words: list[str], options: set[str]) -> list[str]:
+    """`--flag` → `--flag=True`; `--flag False` → `--flag=False`; other words unchanged (after `--` too)."""
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":
+            out += words[i:]
+            break
+        if word in options:
+            following = words[i + 1] if i + 1 < len(words) else None
+            if following is not None and following.strip().lower() in TRUE + FALSE:
+                out.append(f"{word}={following}")
+                i += 2
+                continue
+            out.append(f"{word}=True")
+        else:
+            out.append(word)
+        i += 1
+    return out
