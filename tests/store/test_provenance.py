@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -48,3 +49,15 @@ def test_store_imports_neither_torch_nor_ray():
            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'extract', 'train', 'evaluate')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_cufile_log_stays_out_of_the_working_directory(tmp_path):
+    """cuFile (loaded by cuCIM and CUDA builds of torch) writes cufile.log into the working directory
+    unless told where; every process importing our code points it to the temp folder, and none is committed."""
+    code = "import os, store; print(os.environ['CUFILE_LOGFILE_PATH'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "CUFILE_LOGFILE_PATH"})
+    path = out.stdout.strip()
+    assert path.endswith(".log") and not path.startswith(str(tmp_path)) and not (tmp_path / "cufile.log").exists()
+    tracked = subprocess.run(["git", "ls-files", "cufile.log"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert tracked.stdout.strip() == ""
