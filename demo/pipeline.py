@@ -87,14 +87,14 @@ def extract(out: Path, cohort: Path, settings: DemoSettings, log: Callable[[str]
     with ray_session(cfg):
         summary = Extraction(entries, store_url, cfg, log=log).run()
     log(summary.table())
-    if not {e.slide_id for e in entries} & set(EmbeddingStore.open(store_url).slide_ids()):
+    store = EmbeddingStore.open(store_url)
+    if not {e.slide_id for e in entries} & set(store.slide_ids()):
         first = "; ".join(f"{o.slide_id}: {o.error}" for o in summary.failed[:3])
         raise PipelineError(f"all {len(entries)} slides of {cohort} failed to extract, so nothing can be trained or "
                             f"evaluated; first errors: {first} (every failure: python -m store failures {store_url})")
     skipped = summary.count("skipped")
     if skipped and not summary.count("done"):
         log(f"[demo] extraction: all {skipped} slides already in the store: nothing encoded (the cache is reused)")
-    store = EmbeddingStore.open(store_url)
     return {"store": store_url, "extract_config": cfg.to_dict(), "slides_in_store": len(store.slide_ids()),
             "extracted_now": summary.count("done") + summary.count("empty"), "skipped_complete": skipped,
             "failed": [o.slide_id for o in summary.failed],
@@ -116,12 +116,10 @@ def make_split(out: Path, store_url: str, clinical: Path, folds: int) -> tuple[P
 def train_and_generate(out: Path, store_url: str, clinical: Path, texts: Path, split: Path, settings: DemoSettings,
                        log: Callable[[str], None]) -> dict[str, Any]:
     from store.clinical import load_clinical
-    from train.annotations import write_annotations, write_meta
+    from train.annotations import training_patients, write_annotations, write_meta
     from train.config import parse_args
     from train.generate import generate_reports
     from train.run import train
-
-    from train.annotations import training_patients
 
     annotations = out / "annotations.jsonl"
     counts = write_annotations(EmbeddingStore.open(store_url), load_clinical(clinical), annotations, "OS", texts,

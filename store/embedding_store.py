@@ -278,9 +278,8 @@ class EmbeddingStore:
         """
         self._require_writable()
         validate_slide_id(slide_id)
-        current = self._marker_attrs(slide_id)  # this slide's state only: listing every slide would be O(n^2)
+        current, lease = self._marker_lease(slide_id)  # this slide only: listing every slide would be O(n^2)
         if current is not None:
-            lease = Lease.from_attrs(current.get(WRITER))
             if lease is not None and lease.alive():
                 raise SlideBusy(
                     f"slide {slide_id!r} in {display_url(self.url)} is being written by another writer "
@@ -306,8 +305,7 @@ class EmbeddingStore:
         """
         self._require_writable()
         validate_slide_id(slide_id)
-        current = self._marker_attrs(slide_id)
-        lease = Lease.from_attrs(current.get(WRITER)) if current else None
+        _, lease = self._marker_lease(slide_id)
         if lease is not None and lease.alive() and not force:
             raise SlideBusy(f"slide {slide_id!r} is being written ({lease.describe()}); pass force=True "
                             "(`python -m store rm --force`) to remove it anyway")
@@ -364,9 +362,14 @@ class EmbeddingStore:
     def _marker_attrs(self, slide_id: str) -> dict[str, Any] | None:
         """The slide marker's attributes as stored now (a fresh read), or None when there is no slide."""
         try:
-            return dict(zarr.open_group(self._root.store, path=f"{SLIDES}/{slide_id}", mode="r").attrs)
-        except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError):
+            return dict(self.slide_group(slide_id).attrs)
+        except SlideNotFound:
             return None
+
+    def _marker_lease(self, slide_id: str) -> tuple[dict[str, Any] | None, Lease | None]:
+        """(the marker's attributes, the lease of the writer holding the slide), each None when absent."""
+        attrs = self._marker_attrs(slide_id)
+        return attrs, Lease.from_attrs((attrs or {}).get(WRITER))
 
     def _put_marker(self, slide_id: str, attrs: Mapping[str, Any]) -> zarr.Group:
         """Write the marker's attributes, creating the group if needed; never deletes what is inside it."""
@@ -462,8 +465,7 @@ class SlideWriter:
 
     def _check_owner(self) -> None:
         """Raise SlideOwnershipLost (after removing this writer's own arrays) unless the marker holds our lease."""
-        current = self.store._marker_attrs(self.slide_id)
-        holder = Lease.from_attrs((current or {}).get(WRITER))
+        current, holder = self.store._marker_lease(self.slide_id)
         if holder is not None and holder.token == self.lease.token:
             return
         self._done = True
@@ -488,11 +490,10 @@ class SlideWriter:
 
     def _remove_own_data(self) -> None:
         try:
-            group = zarr.open_group(self.store._root.store, path=f"{SLIDES}/{self.slide_id}", mode="r+")
-            if self.data_name in group:
-                del group[self.data_name]
+            if self.data_name in self._group:
+                del self._group[self.data_name]
         except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError, KeyError):
-            pass
+            pass  # the whole slide is gone already
 
     # ---- rows ----------------------------------------------------------------------------------
 
@@ -533,9 +534,10 @@ class SlideWriter:
             self._check(bool(np.isfinite(tok).all()), "token grids hold NaN/Inf")
         elif tokens is not None:
             raise SlideWriteError(f"slide {self.slide_id!r}: tokens given but the writer was opened without token_shape")
-        self._check_owner()
         if self.lease.due_for_renewal():
-            self.heartbeat()
+            self.heartbeat()  # checks ownership too
+        else:
+            self._check_owner()
         if self.token_shape:
             self._pending.tokens.append(tok)
         self._sum += stored.astype(np.float64).sum(axis=0)
@@ -594,7 +596,6 @@ class SlideWriter:
         """Flush, write pooled vectors, then the commit marker (last). A slide of 0 tiles needs a reason."""
         if self._done:
             raise SlideWriteError(f"slide {self.slide_id!r}: committed or aborted already")
-        self._check_owner()
         self._flush(self._pending.rows)
         n = self._written
         if n == 0 and not empty_reason:
@@ -629,8 +630,7 @@ class SlideWriter:
         if self._done:
             return
         self._done = True
-        current = self.store._marker_attrs(self.slide_id)
-        holder = Lease.from_attrs((current or {}).get(WRITER))
+        _, holder = self.store._marker_lease(self.slide_id)
         if holder is None or holder.token != self.lease.token:
             self._remove_own_data()
         elif self._replaces is not None:

@@ -89,8 +89,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     the other demo tests last: the other worker is busy while the demo runs, instead of waiting on its lock."""
     needs = [item for item in items if "readme_demo" in getattr(item, "fixturenames", ())]
     if needs:
-        rest = [item for item in items if item not in needs]
-        items[:] = needs[:1] + rest + needs[1:]
+        chosen = {id(item) for item in needs}
+        items[:] = needs[:1] + [item for item in items if id(item) not in chosen] + needs[1:]
 
 
 @dataclass(frozen=True)

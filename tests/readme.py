@@ -27,8 +27,14 @@ this machine cannot run a command as printed, exactly the substitutions below ar
 from __future__ import annotations
 
 import ast
+import contextlib
+import importlib
+import io
+import os
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -183,11 +189,6 @@ MAINS = {"store": "store.cli", "evaluate": "evaluate.cli", "train": "train.cli",
 def run_in_process(run: Run, cwd: Path) -> Result:
     """`python -m MODULE ARGS` as its `main(ARGS)` in this process, in `cwd`, with the command's environment:
     the same code path without paying a new interpreter's imports for every command."""
-    import contextlib
-    import importlib
-    import io
-    import os
-
     main = importlib.import_module(MAINS[run.module]).main
     previous_cwd, previous_env = os.getcwd(), dict(os.environ)
     out, err = io.StringIO(), io.StringIO()
@@ -205,10 +206,6 @@ def run_in_process(run: Run, cwd: Path) -> Result:
 
 def run_subprocess(run: Run, cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 900) -> Result:
     """The command in a new process, `python` being this interpreter."""
-    import os
-    import subprocess
-    import sys
-
     argv = [sys.executable if run.argv[0] == "python" else run.argv[0], *run.argv[1:]]
     done = subprocess.run(argv, cwd=cwd, env={**os.environ, **(env or {}), **run.env}, capture_output=True, text=True,
                           timeout=timeout)

@@ -11,8 +11,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from store.errors import TrainingError
-
-IGNORE_INDEX = -100
+from train.data import IGNORE_INDEX
 
 
 class MLPProjector(nn.Sequential):
