@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import Sequence
 
 from extract.cohorts import resolve_cohort
-from extract.config import CONFIG_DIR, ExtractConfig
+from extract.config import CONFIG_DIR, DEFAULT_CONFIG, DEVICE_DEFAULTS, ExtractConfig
 from store.backends import display_url
 from store.cli_args import ArgumentParser
 from store.errors import ConfigError, SlidecacheError
 
-DEFAULT_CONFIG = CONFIG_DIR / "extract" / "virchow2.yaml"
+CONFIG_HELP = (f"extraction YAML (default: configs/extract/ENCODER.yaml when --encoder names one that exists, else "
+               f"{DEFAULT_CONFIG.relative_to(CONFIG_DIR.parent)}; settings it leaves out follow the device: batch / "
+               f"read chunk {DEVICE_DEFAULTS['cuda']['batch_size']} / {DEVICE_DEFAULTS['cuda']['read_chunk']} with GPUs, "
+               f"{DEVICE_DEFAULTS['cpu']['batch_size']} / {DEVICE_DEFAULTS['cpu']['read_chunk']} on CPU)")
+ENCODER_HELP = "registry name: virchow2, virchow2-random, virchow2-small, virchow2-tiny"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,13 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", required=True,
                    help="named cohort (configs/cohorts/NAME.yaml), a slide folder, a CSV or a GDC manifest; relative "
                         "paths inside a table are relative to the table's folder, not to the working directory")
-    p.add_argument("--store", required=True, help="store path or URL (file://, s3://, memory://)")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"extraction YAML (default {DEFAULT_CONFIG.relative_to(CONFIG_DIR.parent)})")
-    p.add_argument("--encoder", help="registry name: virchow2, virchow2-random, virchow2-tiny")
+    p.add_argument("--store", required=True, help="store path or URL (file://, s3://)")
+    p.add_argument("--config", type=Path, help=CONFIG_HELP)
+    p.add_argument("--encoder", help=ENCODER_HELP)
     p.add_argument("--weights", help="hub id or local .safetensors for the encoder")
     p.add_argument("--mpp-override", type=float, help="µm/px for every slide, overriding metadata")
     p.add_argument("--tokens", help="also store pooled patch-token grids, e.g. 4x4")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="tiles per encoder batch (default: the config's, else by device)")
+    p.add_argument("--encoder-threads", type=int,
+                   help="torch threads of a CPU encoder (default: every core of its node; readers share them)")
     p.add_bool("--retry-failed", default=None, help="retry slides recorded as failed")
     p.add_argument("--limit", type=int, help="extract at most N slides this run")
     p.add_argument("--num-encoders", type=int, help="encoder actors (default: one per GPU, or one on CPU)")
@@ -45,8 +51,8 @@ def build_images_parser() -> argparse.ArgumentParser:
                                             "jsonl) once into an images store of per-tile patch-token grids.")
     p.add_argument("--meta_path", required=True, help="InternVL meta JSON: {name: {root, annotation, ...}}")
     p.add_argument("--store", required=True, help="store path or URL")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="extraction YAML (encoder, precision, batch size)")
-    p.add_argument("--encoder", help="registry name: virchow2, virchow2-random, virchow2-tiny")
+    p.add_argument("--config", type=Path, help=CONFIG_HELP)
+    p.add_argument("--encoder", help=ENCODER_HELP)
     p.add_argument("--weights", help="hub id or local .safetensors for the encoder")
     p.add_argument("--tokens", help="pool each tile's patch grid to e.g. 8x8 (default: the full grid, 16x16)")
     p.add_argument("--max_dynamic_patch", type=int, default=6)
@@ -65,7 +71,7 @@ def images_main(argv: Sequence[str]) -> int:
 
         overrides = {"encoder": args.encoder, "weights": args.weights, "tokens": args.tokens,
                      "batch_size": args.batch_size, "num_encoders": args.num_encoders}
-        cfg = image_encoder_config(ExtractConfig.from_yaml(args.config, overrides))
+        cfg = image_encoder_config(ExtractConfig.for_command(args.config, overrides))
         tiling = DynamicTiling(args.min_dynamic_patch, args.max_dynamic_patch, args.use_thumbnail)
         entries = collect_images(args.meta_path)
         print(f"[images] {args.meta_path}: {len(entries)} distinct images; store {display_url(args.store)}; tiles of "
@@ -91,8 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         overrides = {"encoder": args.encoder, "weights": args.weights, "mpp_override": args.mpp_override,
                      "tokens": args.tokens, "batch_size": args.batch_size, "retry_failed": args.retry_failed,
+                     "encoder_threads": args.encoder_threads,
                      "limit": args.limit, "num_encoders": args.num_encoders, "qc_dir": args.qc_dir}
-        cfg = ExtractConfig.from_yaml(args.config, overrides)
+        cfg = ExtractConfig.for_command(args.config, overrides)
         try:
             options = json.loads(args.storage_options) if args.storage_options else {}
         except json.JSONDecodeError as e:

@@ -20,6 +20,12 @@ from store.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 _GRID = re.compile(r"^(\d+)x\1$")
+DEFAULT_CONFIG = CONFIG_DIR / "extract" / "virchow2.yaml"
+# Encoder batch and tiles per reader task where a config leaves them out. GPU: ~1,160 tiles/s on an H200 in
+# bf16 from batch 128 up (bench/RESULTS.md). CPU: an encoder does 5-500 tiles/s, so small read chunks keep
+# every reader busy on small slides and slide tails, and a small batch keeps activations in cache.
+DEVICE_DEFAULTS: dict[str, dict[str, int]] = {"cuda": {"batch_size": 256, "read_chunk": 256},
+                                              "cpu": {"batch_size": 32, "read_chunk": 64}}
 
 
 @dataclass
@@ -33,8 +39,9 @@ class ExtractConfig:
     min_tissue: float = 0.25
     tokens: str | None = None  # e.g. "4x4": also store pooled patch-token grids
     # how the work is done
-    batch_size: int = 128
-    read_chunk: int = 256  # tiles per reader task
+    batch_size: int | None = None  # None: DEVICE_DEFAULTS for the device the encoders run on
+    read_chunk: int | None = None  # tiles per reader task; None: DEVICE_DEFAULTS
+    encoder_threads: int | None = None  # torch threads of a CPU encoder; None: every core of its node
     readers: tuple[str, ...] = ("cucim", "openslide", "tiffslide")
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 | bf16 | fp16
     mpp_override: float | None = None
@@ -56,9 +63,17 @@ class ExtractConfig:
             raise ConfigError(f"tokens must look like 4x4 (a square grid), got {self.tokens!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.batch_size <= 0 or self.read_chunk <= 0:
-            raise ConfigError("batch_size and read_chunk must be positive")
+        for name in ("batch_size", "read_chunk", "encoder_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name} must be a positive whole number (or left out for the default), got {value!r}")
         self.readers = tuple(self.readers)
+
+    def for_device(self, device: str) -> ExtractConfig:
+        """This config with the batch and read chunk it left out taken from DEVICE_DEFAULTS ("cpu" or any GPU)."""
+        defaults = DEVICE_DEFAULTS["cpu" if device == "cpu" else "cuda"]
+        return dataclasses.replace(self, batch_size=self.batch_size or defaults["batch_size"],
+                                   read_chunk=self.read_chunk or defaults["read_chunk"])
 
     @property
     def token_grid(self) -> int | None:
@@ -82,6 +97,15 @@ class ExtractConfig:
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
         return cls(**dict(data))
+
+    @classmethod
+    def for_command(cls, config: str | Path | None, overrides: Mapping[str, Any]) -> ExtractConfig:
+        """The command line's rule: `--config` when given, else configs/extract/<--encoder>.yaml when that
+        exists, else the default (virchow2.yaml); `--encoder` and the other flags override what it says."""
+        if config is None:
+            named = CONFIG_DIR / "extract" / f"{overrides.get('encoder')}.yaml"
+            config = named if overrides.get("encoder") and named.is_file() else DEFAULT_CONFIG
+        return cls.from_yaml(config, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

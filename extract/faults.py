@@ -3,8 +3,11 @@
     SLIDECACHE_FAULT_KILL_ENCODER_ON=uniform    an encoder process handed a tile of one single colour (which
                                                  no scanned tissue is) exits at once: a crash Ray sees as a
                                                  dead actor (a kill, the OOM killer, a segfault in a kernel)
-    SLIDECACHE_FAULT_PAUSE_AFTER_FIRST_APPEND=S  the extraction driver sleeps S seconds after the run's first
-                                                 append, so a second job over the same slides overlaps it
+    SLIDECACHE_FAULT_PAUSE_AFTER_FIRST_APPEND=S  an encoder actor sleeps S seconds after its first append,
+                                                 holding its slides' leases, so a second job over the same
+                                                 slides overlaps it
+
+Set for a job's driver, they reach that job's actors (forwarded_faults), wherever Ray starts them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ KILL_ENCODER_ON = "SLIDECACHE_FAULT_KILL_ENCODER_ON"
 PAUSE_AFTER_FIRST_APPEND = "SLIDECACHE_FAULT_PAUSE_AFTER_FIRST_APPEND"
 
 
+def forwarded_faults() -> dict[str, str]:
+    """The fault variables set in this process, to hand to the job's actors as their environment."""
+    return {name: os.environ[name] for name in (KILL_ENCODER_ON, PAUSE_AFTER_FIRST_APPEND) if os.environ.get(name)}
+
+
 def maybe_kill_encoder(tiles: np.ndarray) -> None:
     if os.environ.get(KILL_ENCODER_ON) != "uniform":
         return
@@ -29,5 +37,6 @@ def maybe_kill_encoder(tiles: np.ndarray) -> None:
 def pause_after_first_append(log) -> None:
     seconds = float(os.environ.get(PAUSE_AFTER_FIRST_APPEND, "0") or 0)
     if seconds > 0:
-        log(f"[extract] fault injection: pausing {seconds:.0f} s after the first append ({PAUSE_AFTER_FIRST_APPEND})")
+        log(f"[extract] fault injection: pausing {seconds:.0f} s after the first append ({PAUSE_AFTER_FIRST_APPEND})",
+            flush=True)
         time.sleep(seconds)

@@ -167,6 +167,7 @@ class ImageExtraction:
 
         started = time.perf_counter()
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        self.cfg = self.cfg.for_device("cuda" if gpus else "cpu")
         n_actors = self.cfg.num_encoders or max(1, int(ray.cluster_resources().get("GPU", 0))) or 1
         actor_cls = _actor_class(self.cfg, self.tiling, gpus)
         actors = [actor_cls.remote() for _ in range(n_actors)]

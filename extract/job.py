@@ -1,22 +1,29 @@
-"""The extraction job on Ray: CPU tasks plan slides and read tiles, GPU (or CPU) actors encode them,
-the driver streams results into the store slide by slide and commits each slide when it is whole.
+"""The extraction job on Ray: CPU tasks plan slides and read tiles, GPU (or CPU) actors encode them and
+write each slide pinned to them; the driver only schedules, records outcomes and prints progress.
 
-    prepare_task(slide) ──► read_task(chunk) ──► EncoderActor.encode(tiles) ──► driver: writer.append
-          (CPU)                 (CPU)                 (1 per GPU)                 (in tile order)
+    prepare_task(slide) ──► read_task(chunk) ──► EncoderActor: encode + append ──► store
+          (CPU)                 (CPU)              (1 per GPU; the slide's writer)
 
-Tile pixels go from reader tasks to encoder actors through Ray's object store without visiting the
-driver, which receives only embeddings. In-flight chunks and slides open for writing are bounded, so
-memory stays flat however large a slide is. Encoder actors restart when killed and their in-flight
-chunk runs again, at most MAX_CHUNK_RETRIES times: a chunk that kills its actor every time fails its slide
-instead of retrying forever. The driver appends each chunk exactly once. One bad slide is recorded as a
-failure in the store and never stops the cohort. Each slide's writer holds a lease on it (store/lease.py):
-a slide another live job is writing is skipped here and reported as "owned", not as a failure.
+Tile pixels go from reader tasks to encoder actors through Ray's object store and embeddings from the
+actors to the store (extract/writers.py): neither passes through the driver, which sends each actor, in
+order, open → chunk × n → commit for every slide pinned to it and gets back row counts. In-flight chunks
+and open slides are bounded, so memory stays flat however large a slide is. Reading starts before the
+encoders have loaded their models (the store opens when they have: its fingerprint needs them).
+
+An encoder actor restarts when it dies (killed, out of memory, its node lost). Every slide it held is
+written again from its first tile (its writer's buffered rows died with it), taking over its own lease
+at once: the driver names each writer's lease token, so it knows them. The call the actor was running
+is charged the death (an actor runs its calls in the order sent): a chunk that kills its actor
+1 + MAX_CHUNK_RETRIES times fails its slide instead of retrying forever.
+One bad slide is recorded as a failure and never stops the cohort. A slide another live job is writing
+is skipped here and reported as "owned", not as a failure.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,14 +32,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from extract.config import ExtractConfig
-from extract.faults import pause_after_first_append
+from extract.faults import forwarded_faults, pause_after_first_append
 from extract.slide_prep import PreparedSlide, prepare_slide, read_tiles, tissue_params
 from store.cohort import SlideEntry
-from store.embedding_store import EmbeddingStore, SlideWriter
-from store.errors import EncoderError, SlideBusy, SlidecacheError
+from store.embedding_store import EmbeddingStore
+from store.errors import ConfigError, EncoderError, SlideBusy, SlidecacheError, StoreNotFound, WriterRestarted
 
 PROGRESS_EVERY_S = 10.0
 MAX_CHUNK_RETRIES = 2  # a chunk runs at most 3 times on encoder actors that die under it
+MAX_SLIDE_RESTARTS = 5  # a slide written again this often (its writer's actor died each time) fails
+PROBE_EVERY_S = 0.5  # how often a restarting encoder actor is pinged
 
 
 @dataclass
@@ -44,6 +53,7 @@ class SlideOutcome:
     reader: str = ""
     mpp: float | None = None
     error: str = ""
+    node: str = ""  # the Ray node whose encoder wrote it
 
 
 @dataclass
@@ -73,7 +83,8 @@ class ExtractionSummary:
                     f"complete, {self.count('owned')} being written by another job, {self.count('failed')} failed, "
                     f"{self.count('failed-before')} failed before and not retried; "
                     f"{self.tiles} tiles in "
-                    f"{self.seconds:.1f} s ({self.tiles / max(self.seconds, 1e-9):.1f} tiles/s)")
+                    f"{self.seconds:.1f} s ({self.tiles / max(self.seconds, 1e-9):.1f} tiles/s; "
+                    f"{self.tiles / max(self.pipeline_seconds, 1e-9):.1f} tiles/s once the encoders were loaded)")
         return "\n".join(rows)
 
 
@@ -90,7 +101,10 @@ def connect_ray(cfg: ExtractConfig) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return True
-    ray.init(object_store_memory=cfg.object_store_memory, include_dashboard=False, log_to_driver=True)
+    # "local": a new Ray of our own, never one that a `ray start` left running on this machine (which
+    # ray.init() with no address would join, refusing our object-store cap)
+    ray.init(address="local", object_store_memory=cfg.object_store_memory, include_dashboard=False,
+             log_to_driver=True)
     return True
 
 
@@ -108,34 +122,74 @@ def ray_session(cfg: ExtractConfig) -> Iterator[None]:
             ray.shutdown()
 
 
+READER_NICENESS = 10
+
+
+def _yield_to_encoders() -> None:
+    """Readers run at a lower CPU priority than the encoder, once per worker process: where they share
+    cores (a CPU node, or a GPU's feeding thread), the encoder's threads run whenever they can and the
+    readers take what the encoder leaves idle, instead of stalling its parallel regions."""
+    if os.getpriority(os.PRIO_PROCESS, 0) < READER_NICENESS:
+        os.setpriority(os.PRIO_PROCESS, 0, READER_NICENESS)
+
+
 def _ray_remotes(cfg: ExtractConfig, encoder_gpus: float) -> tuple[Any, Any, Any]:
     """The remote functions and actor class, defined lazily so importing this module needs no Ray."""
     import ray
 
     @ray.remote(num_cpus=cfg.reader_cpus, max_retries=2, retry_exceptions=False)
     def prepare_task(entry: SlideEntry) -> PreparedSlide:
+        _yield_to_encoders()
         return prepare_slide(entry, cfg)
 
     @ray.remote(num_cpus=cfg.reader_cpus, max_retries=2, retry_exceptions=False)
     def read_task(reader: str, path: str, plan: Any, coords: np.ndarray) -> np.ndarray:
+        _yield_to_encoders()
         return read_tiles(reader, path, plan, coords)
 
     # No CPU reserved for the encoder even without a GPU: reserving one left a single reader task on a
     # 2-core node, and reading dominates small slides (the demo's 100 slides: 72 s → 43 s, measured).
-    @ray.remote(num_gpus=encoder_gpus, num_cpus=0, max_restarts=-1,
-                max_task_retries=MAX_CHUNK_RETRIES)
+    # Calls are not retried by Ray (a restarting actor's unreachable moments would use up the retries of
+    # a lost node's calls): the driver counts deaths per call and writes the slides again (Extraction).
+    @ray.remote(num_gpus=encoder_gpus, num_cpus=0, max_restarts=-1, max_task_retries=0)
     class EncoderActor:
-        def __init__(self, config: ExtractConfig) -> None:
+        def __init__(self, config: ExtractConfig, store_url: str, storage_options: dict[str, Any]) -> None:
             from extract.encode import BatchEncoder
+            from extract.writers import PinnedWriters
 
             self.encoder = BatchEncoder(config)
+            self.writers = PinnedWriters(store_url, storage_options, self.encoder.token_shape)
+            self.node = ray.get_runtime_context().get_node_id()
+            self.appended = False
 
         def describe(self) -> dict[str, Any]:
-            return {"encoder": self.encoder.describe(), "token_shape": self.encoder.token_shape,
-                    "device": str(self.encoder.device), "pid": os.getpid()}
+            import torch
 
-        def encode(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-            return self.encoder(tiles)
+            return {"encoder": self.encoder.describe(), "token_shape": self.encoder.token_shape,
+                    "device": str(self.encoder.device), "pid": os.getpid(), "threads": torch.get_num_threads(),
+                    "node": self.node}
+
+        def open_slide(self, slide_id: str, attrs: dict[str, Any], thumbnail: np.ndarray, mask: np.ndarray,
+                       downsample: float, token: str, own_tokens: list[str]) -> str:
+            return self.writers.open(slide_id, attrs, thumbnail, mask, downsample, token, own_tokens)
+
+        def encode_append(self, slide_id: str, start: int, tiles: np.ndarray, coords: np.ndarray,
+                          tissue: np.ndarray) -> int:
+            if self.writers.refused(slide_id):  # another job has it: nothing to encode
+                return 0
+            self.writers.expect(slide_id, start)  # WriterRestarted before any encoding, if this process restarted
+            emb, grid = self.encoder(tiles)
+            rows = self.writers.append(slide_id, start, coords, tissue, emb, grid)
+            if not self.appended:
+                self.appended = True
+                pause_after_first_append(print)
+            return rows
+
+        def commit_slide(self, slide_id: str, extra_attrs: dict[str, Any], empty_reason: str | None) -> dict[str, Any]:
+            return {"rows": self.writers.commit(slide_id, extra_attrs, empty_reason), "node": self.node}
+
+        def abort_slide(self, slide_id: str) -> None:
+            self.writers.abort(slide_id)
 
     return prepare_task, read_task, EncoderActor
 
@@ -153,13 +207,38 @@ def _actor_died(error: BaseException) -> bool:
     return isinstance(error, RayActorError)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a slide in flight is one object
 class _ActiveSlide:
+    """A slide in flight, pinned to one encoder actor that writes it."""
+
     prepared: PreparedSlide
-    writer: SlideWriter
-    chunks: deque  # (start, stop) not yet submitted
-    pending: deque  # ObjectRefs of submitted chunks, in tile order
+    actor: int  # index into Extraction.actors
     started: float
+    token: str = ""  # the lease token of this attempt's writer ("" until opened)
+    own_tokens: list[str] = field(default_factory=list)  # earlier attempts' tokens: ours to take over
+    restarts: int = 0
+    chunks: deque = field(default_factory=deque)  # (start, stop) not yet read
+    reads: deque = field(default_factory=deque)  # (start, stop, tiles ref) read before the slide was opened
+    pending: deque = field(default_factory=deque)  # (start, stop, rows ref) sent to the actor, in tile order
+    opened: Any = None  # ref of open_slide, until its answer is read
+    committing: Any = None  # ref of commit_slide
+    deaths: dict[str, int] = field(default_factory=dict)  # call label → times its actor died running it
+
+    def calls(self) -> list[tuple[Any, str]]:
+        """The slide's outstanding actor calls with their labels, in the order they were sent."""
+        out = [(self.opened, "its opening")] if self.opened is not None else []
+        out += [(ref, f"tiles {start}-{stop}") for start, stop, ref in self.pending]
+        return out + ([(self.committing, "its commit")] if self.committing is not None else [])
+
+    @property
+    def slide_id(self) -> str:
+        return self.prepared.entry.slide_id
+
+    def reset_chunks(self, read_chunk: int) -> None:
+        n = self.prepared.n_tiles
+        self.chunks = deque((s, min(s + read_chunk, n)) for s in range(0, n, read_chunk))
+        self.reads.clear()
+        self.pending.clear()
 
 
 class Extraction:
@@ -167,6 +246,9 @@ class Extraction:
 
     def __init__(self, entries: list[SlideEntry], store_url: str, cfg: ExtractConfig,
                  storage_options: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> None:
+        if store_url.startswith("memory://"):
+            raise ConfigError(f"{store_url}: a memory:// store lives in one process, and extraction writes from its "
+                              "encoder processes; use a folder or an s3:// URL")
         self.entries, self.store_url, self.cfg = entries, store_url, cfg
         self.storage_options = storage_options or {}
         self.log = log
@@ -175,37 +257,75 @@ class Extraction:
     # ---- setup ---------------------------------------------------------------------------------
 
     def _start_encoders(self) -> None:
+        """Start the encoder actors without waiting for their models: reading starts meanwhile (see run)."""
         import ray
 
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        count = self.cfg.num_encoders or max(1, gpus)
+        self.cfg = self.cfg.for_device("cuda" if gpus else "cpu")
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU"))
+        count = self.cfg.num_encoders or gpus or max(1, len(nodes))  # one per GPU, else one per node
         prepare_task, read_task, encoder_cls = _ray_remotes(self.cfg, 1 if gpus else 0)
         self.prepare_task, self.read_task = prepare_task, read_task
-        self.actors = [encoder_cls.remote(self.cfg) for _ in range(count)]
-        info = ray.get(self.actors[0].describe.remote())
+        faults = forwarded_faults()  # test hooks set for this job reach its actors, wherever they run
+        options: dict[str, Any] = {"runtime_env": {"env_vars": faults}} if faults else {}
+        self.actors = [encoder_cls.options(**options, **self._placement(i, gpus, nodes))
+                       .remote(self.cfg, self.store_url, self.storage_options) for i in range(count)]
+        self._described = self.actors[0].describe.remote()
+        self._actor_nodes = [actor.describe.remote() for actor in self.actors]  # where to read their slides
+
+    @staticmethod
+    def _placement(index: int, gpus: int, nodes: list[str]) -> dict[str, Any]:
+        """GPU encoders go where Ray finds a free GPU; CPU encoders (which reserve no resource, so Ray would
+        stack them on one node) are spread over the nodes in turn, each free to move if its node dies."""
+        if gpus or len(nodes) < 2:
+            return {}
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True)}
+
+    def _await_encoders(self) -> None:
+        import ray
+
+        info = ray.get(self._described)
         self.encoder_spec, self.token_shape = info["encoder"], info["token_shape"]
-        self.log(f"[extract] {count} encoder actor(s) on {info['device']} ({self.cfg.encoder}, "
-                 f"{self.encoder_spec['compute_precision']}); store embeddings {self.encoder_spec['dim']}-d")
+        self.actor_nodes = [d["node"] for d in ray.get(self._actor_nodes)]
+        threads = f", {info['threads']} threads" if info["device"] == "cpu" else ""
+        self.log(f"[extract] {len(self.actors)} encoder actor(s) on {info['device']} ({self.cfg.encoder}, "
+                 f"{self.encoder_spec['compute_precision']}, batch {self.cfg.batch_size}, read chunk "
+                 f"{self.cfg.read_chunk}{threads}); store embeddings {self.encoder_spec['dim']}-d")
+
+    def _open_store_for_writing(self) -> None:
+        """Once the encoders are ready: create or open the store, record the failures seen before."""
+        self._await_encoders()
+        self.store = self._open_store()
+        for entry, error, started in self._deferred_failures:
+            self._fail(entry, error, started)
+        self._deferred_failures.clear()
+
+    def _existing_store(self) -> EmbeddingStore | None:
+        try:
+            return EmbeddingStore.open(self.store_url, storage_options=self.storage_options)
+        except StoreNotFound:
+            return None
 
     def _open_store(self) -> EmbeddingStore:
         spec = {"encoder": self.encoder_spec, "tiling": self.cfg.tiling_spec(tissue_params(self.cfg).describe())}
         return EmbeddingStore.create_or_open(self.store_url, kind="slides", spec=spec, config=self.cfg.to_dict(),
                                              storage_options=self.storage_options)
 
-    def _todo(self, store: EmbeddingStore) -> list[SlideEntry]:
-        complete, failed = set(store.slide_ids()), store.failures()
+    def _todo(self, store: EmbeddingStore | None) -> list[SlideEntry]:
+        complete, failed = (set(store.slide_ids()), store.failures()) if store is not None else (set(), {})
         todo = []
         for entry in self.entries:
-            if entry.slide_id in complete or (entry.slide_id in failed and not self.cfg.retry_failed):
-                if entry.slide_id in complete:
-                    self.summary.outcomes.append(SlideOutcome(entry.slide_id, "skipped", error="complete"))
-                else:
-                    record = failed[entry.slide_id]
-                    self.summary.outcomes.append(SlideOutcome(
-                        entry.slide_id, "failed-before",
-                        error=f"{record.get('error_class')}: {record.get('message')} (retry with --retry-failed)"))
-                continue
-            todo.append(entry)
+            if entry.slide_id in complete:
+                self.summary.outcomes.append(SlideOutcome(entry.slide_id, "skipped", error="complete"))
+            elif entry.slide_id in failed and not self.cfg.retry_failed:
+                record = failed[entry.slide_id]
+                self.summary.outcomes.append(SlideOutcome(
+                    entry.slide_id, "failed-before",
+                    error=f"{record.get('error_class')}: {record.get('message')} (retry with --retry-failed)"))
+            else:
+                todo.append(entry)
         if self.cfg.limit is not None:
             todo = todo[: self.cfg.limit]
         return todo
@@ -217,51 +337,47 @@ class Extraction:
 
         started = time.perf_counter()
         self._start_encoders()
-        store = self._open_store()
-        self.store = store
-        todo = self._todo(store)
+        todo = self._todo(self._existing_store())
         self.log(f"[extract] {len(todo)} slides to extract; {self.summary.count('skipped')} already complete (nothing "
                  f"re-encoded), {self.summary.count('failed-before')} failed before (retry with --retry-failed)")
-        self._total, self._done_tiles, self._t0, self._last_report = len(todo), 0, time.perf_counter(), 0.0
-        self._planned_tiles = self._planned_slides = 0
-        self._paused = False
-        pipeline_started = time.perf_counter()
-
         max_prepare = max(2, int(ray.cluster_resources().get("CPU", 2)))
         max_active = 2 + len(self.actors)
-        max_inflight = 4 * len(self.actors) + 2
+        self._max_inflight = 4 * len(self.actors) + 2
         waiting = deque(todo)
         preparing: dict[Any, SlideEntry] = {}
         prepared: deque[PreparedSlide] = deque()
-        active: list[_ActiveSlide] = []
-        inflight = 0
-        rr = 0
-        while waiting or preparing or prepared or active:
+        self.active: list[_ActiveSlide] = []
+        self.store = None
+        self._deferred_failures: list[tuple[SlideEntry, BaseException, float]] = []
+        self._inflight = 0
+        self._sequence, self._order = 0, {}
+        self._suspect: dict[int, Any] = {}  # actor index → its probe, while it restarts: nothing new is sent to it
+        self._total, self._done_tiles, self._t0, self._last_report = len(todo), 0, time.perf_counter(), 0.0
+        self._planned_tiles = self._planned_slides = 0
+        pipeline_started = time.perf_counter()
+        while waiting or preparing or prepared or self.active or self.store is None:
             while waiting and len(preparing) + len(prepared) < max_prepare:
                 entry = waiting.popleft()
                 preparing[self.prepare_task.remote(entry)] = entry
-            while prepared and len(active) < max_active:
-                slide = self._activate(prepared.popleft())
-                if slide is not None:
-                    active.append(slide)
-            for slide in active:  # submit chunks, oldest slide first (it commits soonest), bounded in flight
-                while slide.chunks and inflight < max_inflight:
-                    start, stop = slide.chunks.popleft()
-                    p = slide.prepared
-                    tiles = self.read_task.remote(p.reader, p.entry.path, p.plan, p.coords[start:stop])
-                    slide.pending.append((start, stop, self.actors[rr % len(self.actors)].encode.remote(tiles)))
-                    rr += 1
-                    inflight += 1
-            refs = list(preparing) + [s.pending[0][2] for s in active if s.pending]
+            if self.store is None and _done(self._described):
+                self._open_store_for_writing()
+                pipeline_started = time.perf_counter()
+            while prepared and len(self.active) < max_active:
+                self.active.append(self._schedule(prepared.popleft()))
+            self._probe_suspects()
+            for slide in list(self.active):
+                if self.store is not None and not slide.token and self._pin_to_a_live_actor(slide):
+                    self._open(slide)
+            for slide in self.active:  # oldest slide first (it commits soonest), bounded in flight
+                self._submit_chunks(slide)
+            refs = list(preparing) + [self._described] * (self.store is None)
+            refs += [probe[0] for probe in self._suspect.values() if probe is not None]
+            for slide in self.active:
+                refs += [r for r in (slide.opened, slide.committing) if r is not None]
+                refs += [slide.pending[0][2]] if slide.pending else []
             if not refs:
                 continue
             ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
-            for slide in list(active):  # keep our leases alive while chunks are encoded
-                try:
-                    slide.writer.heartbeat()
-                except SlideBusy as e:
-                    inflight -= len(slide.pending)
-                    self._drop(slide, active, e)
             for ref in ready:
                 if ref in preparing:
                     entry = preparing.pop(ref)
@@ -271,48 +387,210 @@ class Extraction:
                     except Exception as e:  # noqa: BLE001 - any per-slide error is recorded, the cohort goes on
                         self._fail(entry, e, time.perf_counter())
                     self._planned_slides += 1
-            for slide in list(active):  # append every finished head chunk, in order
-                while slide.pending and _done(slide.pending[0][2]):
-                    chunk = slide.pending.popleft()
-                    ref = chunk[2]
-                    inflight -= 1
-                    try:
-                        emb, grid = ray.get(ref)
-                        start, stop = slide.writer.rows_written, slide.writer.rows_written + len(emb)
-                        if (start, stop) != chunk[:2]:
-                            raise RuntimeError(f"chunk {chunk[:2]} came back as rows {start}-{stop}: refusing to write it")
-                        slide.writer.append(slide.prepared.coords[start:stop], slide.prepared.tissue[start:stop], emb, grid)
-                    except Exception as e:  # noqa: BLE001
-                        inflight -= len(slide.pending)
-                        if _actor_died(e):
-                            e = EncoderError(
-                                f"the encoder process died {1 + MAX_CHUNK_RETRIES} times while encoding tiles "
-                                f"{chunk[0]}-{chunk[1]} of this slide (killed, out of memory, or a crash inside the "
-                                f"model: {e.__class__.__name__}); the slide is failed, the cohort goes on")
-                        self._drop(slide, active, e)
-                        break
-                    self._done_tiles += len(emb)
-                    if not self._paused:
-                        self._paused = True
-                        pause_after_first_append(self.log)
-                if slide in active and not slide.pending and not slide.chunks:
-                    active.remove(slide)
-                    self._commit_or_fail(slide)
+            for slide in list(self.active):
+                self._collect(slide)
             self._report()
         self._report(force=True)
         self.summary.seconds = time.perf_counter() - started
         self.summary.pipeline_seconds = time.perf_counter() - pipeline_started
         return self.summary
 
-    def _drop(self, slide: _ActiveSlide, active: list[_ActiveSlide], error: BaseException) -> None:
-        """Stop a slide: abort its writer (which removes only its own rows) and record why."""
-        slide.pending.clear()
-        slide.writer.abort()
-        active.remove(slide)
-        if isinstance(error, SlideBusy):
-            self._owned(slide.prepared.entry.slide_id, error, slide.started)
+    # ---- one slide -----------------------------------------------------------------------------
+
+    def _schedule(self, prepared: PreparedSlide) -> _ActiveSlide:
+        """Pin a prepared slide to the actor with the fewest slides; its chunks may be read at once."""
+        load = [0] * len(self.actors)
+        for slide in self.active:
+            load[slide.actor] += 1
+        slide = _ActiveSlide(prepared, actor=load.index(min(load)), started=time.perf_counter())
+        slide.reset_chunks(self.cfg.read_chunk)
+        return slide
+
+    def _open(self, slide: _ActiveSlide) -> None:
+        """Send the slide's writer to its actor (chunks and commit follow it there, in order)."""
+        if self.store.is_complete(slide.slide_id):  # another job finished it meanwhile: never overwrite
+            self._finish(slide)
+            self.summary.outcomes.append(SlideOutcome(slide.slide_id, "skipped", error="complete"))
+            return
+        p, actor = slide.prepared, self.actors[slide.actor]
+        slide.token = uuid.uuid4().hex
+        slide.opened = self._sent(actor.open_slide.remote(slide.slide_id, p.attrs, p.thumbnail, p.mask,
+                                                          p.downsample, slide.token, slide.own_tokens))
+        while slide.reads:  # what was read while the encoders loaded
+            start, stop, tiles = slide.reads.popleft()
+            self._send_chunk(slide, start, stop, tiles)
+        if p.n_tiles == 0:
+            self._send_commit(slide)
+
+    def _submit_chunks(self, slide: _ActiveSlide) -> None:
+        p = slide.prepared
+        while slide.chunks and self._inflight < self._max_inflight:
+            start, stop = slide.chunks.popleft()
+            tiles = self._reader(slide).remote(p.reader, p.entry.path, p.plan, p.coords[start:stop])
+            self._inflight += 1
+            if slide.token:
+                self._send_chunk(slide, start, stop, tiles)
+            else:
+                slide.reads.append((start, stop, tiles))
+
+    def _reader(self, slide: _ActiveSlide) -> Any:
+        """The read task, placed on the node of the slide's encoder when known (its tiles then stay on that
+        node); anywhere else when that node is busy or gone."""
+        if self.store is None or len(set(self.actor_nodes)) < 2:
+            return self.read_task
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = self.actor_nodes[slide.actor]
+        return self.read_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
+
+    def _send_chunk(self, slide: _ActiveSlide, start: int, stop: int, tiles: Any) -> None:
+        p = slide.prepared
+        rows = self._sent(self.actors[slide.actor].encode_append.remote(slide.slide_id, start, tiles,
+                                                                        p.coords[start:stop], p.tissue[start:stop]))
+        slide.pending.append((start, stop, rows))
+        if not slide.chunks and stop == p.n_tiles:
+            self._send_commit(slide)
+
+    def _send_commit(self, slide: _ActiveSlide) -> None:
+        p = slide.prepared
+        timings = {**p.attrs.get("timings", {}), "encode_write_s": round(time.perf_counter() - slide.started, 3)}
+        extra = {"timings": timings, "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        slide.committing = self._sent(self.actors[slide.actor].commit_slide.remote(
+            slide.slide_id, extra, p.empty_reason if p.n_tiles == 0 else None))
+
+    def _sent(self, ref: Any) -> Any:
+        """Number an actor call: an actor runs its calls in the order sent, so when it dies, the earliest
+        call that failed with it is the one it was running."""
+        self._sequence += 1
+        self._order[ref] = self._sequence
+        return ref
+
+    def _collect(self, slide: _ActiveSlide) -> None:
+        """Read what the slide's actor answered so far: its open, its chunks in order, its commit."""
+        import ray
+
+        try:
+            if slide.opened is not None:
+                if not _done(slide.opened):
+                    return
+                status = ray.get(slide.opened)
+                self._order.pop(slide.opened, None)
+                slide.opened = None
+                if status == "complete":
+                    self._finish(slide)
+                    self.summary.outcomes.append(SlideOutcome(slide.slide_id, "skipped", error="complete"))
+                    return
+            while slide.pending and _done(slide.pending[0][2]):
+                start, stop, ref = slide.pending[0]
+                rows = ray.get(ref)  # raises what the actor raised; the chunk stays named at the head
+                if rows != stop - start:
+                    raise RuntimeError(f"chunk {start}-{stop} came back as {rows} rows: refusing to commit the slide")
+                slide.pending.popleft()
+                self._order.pop(ref, None)
+                self._inflight -= 1
+                self._done_tiles += rows
+            if slide.committing is not None and not slide.pending and _done(slide.committing):
+                result = ray.get(slide.committing)
+                self._finish(slide)
+                self._committed(slide, result)
+        except Exception as e:  # noqa: BLE001 - per-slide: recorded, the cohort goes on
+            if _actor_died(e):
+                self._on_actor_death(slide.actor, e)
+            else:
+                self._slide_error(slide, e)
+
+    def _on_actor_death(self, actor: int, error: BaseException) -> None:
+        """An encoder actor died (killed, out of memory, its node lost) and Ray restarts it. Its calls run in
+        the order sent, so the earliest that had not succeeded is the one it was running: that call is charged
+        the death, and its slide fails once the same call has killed its actor 1 + MAX_CHUNK_RETRIES times.
+        Every other slide the actor held is written again from its first tile (its writer's buffered rows
+        are gone), on a live actor. Nothing is sent to the actor until a probe finds it back."""
+        held = [slide for slide in self.active if slide.actor == actor and (slide.token or slide.calls())]
+        outstanding = sorted((self._order.get(ref, 0), i, slide, label) for i, slide in enumerate(held)
+                             for ref, label in slide.calls() if not (_done(ref) and _succeeded(ref)))
+        self._suspect[actor] = None
+        if outstanding:
+            _, _, culprit, label = outstanding[0]
+            culprit.deaths[label] = culprit.deaths.get(label, 0) + 1
+            if culprit.deaths[label] > MAX_CHUNK_RETRIES:
+                held.remove(culprit)
+                self._slide_error(culprit, EncoderError(
+                    f"the encoder process died {culprit.deaths[label]} times while encoding {label} of this slide "
+                    f"(killed, out of memory, or a crash inside the model: {type(error).__name__}); the slide is "
+                    "failed, the cohort goes on"), writer_died=True)
+        for slide in held:
+            self._restart(slide, f"its encoder process died ({type(error).__name__})")
+
+    def _probe_suspects(self) -> None:
+        """Ping each restarting actor (at most every PROBE_EVERY_S); one that answers is live again."""
+        import ray
+
+        for actor, probe in list(self._suspect.items()):
+            if probe is not None and _done(probe[0]) and _succeeded(probe[0]):
+                self.actor_nodes[actor] = ray.get(probe[0])["node"]  # it may have restarted on another node
+                del self._suspect[actor]
+            elif probe is None or (_done(probe[0]) and time.perf_counter() > probe[1]):
+                self._suspect[actor] = (self.actors[actor].describe.remote(), time.perf_counter() + PROBE_EVERY_S)
+
+    def _pin_to_a_live_actor(self, slide: _ActiveSlide) -> bool:
+        """Move a slide not yet opened off a restarting actor, to the live one with the fewest slides.
+        False when every actor is restarting (the slide waits)."""
+        if slide.actor not in self._suspect:
+            return True
+        live = [i for i in range(len(self.actors)) if i not in self._suspect]
+        if not live:
+            return False
+        load = {i: sum(s.actor == i for s in self.active) for i in live}
+        slide.actor = min(live, key=lambda i: load[i])
+        return True
+
+    def _slide_error(self, slide: _ActiveSlide, error: BaseException, writer_died: bool = False) -> None:
+        original, _ = _error_text(error)
+        if isinstance(original, WriterRestarted):
+            if slide.restarts < MAX_SLIDE_RESTARTS:
+                self._restart(slide, original)
+                return
+            writer_died = True
+        self._finish(slide, abort=not writer_died)
+        if writer_died:  # its writer cannot clean up: remove what it left, by our own lease tokens
+            self.store.abandon_slide(slide.slide_id, [slide.token, *slide.own_tokens])
+        if isinstance(original, SlideBusy):
+            self._owned(slide.slide_id, original, slide.started)
         else:
-            self._fail(slide.prepared.entry, error, slide.started)
+            self._fail(slide.prepared.entry, original, slide.started)
+
+    def _restart(self, slide: _ActiveSlide, why: BaseException | str) -> None:
+        """Write the slide again from its first tile: its writer died with its actor."""
+        self._forget_calls(slide)
+        self._inflight -= len(slide.pending) + len(slide.reads)
+        slide.own_tokens.append(slide.token)
+        slide.token, slide.opened, slide.committing = "", None, None
+        slide.restarts += 1
+        slide.reset_chunks(self.cfg.read_chunk)
+        self.log(f"[extract] {slide.slide_id}: writing it again from its first tile ({why})")
+
+    def _finish(self, slide: _ActiveSlide, abort: bool = False) -> None:
+        """The slide leaves the run; with abort its writer removes what it wrote (its rows only)."""
+        self._forget_calls(slide)
+        self._inflight -= len(slide.pending) + len(slide.reads)
+        slide.pending.clear()
+        slide.reads.clear()
+        if abort and slide.token:
+            self.actors[slide.actor].abort_slide.remote(slide.slide_id)
+        self.active.remove(slide)
+
+    def _forget_calls(self, slide: _ActiveSlide) -> None:
+        for ref, _ in slide.calls():
+            self._order.pop(ref, None)
+
+    def _committed(self, slide: _ActiveSlide, result: dict[str, Any]) -> None:
+        p = slide.prepared
+        status = "done" if p.n_tiles else "empty"
+        self.summary.outcomes.append(SlideOutcome(p.entry.slide_id, status, result["rows"],
+                                                  time.perf_counter() - slide.started + p.attrs["timings"]["prepare_s"],
+                                                  p.reader, p.mpp.value, p.empty_reason or "", node=result["node"]))
+        self.log(f"[extract] {status}: {p.entry.slide_id} ({p.n_tiles} tiles, {p.reader}, {p.mpp.value:.3f} µm/px)"
+                 + (f": {p.empty_reason}" if p.empty_reason else ""))
 
     def _owned(self, slide_id: str, error: BaseException, started: float) -> None:
         """Another live job owns the slide and will commit it: not a failure of this run."""
@@ -320,57 +598,10 @@ class Extraction:
                                                   error=str(error)))
         self.log(f"[extract] skipped: {slide_id}: {error}")
 
-    def _activate(self, prepared: PreparedSlide) -> _ActiveSlide | None:
-        """Open the slide's writer; None when it needs no encoding (committed empty), is another job's, or failed."""
-        started = time.perf_counter()
-        if self.store.is_complete(prepared.entry.slide_id):  # another job finished it meanwhile: never overwrite
-            self.summary.outcomes.append(SlideOutcome(prepared.entry.slide_id, "skipped", error="complete"))
-            return None
-        try:
-            writer = self.store.write_slide(prepared.entry.slide_id, prepared.attrs, token_shape=self.token_shape)
-        except SlideBusy as e:
-            self._owned(prepared.entry.slide_id, e, started)
-            return None
-        except Exception as e:  # noqa: BLE001 - e.g. object storage unreachable for this slide
-            self._fail(prepared.entry, e, started)
-            return None
-        try:
-            writer.set_thumbnail(prepared.thumbnail, prepared.mask, prepared.downsample)
-        except Exception as e:  # noqa: BLE001
-            writer.abort()
-            self._fail(prepared.entry, e, started)
-            return None
-        slide = _ActiveSlide(prepared, writer, deque(), deque(), started)
-        step = self.cfg.read_chunk
-        slide.chunks.extend((s, min(s + step, prepared.n_tiles)) for s in range(0, prepared.n_tiles, step))
-        if not slide.chunks:
-            self._commit_or_fail(slide)
-            return None
-        return slide
-
-    def _commit_or_fail(self, slide: _ActiveSlide) -> None:
-        try:
-            self._commit(slide)
-        except SlideBusy as e:  # taken over while we wrote: the other writer commits it
-            slide.writer.abort()
-            self._owned(slide.prepared.entry.slide_id, e, slide.started)
-        except Exception as e:  # noqa: BLE001
-            slide.writer.abort()
-            self._fail(slide.prepared.entry, e, slide.started)
-
-    def _commit(self, slide: _ActiveSlide) -> None:
-        p = slide.prepared
-        seconds = time.perf_counter() - slide.started
-        timings = {**p.attrs.get("timings", {}), "encode_write_s": round(seconds, 3)}
-        slide.writer.commit(extra_attrs={"timings": timings, "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                            empty_reason=p.empty_reason if p.n_tiles == 0 else None)
-        status = "done" if p.n_tiles else "empty"
-        self.summary.outcomes.append(SlideOutcome(p.entry.slide_id, status, p.n_tiles, seconds + p.attrs["timings"]["prepare_s"],
-                                                  p.reader, p.mpp.value, p.empty_reason or ""))
-        self.log(f"[extract] {status}: {p.entry.slide_id} ({p.n_tiles} tiles, {p.reader}, {p.mpp.value:.3f} µm/px)"
-                 + (f": {p.empty_reason}" if p.empty_reason else ""))
-
     def _fail(self, entry: SlideEntry, error: BaseException, started: float) -> None:
+        if self.store is None:  # the store opens once the encoders are ready; recorded then
+            self._deferred_failures.append((entry, error, started))
+            return
         original, text = _error_text(error)
         self.store.record_failure(entry.slide_id, original)
         self.summary.outcomes.append(SlideOutcome(entry.slide_id, "failed", seconds=time.perf_counter() - started, error=text))
@@ -393,6 +624,17 @@ class Extraction:
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
         self.log(f"[extract] progress: {finished}/{self._total} slides ({self.summary.count('failed')} failed), "
                  f"{self._done_tiles} tiles, {rate:.1f} tiles/s, ETA {eta_text}")
+
+
+def _succeeded(ref: Any) -> bool:
+    """A finished call that returned (did not raise)."""
+    import ray
+
+    try:
+        ray.get(ref, timeout=0)
+    except Exception:  # noqa: BLE001 - only whether it raised matters here
+        return False
+    return True
 
 
 def _done(ref: Any) -> bool:

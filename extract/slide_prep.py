@@ -61,7 +61,8 @@ def prepare_slide(entry: SlideEntry, cfg: ExtractConfig) -> PreparedSlide:
         mpp = resolve_mpp(reader.properties, entry.slide_id, cfg.mpp_override, entry.mpp)
         plan = plan_tiles(reader.level_dimensions, reader.level_downsamples, mpp.value, cfg.target_mpp,
                           cfg.tile_px, cfg.stride_px)
-        thumbnail, downsample = read_thumbnail(reader, cfg.thumbnail_max_side)
+        floor = tissue_params(cfg).min_downsample(reader.level_dimensions[0], plan.tile_level0)
+        thumbnail, downsample = read_thumbnail(reader, cfg.thumbnail_max_side, floor)
     finally:
         reader.close()
     mask = tissue_mask(thumbnail)

@@ -20,6 +20,10 @@ from skimage.filters import threshold_otsu
 from extract.readers import SlideReader
 
 THUMBNAIL_MAX_SIDE = 2048
+# A tile's tissue fraction needs no finer mask than this; a finer one only costs time (0.7 s per small slide
+# masked at full resolution) and store bytes (the thumbnail was most of a tiny encoder's store).
+THUMBNAIL_PX_PER_TILE = 16
+THUMBNAIL_MIN_SIDE = 512  # ... but a small slide keeps enough pixels for Otsu and the morphology to work on
 SATURATION_RANGE = (0.03, 0.08)
 MIN_REGION_FRACTION = 2e-4  # of the thumbnail's pixels (and at least a few pixels)
 RED_REGION_FRACTION = 0.4
@@ -29,10 +33,17 @@ RED_REGION_FRACTION = 0.4
 class TissueParams:
     min_tissue: float = 0.25  # a tile is kept when at least this fraction of it is tissue
     thumbnail_max_side: int = THUMBNAIL_MAX_SIDE
+    thumbnail_px_per_tile: int = THUMBNAIL_PX_PER_TILE  # the mask is never finer than this many px per tile side
+    thumbnail_min_side: int = THUMBNAIL_MIN_SIDE  # unless that leaves the thumbnail smaller than this
 
     def describe(self) -> dict:
         return {"method": "otsu-saturation+ink-filter+morphology", "min_tissue": self.min_tissue,
-                "saturation_range": list(SATURATION_RANGE), "thumbnail_max_side": self.thumbnail_max_side}
+                "saturation_range": list(SATURATION_RANGE), "thumbnail_max_side": self.thumbnail_max_side,
+                "thumbnail_px_per_tile": self.thumbnail_px_per_tile, "thumbnail_min_side": self.thumbnail_min_side}
+
+    def min_downsample(self, level0_size: tuple[int, int], tile_level0: float) -> float:
+        """Level-0 px per thumbnail px below which a finer mask buys nothing (see the constants above)."""
+        return min(tile_level0 / self.thumbnail_px_per_tile, max(level0_size) / self.thumbnail_min_side)
 
 
 def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,20 +82,23 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     return mask
 
 
-def read_thumbnail(reader: SlideReader, max_side: int = THUMBNAIL_MAX_SIDE) -> tuple[np.ndarray, float]:
-    """An RGB thumbnail of at most max_side pixels and its downsample (level-0 px per thumbnail px).
+def read_thumbnail(reader: SlideReader, max_side: int = THUMBNAIL_MAX_SIDE,
+                   min_downsample: float = 1.0) -> tuple[np.ndarray, float]:
+    """An RGB thumbnail of at most max_side pixels and its downsample (level-0 px per thumbnail px), which is
+    at least min_downsample.
 
     Reads the coarsest level in blocks and shrinks each by area averaging, so a slide without a
     pyramid never sits in memory at full resolution.
     """
     width0, height0 = reader.level_dimensions[0]
-    factor0 = max(1.0, max(width0, height0) / max_side)  # level-0 px per thumbnail px
+    factor0 = max(1.0, min_downsample, max(width0, height0) / max_side)  # level-0 px per thumbnail px
     # The coarsest level that is still at least as fine as the thumbnail.
     level = max((i for i, d in enumerate(reader.level_downsamples) if d <= factor0 + 1e-6),
                 key=lambda i: reader.level_downsamples[i], default=0)
     d = reader.level_downsamples[level]
     lw, lh = reader.level_dimensions[level]
-    step = max(1, int(round(factor0 / d)))  # level px per thumbnail px (integer: block area averaging)
+    # level px per thumbnail px: an integer (block area averaging), rounded up so the side stays <= max_side
+    step = max(1, int(np.ceil(factor0 / d - 1e-9)))
     tw, th = max(1, lw // step), max(1, lh // step)
     thumb = np.empty((th, tw, 3), dtype=np.uint8)
     block = step * max(1, 4096 // step)  # level px per read, a multiple of step

@@ -33,7 +33,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -267,11 +267,15 @@ class EmbeddingStore:
         overwrite: bool = False,
         block_rows: int | None = None,
         lease_seconds: float | None = None,
+        lease_token: str | None = None,
+        own_tokens: Collection[str] = (),
     ) -> SlideWriter:
         """Start writing one slide; the writer owns it through a lease until commit or abort.
 
         Debris of a dead writer (an incomplete slide whose lease expired or whose process is gone) is
-        deleted first; a slide another live writer owns raises SlideBusy. A complete slide is replaced
+        deleted first; a slide another live writer owns raises SlideBusy. A lease whose token is
+        `lease_token` or in `own_tokens` is the caller's own, from a writer process it knows is gone (a
+        restarted actor, a dead node): taken over at once, without waiting for the lease to run out. A complete slide is replaced
         only with overwrite=True, and stays readable until the new version commits. `token_shape` = (T, C)
         when token grids are stored. Use as a context manager: an exception inside removes what this writer
         wrote (and nothing else).
@@ -280,7 +284,8 @@ class EmbeddingStore:
         validate_slide_id(slide_id)
         current, lease = self._marker_lease(slide_id)  # this slide only: listing every slide would be O(n^2)
         if current is not None:
-            if lease is not None and lease.alive():
+            ours = lease is not None and lease.token in {lease_token, *own_tokens} - {None}
+            if lease is not None and lease.alive() and not ours:
                 raise SlideBusy(
                     f"slide {slide_id!r} in {display_url(self.url)} is being written by another writer "
                     f"({lease.describe()}), which will commit it; if that writer is gone, wait for its lease to "
@@ -295,7 +300,7 @@ class EmbeddingStore:
                 self._delete_slide_group(slide_id)  # a dead writer's debris
                 current = None
         return SlideWriter(self, slide_id, dict(attrs), token_shape=token_shape, block_rows=block_rows,
-                           replaces=current, lease=Lease.new(lease_seconds or self.lease_seconds))
+                           replaces=current, lease=Lease.new(lease_seconds or self.lease_seconds, lease_token))
 
     def delete_slide(self, slide_id: str, force: bool = False) -> bool:
         """Remove a slide (complete or debris) and its failure record; True if anything was there.
@@ -315,6 +320,15 @@ class EmbeddingStore:
             del failures[slide_id]
             removed = True
         return removed
+
+    def abandon_slide(self, slide_id: str, tokens: Collection[str]) -> bool:
+        """Remove an incomplete slide whose writer held one of `tokens` (the caller's own writers, whose
+        processes died): True if removed. A complete slide, or one another writer holds, is left alone."""
+        self._require_writable()
+        current, lease = self._marker_lease(slide_id)
+        if current is None or current.get(COMPLETE) or lease is None or lease.token not in set(tokens):
+            return False
+        return self._delete_slide_group(slide_id)
 
     def _delete_slide_group(self, slide_id: str) -> bool:
         slides = self._root.require_group(SLIDES)

@@ -52,6 +52,11 @@ class SlideOwnershipLost(SlideBusy):
     """This writer's slide was taken over by another (its lease expired); nothing of this writer is kept."""
 
 
+class WriterRestarted(SlidecacheError, RuntimeError):
+    """A slide's writer process restarted (killed, its node lost) and lost the rows it held: the slide is
+    written again from its first tile, taking over its own lease at once."""
+
+
 class InvalidSlideId(SlidecacheError, ValueError):
     """A slide id that could escape its folder or cannot be a key (separators, '..', control chars)."""
 

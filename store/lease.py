@@ -49,9 +49,12 @@ class Lease:
     lease_seconds: float
 
     @classmethod
-    def new(cls, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> Lease:
+    def new(cls, lease_seconds: float = DEFAULT_LEASE_SECONDS, token: str | None = None) -> Lease:
+        """A lease for this process; `token` when the caller names it (a coordinator that hands slides to
+        writer processes, and so knows which leases are its own when one of those processes dies)."""
         pid = os.getpid()
-        return cls(uuid.uuid4().hex, socket.gethostname(), pid, _pid_start(pid), time.time(), float(lease_seconds))
+        return cls(token or uuid.uuid4().hex, socket.gethostname(), pid, _pid_start(pid), time.time(),
+                   float(lease_seconds))
 
     @classmethod
     def from_attrs(cls, value: Any) -> Lease | None:

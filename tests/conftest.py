@@ -56,10 +56,7 @@ def s3_endpoint() -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto server did not start on port {port} (exit code {proc.poll()})") from e
                 time.sleep(0.1)
-        import boto3
-
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x",
-                     region_name="us-east-1").create_bucket(Bucket="slidecache-test")
+        _create_bucket(endpoint, "slidecache-test")
         yield endpoint
     finally:
         proc.terminate()
@@ -67,6 +64,24 @@ def s3_endpoint() -> Iterator[str]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+def empty_s3(s3_endpoint: str) -> str:
+    """The session's moto server emptied (its reset API) for a test that writes fixed URLs such as the README's
+    `s3://bucket/tcga.zarr`: two such tests on one xdist worker must not see each other's store."""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST"), timeout=10).close()
+    _create_bucket(s3_endpoint, "slidecache-test")
+    return s3_endpoint
+
+
+def _create_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x",
+                 region_name="us-east-1").create_bucket(Bucket=name)
 
 
 def s3_options(endpoint: str) -> dict:

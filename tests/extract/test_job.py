@@ -73,6 +73,18 @@ def test_bad_inputs_are_recorded_and_good_slides_complete(local_ray, synthetic_s
     assert fixed.outcomes[0].status == "done" and "bogus_mpp" not in EmbeddingStore.open(url).failures()
 
 
+def _describe_once_back(ray, actor, within_s: float = 60.0) -> dict:
+    """The actor's description once Ray has restarted it (its calls are not retried: see extract/job.py)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return ray.get(actor.describe.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def test_killed_encoder_actor_loses_and_duplicates_nothing(local_ray, synthetic_slides, tmp_path):
     entries = load_cohort(synthetic_slides)
     cfg = ExtractConfig(**TINY)
@@ -94,8 +106,9 @@ def test_killed_encoder_actor_loses_and_duplicates_nothing(local_ray, synthetic_
     thread.join(timeout=5)
     assert killed, "the actor was never killed: the test did not test anything"
     assert [o.status for o in summary.outcomes] == ["done"] * 3
-    new_pid = local_ray.get(extraction.actors[0].describe.remote())["pid"]
-    assert new_pid != killed["pid"]  # it really restarted
+    restarted = _describe_once_back(local_ray, extraction.actors[0])
+    assert restarted["pid"] != killed["pid"]  # it really restarted
+    assert restarted["threads"] == len(os.sched_getaffinity(0))  # every core, not Ray's OMP_NUM_THREADS=1
     store = EmbeddingStore.open(str(tmp_path / "store"))
     encoder = BatchEncoder(cfg)
     for entry in entries:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from demo.slides import synthetic_he, write_pyramid
+from demo.slides import synthetic_he, write_pyramid, write_repeated_slide
 from extract.mpp import resolve_mpp
 from extract.readers import open_slide
 from extract.slide_prep import read_tiles
@@ -128,3 +130,26 @@ def test_blank_and_grayscale_inputs(shared_data):
     assert not tissue_mask(np.full((64, 64, 3), 240, np.uint8)).any()
     gray = np.asarray(Image.open(shared_data / "he_tiles/histolab/thumbnails/diagnostic-slide-thumb-gs.png").convert("RGB"))
     assert tissue_mask(gray).mean() < 0.05  # no colour, no saturation: the mask cannot see grayscale tissue
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# sides in whole 2048 px blocks, so that every level of the written pyramid is exactly 1/factor of level 0
+@given(width=st.integers(1, 6).map(lambda k: 2048 * k), height=st.integers(1, 6).map(lambda k: 2048 * k),
+       reduced=st.lists(st.sampled_from([2, 4, 8]), min_size=0, max_size=3, unique=True).map(sorted),
+       max_side=st.integers(200, 3000), min_downsample=st.floats(1.0, 40.0))
+def test_the_thumbnail_obeys_its_maximum_side_and_is_no_coarser_than_needed(tmp_path_factory, width, height, reduced,
+                                                                          max_side, min_downsample):
+    """Any pyramid (levels at 2-8x or none), any limit: the side is <= max_side, the downsample >= the floor
+    asked for, and less than twice what the limits need (round-up to a level's integer step, never more)."""
+    path = write_repeated_slide(tmp_path_factory.mktemp("thumb") / "s.tiff", width, height, 0.25,
+                                reduced=tuple(reduced), variants=2)
+    reader = open_slide(path).reader
+    try:
+        thumb, downsample = read_thumbnail(reader, max_side, min_downsample)
+        w0, h0 = reader.level_dimensions[0]
+    finally:
+        reader.close()
+    needed = max(1.0, min_downsample, max(w0, h0) / max_side)
+    assert max(thumb.shape[:2]) <= max_side
+    assert needed - 1e-6 <= downsample < 2 * needed
+    assert thumb.shape[0] == int(h0 / downsample) and thumb.shape[1] == int(w0 / downsample)  # maps onto level 0

@@ -33,3 +33,22 @@ def test_every_extract_config_loads():
     assert configs
     for path in configs:
         ExtractConfig.from_yaml(path)
+
+
+def test_the_config_follows_the_encoder_and_the_device():
+    """`--encoder NAME` takes configs/extract/NAME.yaml when there is one, else the default config with that
+    encoder; what a config leaves out (batch, read chunk) follows the device; `--config` and flags win."""
+    from extract.config import CONFIG_DIR, DEVICE_DEFAULTS, ExtractConfig
+
+    tiny = ExtractConfig.for_command(None, {"encoder": "virchow2-tiny"})
+    assert (tiny.encoder, tiny.batch_size, tiny.read_chunk, tiny.precision) == ("virchow2-tiny", 64, 128, "fp32")
+    small = ExtractConfig.for_command(None, {"encoder": "virchow2-small"})
+    assert small.encoder == "virchow2-small" and small.batch_size is None and small.precision == "auto"
+    for device in ("cpu", "cuda"):
+        resolved = small.for_device(device)
+        assert (resolved.batch_size, resolved.read_chunk) == tuple(DEVICE_DEFAULTS[device].values())
+    assert tiny.for_device("cuda").batch_size == 64  # what the config says is kept
+    given = ExtractConfig.for_command(CONFIG_DIR / "extract" / "virchow2.yaml", {"encoder": "virchow2-tiny",
+                                                                                 "batch_size": 8})
+    assert (given.encoder, given.batch_size, given.precision) == ("virchow2-tiny", 8, "auto")
+    assert ExtractConfig.for_command(None, {}).encoder == "virchow2"

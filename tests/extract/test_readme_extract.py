@@ -20,7 +20,7 @@ from tests.readme import run_subprocess, to_argv
 
 EXTRACT = ("python -m extract --cohort SLIDES_OR_TABLE --store STORE [--config configs/extract/virchow2.yaml] "
            "[--encoder virchow2|virchow2-random|virchow2-small|virchow2-tiny] [--weights HUB_ID_OR_FILE] "
-           "[--mpp-override X] [--tokens 4x4] [--retry-failed] [--limit N] [--qc-dir DIR]")
+           "[--mpp-override X] [--tokens 4x4] [--retry-failed] [--limit N] [--qc-dir DIR] [--encoder-threads N]")
 SUBMIT = "ray job submit --working-dir . -- python -m extract --cohort TCGA --store s3://bucket/tcga.zarr"
 
 
@@ -32,6 +32,7 @@ def test_extract_a_cohort_table_from_a_fresh_working_directory(synthetic_slides,
         shutil.copy(synthetic_slides / f"{name}.tiff", tmp_path / "slides" / f"{name}.tiff")
     (tmp_path / "cohort.csv").write_text("slide_id,path\nsyn0,slides/syn0.tiff\nsyn1,slides/syn1.tiff\n")
     run = to_argv(EXTRACT, {"SLIDES_OR_TABLE": "cohort.csv", "STORE": "store.zarr"}, tiny_encoder=True)
+    run.argv += ["--config", "configs/extract/virchow2.yaml"]  # the recipe itself, not virchow2-tiny.yaml
     result = run_subprocess(run, tmp_path, timeout=600)
     assert result.code == 0 and "Traceback" not in result.log, result.log[-3000:]
     assert "2 done" in result.stdout and "tiles/s" in result.stdout
@@ -42,7 +43,8 @@ def test_extract_a_cohort_table_from_a_fresh_working_directory(synthetic_slides,
 
 
 @pytest.mark.readme(SUBMIT)
-def test_job_submit_of_the_tcga_cohort_into_s3(synthetic_slides, s3_endpoint):
+def test_job_submit_of_the_tcga_cohort_into_s3(synthetic_slides, empty_s3):
+    s3_endpoint = empty_s3
     boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="x", aws_secret_access_key="x",
                  region_name="us-east-1").create_bucket(Bucket="bucket")
     # the cluster runs in this environment (its `python` is ours), sees the slides and the S3 endpoint

@@ -119,3 +119,23 @@ def test_failure_attempts_survive_retries(store):
     assert store.failures()["flaky"]["attempts"] == 3
     write_slide(store, "flaky", 3)
     assert store.failures() == {}
+
+
+def test_a_coordinator_takes_over_its_own_dead_writers_lease_at_once_and_no_one_elses(store):
+    """The extraction driver names its writers' lease tokens: a writer process that died (its lease still
+    fresh, on another host for all the store knows) is replaced at once by the driver's next writer; a
+    token not named is another job's, and stays busy; abandon_slide removes only the named writer's debris."""
+    coords, tissue, emb = slide_rows(16)
+    dead = store.write_slide("s", {"patient_id": "p"}, block_rows=8, lease_token="a" * 32)
+    dead.append(coords[:8], tissue[:8], emb[:8])  # then its process dies: nothing more from it
+    with pytest.raises(SlideBusy):
+        store.write_slide("s", {"patient_id": "p"}, lease_token="b" * 32)
+    again = store.write_slide("s", {"patient_id": "p"}, block_rows=8, lease_token="b" * 32, own_tokens=["a" * 32])
+    assert not store.abandon_slide("s", ["a" * 32])  # the live writer's lease is "b": left alone
+    again.append(coords, tissue, emb)
+    assert again.commit().n_tiles == 16 and _no_zero_rows(store, "s")
+    assert not store.abandon_slide("s", ["b" * 32])  # complete: never abandoned
+    lost = store.write_slide("t", {"patient_id": "p"}, lease_token="c" * 32)
+    lost.append(coords[:4], tissue[:4], emb[:4])
+    assert store.abandon_slide("t", ["c" * 32]) and "t" not in store.slide_states()
+    assert verify_store(store) == []

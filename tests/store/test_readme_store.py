@@ -76,8 +76,9 @@ def test_merge(readme_demo, tmp_path):
 
 
 @pytest.mark.readme(SNIPPET)
-def test_the_python_example_on_s3(s3_endpoint, monkeypatch):
+def test_the_python_example_on_s3(empty_s3, monkeypatch):
     """The README's snippet, unchanged, on `s3://bucket/...` of the moto server (AWS_* from the environment)."""
+    s3_endpoint = empty_s3
     for name, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
