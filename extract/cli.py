@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads of a CPU encoder (default: every core of its node; readers share them)")
     p.add_bool("--retry-failed", default=None, help="retry slides recorded as failed")
     p.add_argument("--limit", type=int, help="extract at most N slides this run")
-    p.add_argument("--num-encoders", type=int, help="encoder actors (default: one per GPU, or one on CPU)")
+    p.add_argument("--num-encoders", type=int, help="encoder actors (default: one per GPU, else one per node)")
     p.add_argument("--qc-dir", help="where QC pictures go (default: <store>/../<store name>_qc for local stores)")
     p.add_argument("--storage-options", metavar="JSON", help="fsspec options for the store (s3 credentials: prefer AWS_* variables)")
     p.add_bool("--no-qc", help="skip the QC pictures")
