@@ -17,6 +17,10 @@ from extract.faults import maybe_kill_encoder
 from store.devices import pick_device
 
 STORE_DTYPE = "float16"
+# Ray hands the encoder read-only views of its shared memory, which are only read: silence torch's warning
+# once here, not per batch (catch_warnings per call also races with the actor's writer threads).
+_READ_ONLY_WARNING = "The given NumPy array is not writable"
+warnings.filterwarnings("ignore", message=_READ_ONLY_WARNING)
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -74,9 +78,7 @@ class BatchEncoder:
         """uint8 (B, H, W, 3) → normalised (B, 3, H, W) in the compute dtype: channels made planar on the
         uint8 bytes, then one float conversion and one in-place multiply-add (3.3x the speed of float-then-
         permute on CPU, which left a channels-last tensor the model ran slower on: bench/RESULTS.md)."""
-        with warnings.catch_warnings():  # Ray hands over read-only views of shared memory; they are only read
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            x = torch.from_numpy(np.ascontiguousarray(tiles))
+        x = torch.from_numpy(np.ascontiguousarray(tiles))  # read-only views are fine: see _READ_ONLY_WARNING
         x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
         x = x.mul_(self.scale).add_(self.shift)
         if tuple(x.shape[-2:]) != self.input_size:  # linear, so it commutes with the normalisation

@@ -27,7 +27,7 @@ import uuid
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -237,8 +237,6 @@ class _ActiveSlide:
     def reset_chunks(self, read_chunk: int) -> None:
         n = self.prepared.n_tiles
         self.chunks = deque((s, min(s + read_chunk, n)) for s in range(0, n, read_chunk))
-        self.reads.clear()
-        self.pending.clear()
 
 
 class Extraction:
@@ -266,12 +264,12 @@ class Extraction:
         count = self.cfg.num_encoders or gpus or max(1, len(nodes))  # one per GPU, else one per node
         prepare_task, read_task, encoder_cls = _ray_remotes(self.cfg, 1 if gpus else 0)
         self.prepare_task, self.read_task = prepare_task, read_task
+        self._node_readers: dict[str, Any] = {}
         faults = forwarded_faults()  # test hooks set for this job reach its actors, wherever they run
         options: dict[str, Any] = {"runtime_env": {"env_vars": faults}} if faults else {}
         self.actors = [encoder_cls.options(**options, **self._placement(i, gpus, nodes))
                        .remote(self.cfg, self.store_url, self.storage_options) for i in range(count)]
-        self._described = self.actors[0].describe.remote()
-        self._actor_nodes = [actor.describe.remote() for actor in self.actors]  # where to read their slides
+        self._described = [actor.describe.remote() for actor in self.actors]  # spec, and where to read for each
 
     @staticmethod
     def _placement(index: int, gpus: int, nodes: list[str]) -> dict[str, Any]:
@@ -286,9 +284,10 @@ class Extraction:
     def _await_encoders(self) -> None:
         import ray
 
-        info = ray.get(self._described)
+        described = ray.get(self._described)
+        info = described[0]
         self.encoder_spec, self.token_shape = info["encoder"], info["token_shape"]
-        self.actor_nodes = [d["node"] for d in ray.get(self._actor_nodes)]
+        self.actor_nodes = [d["node"] for d in described]
         threads = f", {info['threads']} threads" if info["device"] == "cpu" else ""
         self.log(f"[extract] {len(self.actors)} encoder actor(s) on {info['device']} ({self.cfg.encoder}, "
                  f"{self.encoder_spec['compute_precision']}, batch {self.cfg.batch_size}, read chunk "
@@ -359,7 +358,7 @@ class Extraction:
             while waiting and len(preparing) + len(prepared) < max_prepare:
                 entry = waiting.popleft()
                 preparing[self.prepare_task.remote(entry)] = entry
-            if self.store is None and _done(self._described):
+            if self.store is None and _done(self._described[0]):
                 self._open_store_for_writing()
                 pipeline_started = time.perf_counter()
             while prepared and len(self.active) < max_active:
@@ -370,7 +369,7 @@ class Extraction:
                     self._open(slide)
             for slide in self.active:  # oldest slide first (it commits soonest), bounded in flight
                 self._submit_chunks(slide)
-            refs = list(preparing) + [self._described] * (self.store is None)
+            refs = list(preparing) + self._described[:1] * (self.store is None)
             refs += [probe[0] for probe in self._suspect.values() if probe is not None]
             for slide in self.active:
                 refs += [r for r in (slide.opened, slide.committing) if r is not None]
@@ -399,10 +398,7 @@ class Extraction:
 
     def _schedule(self, prepared: PreparedSlide) -> _ActiveSlide:
         """Pin a prepared slide to the actor with the fewest slides; its chunks may be read at once."""
-        load = [0] * len(self.actors)
-        for slide in self.active:
-            load[slide.actor] += 1
-        slide = _ActiveSlide(prepared, actor=load.index(min(load)), started=time.perf_counter())
+        slide = _ActiveSlide(prepared, actor=self._least_loaded(range(len(self.actors))), started=time.perf_counter())
         slide.reset_chunks(self.cfg.read_chunk)
         return slide
 
@@ -435,13 +431,16 @@ class Extraction:
 
     def _reader(self, slide: _ActiveSlide) -> Any:
         """The read task, placed on the node of the slide's encoder when known (its tiles then stay on that
-        node); anywhere else when that node is busy or gone."""
+        node); anywhere else when that node is busy or gone. One placed task per node, made once."""
         if self.store is None or len(set(self.actor_nodes)) < 2:
             return self.read_task
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         node = self.actor_nodes[slide.actor]
-        return self.read_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
+        if node not in self._node_readers:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            self._node_readers[node] = self.read_task.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
+        return self._node_readers[node]
 
     def _send_chunk(self, slide: _ActiveSlide, start: int, stop: int, tiles: Any) -> None:
         p = slide.prepared
@@ -540,9 +539,12 @@ class Extraction:
         live = [i for i in range(len(self.actors)) if i not in self._suspect]
         if not live:
             return False
-        load = {i: sum(s.actor == i for s in self.active) for i in live}
-        slide.actor = min(live, key=lambda i: load[i])
+        slide.actor = self._least_loaded(live)
         return True
+
+    def _least_loaded(self, actors: Iterable[int]) -> int:
+        """Of these actor indices, the one with the fewest slides in flight (the first of equals)."""
+        return min(actors, key=lambda i: sum(s.actor == i for s in self.active))
 
     def _slide_error(self, slide: _ActiveSlide, error: BaseException, writer_died: bool = False) -> None:
         original, _ = _error_text(error)
@@ -561,8 +563,7 @@ class Extraction:
 
     def _restart(self, slide: _ActiveSlide, why: BaseException | str) -> None:
         """Write the slide again from its first tile: its writer died with its actor."""
-        self._forget_calls(slide)
-        self._inflight -= len(slide.pending) + len(slide.reads)
+        self._release(slide)
         slide.own_tokens.append(slide.token)
         slide.token, slide.opened, slide.committing = "", None, None
         slide.restarts += 1
@@ -571,17 +572,18 @@ class Extraction:
 
     def _finish(self, slide: _ActiveSlide, abort: bool = False) -> None:
         """The slide leaves the run; with abort its writer removes what it wrote (its rows only)."""
-        self._forget_calls(slide)
-        self._inflight -= len(slide.pending) + len(slide.reads)
-        slide.pending.clear()
-        slide.reads.clear()
+        self._release(slide)
         if abort and slide.token:
             self.actors[slide.actor].abort_slide.remote(slide.slide_id)
         self.active.remove(slide)
 
-    def _forget_calls(self, slide: _ActiveSlide) -> None:
+    def _release(self, slide: _ActiveSlide) -> None:
+        """Drop the slide's outstanding reads and calls from the books (their answers are not needed)."""
         for ref, _ in slide.calls():
             self._order.pop(ref, None)
+        self._inflight -= len(slide.pending) + len(slide.reads)
+        slide.pending.clear()
+        slide.reads.clear()
 
     def _committed(self, slide: _ActiveSlide, result: dict[str, Any]) -> None:
         p = slide.prepared

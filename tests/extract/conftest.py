@@ -21,6 +21,7 @@ def synthetic_slides(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False,
+             log_to_driver=False)  # our own Ray, never one another test started
     yield ray
     ray.shutdown()

@@ -21,7 +21,7 @@ from store.embedding_store import LEASE_ENV
 from store.cohort import load_cohort
 from store.verify import verify_store
 
-TINY = dict(encoder="virchow2-tiny", precision="fp32", batch_size=16, read_chunk=16, num_encoders=2)
+TINY = dict(encoder="virchow2-tiny", precision="fp32", batch_size=8, read_chunk=8, num_encoders=2)  # many chunks: a slide is held long enough to be caught
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_a_node_killed_while_it_holds_a_slide_loses_nothing(two_nodes, tmp_path)
             if committed_there and holding:
                 killed["slide"] = holding[0].slide_id
                 cluster.remove_node(second, allow_graceful=False)
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     watcher = threading.Thread(target=kill_when_the_second_node_holds_a_slide, daemon=True)
     watcher.start()

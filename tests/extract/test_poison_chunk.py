@@ -23,8 +23,8 @@ TINY = dict(encoder="virchow2-tiny", precision="fp32", batch_size=16, read_chunk
 @pytest.fixture(scope="module")
 def ray_with_fault():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {KILL_ENCODER_ON: "uniform"}})
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {KILL_ENCODER_ON: "uniform"}})
     yield ray
     ray.shutdown()
 
