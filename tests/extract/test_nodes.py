@@ -21,7 +21,8 @@ from store.embedding_store import LEASE_ENV
 from store.cohort import load_cohort
 from store.verify import verify_store
 
-TINY = dict(encoder="virchow2-tiny", precision="fp32", batch_size=8, read_chunk=8, num_encoders=2)  # many chunks: a slide is held long enough to be caught
+# many small chunks: a slide is held long enough for the kill to catch it
+TINY = dict(encoder="virchow2-tiny", precision="fp32", batch_size=8, read_chunk=8, num_encoders=2)
 
 
 @pytest.fixture
