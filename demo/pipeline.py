@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterator
 from demo.cohort import SEED, DemoSize, plan_patients, write_clinical, write_report_texts, write_slides
 from demo.summary import write_summary
 from extract.config import CONFIG_DIR, ExtractConfig
-from extract.job import Extraction, ray_session
+from extract.executors import ray_session
+from extract.job import Extraction
 from extract.qc import write_qc
 from store import EmbeddingStore
 from store.cohort import load_cohort

@@ -23,7 +23,7 @@ ENCODER_HELP = "registry name: virchow2, virchow2-random, virchow2-small, vircho
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m extract",
-                                description="Encode whole-slide images once into a slidecache store (Ray job).")
+                                description="Encode whole-slide images once into a slidecache store (a Ray job, or one machine without Ray).")
     p.add_argument("--cohort", required=True,
                    help="named cohort (configs/cohorts/NAME.yaml), a slide folder, a CSV or a GDC manifest; relative "
                         "paths inside a table are relative to the table's folder, not to the working directory")
@@ -37,8 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-threads", type=int,
                    help="torch threads of a CPU encoder (default: every core of its node; readers share them)")
     p.add_bool("--retry-failed", default=None, help="retry slides recorded as failed")
+    p.add_bool("--compile", default=None,
+               help="torch.compile the encoder for its batch shape (compiles once at start; on a GPU ~15%% more "
+                    "tiles/s, bench/RESULTS.md); recorded in the store's fingerprint")
     p.add_argument("--limit", type=int, help="extract at most N slides this run")
     p.add_argument("--num-encoders", type=int, help="encoder actors (default: one per GPU, else one per node)")
+    p.add_argument("--executor", choices=("auto", "ray", "local"),
+                   help="ray: Ray tasks and actors (a local Ray, or the cluster of `ray job submit`); local: one "
+                        "machine without Ray (readers in a process pool, encoders on threads: no Ray start-up, but "
+                        "an encoder crash ends the run); auto (default): Ray when it is installed")
     p.add_argument("--qc-dir", help="where QC pictures go (default: <store>/../<store name>_qc for local stores)")
     p.add_argument("--storage-options", metavar="JSON", help="fsspec options for the store (s3 credentials: prefer AWS_* variables)")
     p.add_bool("--no-qc", help="skip the QC pictures")
@@ -66,8 +73,8 @@ def build_images_parser() -> argparse.ArgumentParser:
 def images_main(argv: Sequence[str]) -> int:
     args = build_images_parser().parse_args(argv)
     try:
+        from extract.executors import ray_session
         from extract.images import DynamicTiling, ImageExtraction, collect_images, image_encoder_config
-        from extract.job import ray_session
 
         overrides = {"encoder": args.encoder, "weights": args.weights, "tokens": args.tokens,
                      "batch_size": args.batch_size, "num_encoders": args.num_encoders}
@@ -92,13 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return images_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        from extract.job import Extraction, ray_session
+        from extract.executors import executor_session
+        from extract.job import Extraction
         from extract.qc import default_qc_dir, write_qc
 
         overrides = {"encoder": args.encoder, "weights": args.weights, "mpp_override": args.mpp_override,
                      "tokens": args.tokens, "batch_size": args.batch_size, "retry_failed": args.retry_failed,
                      "encoder_threads": args.encoder_threads,
-                     "limit": args.limit, "num_encoders": args.num_encoders, "qc_dir": args.qc_dir}
+                     "limit": args.limit, "num_encoders": args.num_encoders, "qc_dir": args.qc_dir,
+                     "executor": args.executor, "compile": args.compile}
         cfg = ExtractConfig.for_command(args.config, overrides)
         try:
             options = json.loads(args.storage_options) if args.storage_options else {}
@@ -106,8 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--storage-options must be JSON: {e}") from e
         entries = resolve_cohort(args.cohort)
         print(f"[extract] cohort {args.cohort}: {len(entries)} slides; store {display_url(args.store)}", flush=True)
-        with ray_session(cfg):
-            summary = Extraction(entries, args.store, cfg, options, log=lambda m: print(m, flush=True)).run()
+        with executor_session(cfg) as executor:
+            summary = Extraction(entries, args.store, cfg, options, log=lambda m: print(m, flush=True),
+                                 executor=executor).run()
         print(summary.table(), flush=True)
         qc_dir = cfg.qc_dir or default_qc_dir(args.store)
         if not args.no_qc and qc_dir:

@@ -44,12 +44,14 @@ class ExtractConfig:
     encoder_threads: int | None = None  # torch threads of a CPU encoder; None: every core of its node
     readers: tuple[str, ...] = ("cucim", "openslide", "tiffslide")
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the encoder (fixed batch shapes; recorded in the fingerprint)
     mpp_override: float | None = None
     thumbnail_max_side: int = 2048
     retry_failed: bool = False
     limit: int | None = None
     num_encoders: int | None = None  # None: one per GPU, or one CPU encoder without GPUs
     reader_cpus: float = 1.0
+    executor: str = "auto"  # ray | local (one machine, no Ray) | auto: Ray when installed (extract/executors.py)
     object_store_memory: int = 2 * 1024**3  # local Ray only (the default would take ~30% of RAM)
     qc_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -67,6 +69,8 @@ class ExtractConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name} must be a positive whole number (or left out for the default), got {value!r}")
+        if self.executor not in ("auto", "ray", "local"):
+            raise ConfigError(f"executor must be auto, ray or local, got {self.executor!r}")
         self.readers = tuple(self.readers)
 
     def for_device(self, device: str) -> ExtractConfig:

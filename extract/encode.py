@@ -65,10 +65,21 @@ class BatchEncoder:
         if self.token_grid and self.encoder.grid % self.token_grid:
             raise ValueError(f"--tokens {cfg.tokens}: the encoder's {self.encoder.grid}x{self.encoder.grid} patch grid "
                              f"does not pool evenly to {self.token_grid}x{self.token_grid}")
+        self.compiled = cfg.compile
+        if self.compiled:
+            self._compile()
+
+    def _compile(self) -> None:
+        """torch.compile for one batch shape: every batch is padded to batch_size, so nothing recompiles, and
+        the compilation happens here, before the encoder reports ready, not inside the first slide."""
+        self.encoder.model = torch.compile(self.encoder.model, dynamic=False)
+        h, w = self.input_size
+        self._encode(np.zeros((self.batch_size, h, w, 3), dtype=np.uint8))
 
     def describe(self) -> dict[str, Any]:
         """The encoder part of the store fingerprint."""
-        return {**self.encoder.describe(), "dtype": STORE_DTYPE, "compute_precision": self.precision}
+        compiled = {"compiled": True} if self.compiled else {}  # only when on: older stores keep their fingerprint
+        return {**self.encoder.describe(), "dtype": STORE_DTYPE, "compute_precision": self.precision, **compiled}
 
     @property
     def token_shape(self) -> tuple[int, int] | None:
@@ -90,9 +101,17 @@ class BatchEncoder:
         if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
             raise ValueError(f"tiles must be uint8 (n, H, W, 3), got {tiles.dtype} {tiles.shape}")
         maybe_kill_encoder(tiles)
+        return self._encode(tiles)
+
+    @torch.inference_mode()
+    def _encode(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         embeddings, grids = [], []
         for start in range(0, len(tiles), self.batch_size):
-            tokens = self.encoder.tokens(self._preprocess(tiles[start:start + self.batch_size]))  # (B, 1+R+P, C)
+            batch = tiles[start:start + self.batch_size]
+            n = len(batch)
+            if self.compiled and n < self.batch_size:  # the compiled shape: pad, keep the first n rows
+                batch = np.concatenate([batch, np.zeros((self.batch_size - n, *batch.shape[1:]), np.uint8)])
+            tokens = self.encoder.tokens(self._preprocess(batch))[:n]  # (n, 1+R+P, C)
             embeddings.append(pool_tile_embedding(tokens, self.encoder.num_prefix_tokens).float().cpu())
             if self.token_grid:
                 grids.append(pool_token_grid(tokens.float(), self.encoder.num_prefix_tokens, self.token_grid).cpu())

@@ -1,11 +1,12 @@
-"""The extraction job on Ray: CPU tasks plan slides and read tiles, GPU (or CPU) actors encode them and
-write each slide pinned to them; the driver only schedules, records outcomes and prints progress.
+"""The extraction job: CPU tasks plan slides and read tiles, GPU (or CPU) encoders encode them and write
+each slide pinned to them; the driver only schedules, records outcomes and prints progress.
 
-    prepare_task(slide) ──► read_task(chunk) ──► EncoderActor: encode + append ──► store
-          (CPU)                 (CPU)              (1 per GPU; the slide's writer)
+    prepare(slide) ──► read(chunk) ──► EncoderWorker: encode + append ──► store
+        (CPU)            (CPU)          (1 per GPU; the slide's writer)
 
-Tile pixels go from reader tasks to encoder actors through Ray's object store and embeddings from the
-actors to the store (extract/writers.py): neither passes through the driver, which sends each actor, in
+The stages run on an executor (extract/executors.py): Ray tasks and actors, or, on one machine without
+Ray, a process pool and encoder threads. With Ray, tile pixels go from reader tasks to encoder actors
+through Ray's object store and embeddings from the actors to the store (extract/writers.py): neither passes through the driver, which sends each actor, in
 order, open → chunk × n → commit for every slide pinned to it and gets back row counts. In-flight chunks
 and open slides are bounded, so memory stays flat however large a slide is. Reading starts before the
 encoders have loaded their models (the store opens when they have: its fingerprint needs them).
@@ -21,19 +22,16 @@ is skipped here and reported as "owned", not as a failure.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import time
 import uuid
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
-
-import numpy as np
+from typing import Any, Callable, Iterable
 
 from extract.config import ExtractConfig
-from extract.faults import forwarded_faults, pause_after_first_append
-from extract.slide_prep import PreparedSlide, prepare_slide, read_tiles, tissue_params
+from extract.executors import Executor, RayExecutor
+from extract.slide_prep import PreparedSlide, tissue_params
 from store.cohort import SlideEntry
 from store.embedding_store import EmbeddingStore
 from store.errors import ConfigError, EncoderError, SlideBusy, SlidecacheError, StoreNotFound, WriterRestarted
@@ -88,123 +86,11 @@ class ExtractionSummary:
         return "\n".join(rows)
 
 
-def connect_ray(cfg: ExtractConfig) -> bool:
-    """Join the cluster given by RAY_ADDRESS (set by `ray job submit`), else start a capped local Ray.
-
-    Returns True when this process started Ray (and so should shut it down).
-    """
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return True
-    # "local": a new Ray of our own, never one that a `ray start` left running on this machine (which
-    # ray.init() with no address would join, refusing our object-store cap)
-    ray.init(address="local", object_store_memory=cfg.object_store_memory, include_dashboard=False,
-             log_to_driver=True)
-    return True
-
-
-@contextmanager
-def ray_session(cfg: ExtractConfig) -> Iterator[None]:
-    """Ray for the length of a `with` block: the cluster joined or the local Ray started by connect_ray,
-    shut down afterwards only if this process started it."""
-    started = connect_ray(cfg)
-    try:
-        yield
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-
-
-READER_NICENESS = 10
-
-
-def _yield_to_encoders() -> None:
-    """Readers run at a lower CPU priority than the encoder, once per worker process: where they share
-    cores (a CPU node, or a GPU's feeding thread), the encoder's threads run whenever they can and the
-    readers take what the encoder leaves idle, instead of stalling its parallel regions."""
-    if os.getpriority(os.PRIO_PROCESS, 0) < READER_NICENESS:
-        os.setpriority(os.PRIO_PROCESS, 0, READER_NICENESS)
-
-
-def _ray_remotes(cfg: ExtractConfig, encoder_gpus: float) -> tuple[Any, Any, Any]:
-    """The remote functions and actor class, defined lazily so importing this module needs no Ray."""
-    import ray
-
-    @ray.remote(num_cpus=cfg.reader_cpus, max_retries=2, retry_exceptions=False)
-    def prepare_task(entry: SlideEntry) -> PreparedSlide:
-        _yield_to_encoders()
-        return prepare_slide(entry, cfg)
-
-    @ray.remote(num_cpus=cfg.reader_cpus, max_retries=2, retry_exceptions=False)
-    def read_task(reader: str, path: str, plan: Any, coords: np.ndarray) -> np.ndarray:
-        _yield_to_encoders()
-        return read_tiles(reader, path, plan, coords)
-
-    # No CPU reserved for the encoder even without a GPU: reserving one left a single reader task on a
-    # 2-core node, and reading dominates small slides (the demo's 100 slides: 72 s → 43 s, measured).
-    # Calls are not retried by Ray (a restarting actor's unreachable moments would use up the retries of
-    # a lost node's calls): the driver counts deaths per call and writes the slides again (Extraction).
-    @ray.remote(num_gpus=encoder_gpus, num_cpus=0, max_restarts=-1, max_task_retries=0)
-    class EncoderActor:
-        def __init__(self, config: ExtractConfig, store_url: str, storage_options: dict[str, Any]) -> None:
-            from extract.encode import BatchEncoder
-            from extract.writers import PinnedWriters
-
-            self.encoder = BatchEncoder(config)
-            self.writers = PinnedWriters(store_url, storage_options, self.encoder.token_shape)
-            self.node = ray.get_runtime_context().get_node_id()
-            self.appended = False
-
-        def describe(self) -> dict[str, Any]:
-            import torch
-
-            return {"encoder": self.encoder.describe(), "token_shape": self.encoder.token_shape,
-                    "device": str(self.encoder.device), "pid": os.getpid(), "threads": torch.get_num_threads(),
-                    "node": self.node}
-
-        def open_slide(self, slide_id: str, attrs: dict[str, Any], thumbnail: np.ndarray, mask: np.ndarray,
-                       downsample: float, token: str, own_tokens: list[str]) -> str:
-            return self.writers.open(slide_id, attrs, thumbnail, mask, downsample, token, own_tokens)
-
-        def encode_append(self, slide_id: str, start: int, tiles: np.ndarray, coords: np.ndarray,
-                          tissue: np.ndarray) -> int:
-            if self.writers.refused(slide_id):  # another job has it: nothing to encode
-                return 0
-            self.writers.expect(slide_id, start)  # WriterRestarted before any encoding, if this process restarted
-            emb, grid = self.encoder(tiles)
-            rows = self.writers.append(slide_id, start, coords, tissue, emb, grid)
-            if not self.appended:
-                self.appended = True
-                pause_after_first_append(print)
-            return rows
-
-        def commit_slide(self, slide_id: str, extra_attrs: dict[str, Any], empty_reason: str | None) -> dict[str, Any]:
-            return {"rows": self.writers.commit(slide_id, extra_attrs, empty_reason), "node": self.node}
-
-        def abort_slide(self, slide_id: str) -> None:
-            self.writers.abort(slide_id)
-
-    return prepare_task, read_task, EncoderActor
-
-
 def _error_text(error: BaseException) -> tuple[BaseException, str]:
     """Unwrap Ray's task error to our own exception, so the store records what really went wrong."""
     cause = getattr(error, "cause", None)
     original = cause if isinstance(cause, BaseException) else error
     return original, f"{type(original).__name__}: {original}"
-
-
-def _actor_died(error: BaseException) -> bool:
-    from ray.exceptions import RayActorError
-
-    return isinstance(error, RayActorError)
 
 
 @dataclass(eq=False)  # identity: a slide in flight is one object
@@ -243,11 +129,14 @@ class Extraction:
     """One run over a cohort. `run()` returns the summary; the caller decides the exit code."""
 
     def __init__(self, entries: list[SlideEntry], store_url: str, cfg: ExtractConfig,
-                 storage_options: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> None:
+                 storage_options: dict[str, Any] | None = None, log: Callable[[str], None] = print,
+                 executor: Executor | None = None) -> None:
         if store_url.startswith("memory://"):
             raise ConfigError(f"{store_url}: a memory:// store lives in one process, and extraction writes from its "
                               "encoder processes; use a folder or an s3:// URL")
         self.entries, self.store_url, self.cfg = entries, store_url, cfg
+        self.ex: Executor = executor or RayExecutor(cfg)  # None: Ray, initialised by the caller (ray_session)
+        self.cfg = dataclasses.replace(cfg, executor=self.ex.name)  # the store records what ran, not "auto"
         self.storage_options = storage_options or {}
         self.log = log
         self.summary = ExtractionSummary()
@@ -255,36 +144,16 @@ class Extraction:
     # ---- setup ---------------------------------------------------------------------------------
 
     def _start_encoders(self) -> None:
-        """Start the encoder actors without waiting for their models: reading starts meanwhile (see run)."""
-        import ray
-
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        self.cfg = self.cfg.for_device("cuda" if gpus else "cpu")
-        nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU"))
-        count = self.cfg.num_encoders or gpus or max(1, len(nodes))  # one per GPU, else one per node
-        prepare_task, read_task, encoder_cls = _ray_remotes(self.cfg, 1 if gpus else 0)
-        self.prepare_task, self.read_task = prepare_task, read_task
-        self._node_readers: dict[str, Any] = {}
-        faults = forwarded_faults()  # test hooks set for this job reach its actors, wherever they run
-        options: dict[str, Any] = {"runtime_env": {"env_vars": faults}} if faults else {}
-        self.actors = [encoder_cls.options(**options, **self._placement(i, gpus, nodes))
-                       .remote(self.cfg, self.store_url, self.storage_options) for i in range(count)]
-        self._described = [actor.describe.remote() for actor in self.actors]  # spec, and where to read for each
-
-    @staticmethod
-    def _placement(index: int, gpus: int, nodes: list[str]) -> dict[str, Any]:
-        """GPU encoders go where Ray finds a free GPU; CPU encoders (which reserve no resource, so Ray would
-        stack them on one node) are spread over the nodes in turn, each free to move if its node dies."""
-        if gpus or len(nodes) < 2:
-            return {}
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True)}
+        """Start the encoders without waiting for their models: reading starts meanwhile (see run)."""
+        res = self.ex.resources()
+        self.cfg = self.cfg.for_device("cuda" if res.gpus else "cpu")
+        count = self.cfg.num_encoders or res.gpus or max(1, len(res.nodes))  # one per GPU, else one per node
+        self.actors = self.ex.start_encoders(self.cfg, self.store_url, self.storage_options, count, res.gpus, res.nodes)
+        self._max_prepare = max(2, res.cpus)
+        self._described = [self.ex.call(actor, "describe") for actor in self.actors]  # spec, and where to read
 
     def _await_encoders(self) -> None:
-        import ray
-
-        described = ray.get(self._described)
+        described = [self.ex.get(ref) for ref in self._described]
         info = described[0]
         self.encoder_spec, self.token_shape = info["encoder"], info["token_shape"]
         self.actor_nodes = [d["node"] for d in described]
@@ -332,14 +201,11 @@ class Extraction:
     # ---- the loop ------------------------------------------------------------------------------
 
     def run(self) -> ExtractionSummary:
-        import ray
-
         started = time.perf_counter()
         self._start_encoders()
         todo = self._todo(self._existing_store())
         self.log(f"[extract] {len(todo)} slides to extract; {self.summary.count('skipped')} already complete (nothing "
                  f"re-encoded), {self.summary.count('failed-before')} failed before (retry with --retry-failed)")
-        max_prepare = max(2, int(ray.cluster_resources().get("CPU", 2)))
         max_active = 2 + len(self.actors)
         self._max_inflight = 4 * len(self.actors) + 2
         waiting = deque(todo)
@@ -355,10 +221,10 @@ class Extraction:
         self._planned_tiles = self._planned_slides = 0
         pipeline_started = time.perf_counter()
         while waiting or preparing or prepared or self.active or self.store is None:
-            while waiting and len(preparing) + len(prepared) < max_prepare:
+            while waiting and len(preparing) + len(prepared) < self._max_prepare:
                 entry = waiting.popleft()
-                preparing[self.prepare_task.remote(entry)] = entry
-            if self.store is None and _done(self._described[0]):
+                preparing[self.ex.prepare(entry, self.cfg)] = entry
+            if self.store is None and self.ex.done(self._described[0]):
                 self._open_store_for_writing()
                 pipeline_started = time.perf_counter()
             while prepared and len(self.active) < max_active:
@@ -376,12 +242,12 @@ class Extraction:
                 refs += [slide.pending[0][2]] if slide.pending else []
             if not refs:
                 continue
-            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            ready = self.ex.wait(refs, timeout=1.0)
             for ref in ready:
                 if ref in preparing:
                     entry = preparing.pop(ref)
                     try:
-                        prepared.append(ray.get(ref))
+                        prepared.append(self.ex.get(ref))
                         self._planned_tiles += prepared[-1].n_tiles
                     except Exception as e:  # noqa: BLE001 - any per-slide error is recorded, the cohort goes on
                         self._fail(entry, e, time.perf_counter())
@@ -410,8 +276,8 @@ class Extraction:
             return
         p, actor = slide.prepared, self.actors[slide.actor]
         slide.token = uuid.uuid4().hex
-        slide.opened = self._sent(actor.open_slide.remote(slide.slide_id, p.attrs, p.thumbnail, p.mask,
-                                                          p.downsample, slide.token, slide.own_tokens))
+        slide.opened = self._sent(self.ex.call(actor, "open_slide", slide.slide_id, p.attrs, p.thumbnail, p.mask,
+                                               p.downsample, slide.token, slide.own_tokens))
         while slide.reads:  # what was read while the encoders loaded
             start, stop, tiles = slide.reads.popleft()
             self._send_chunk(slide, start, stop, tiles)
@@ -422,30 +288,23 @@ class Extraction:
         p = slide.prepared
         while slide.chunks and self._inflight < self._max_inflight:
             start, stop = slide.chunks.popleft()
-            tiles = self._reader(slide).remote(p.reader, p.entry.path, p.plan, p.coords[start:stop])
+            tiles = self.ex.read(p, start, stop, self._read_near(slide))
             self._inflight += 1
             if slide.token:
                 self._send_chunk(slide, start, stop, tiles)
             else:
                 slide.reads.append((start, stop, tiles))
 
-    def _reader(self, slide: _ActiveSlide) -> Any:
-        """The read task, placed on the node of the slide's encoder when known (its tiles then stay on that
-        node); anywhere else when that node is busy or gone. One placed task per node, made once."""
+    def _read_near(self, slide: _ActiveSlide) -> str | None:
+        """The node of the slide's encoder, when known and there are several (its tiles then stay there)."""
         if self.store is None or len(set(self.actor_nodes)) < 2:
-            return self.read_task
-        node = self.actor_nodes[slide.actor]
-        if node not in self._node_readers:
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            self._node_readers[node] = self.read_task.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
-        return self._node_readers[node]
+            return None
+        return self.actor_nodes[slide.actor]
 
     def _send_chunk(self, slide: _ActiveSlide, start: int, stop: int, tiles: Any) -> None:
         p = slide.prepared
-        rows = self._sent(self.actors[slide.actor].encode_append.remote(slide.slide_id, start, tiles,
-                                                                        p.coords[start:stop], p.tissue[start:stop]))
+        rows = self._sent(self.ex.call(self.actors[slide.actor], "encode_append", slide.slide_id, start, tiles,
+                                       p.coords[start:stop], p.tissue[start:stop]))
         slide.pending.append((start, stop, rows))
         if not slide.chunks and stop == p.n_tiles:
             self._send_commit(slide)
@@ -454,8 +313,8 @@ class Extraction:
         p = slide.prepared
         timings = {**p.attrs.get("timings", {}), "encode_write_s": round(time.perf_counter() - slide.started, 3)}
         extra = {"timings": timings, "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        slide.committing = self._sent(self.actors[slide.actor].commit_slide.remote(
-            slide.slide_id, extra, p.empty_reason if p.n_tiles == 0 else None))
+        slide.committing = self._sent(self.ex.call(self.actors[slide.actor], "commit_slide", slide.slide_id, extra,
+                                                   p.empty_reason if p.n_tiles == 0 else None))
 
     def _sent(self, ref: Any) -> Any:
         """Number an actor call: an actor runs its calls in the order sent, so when it dies, the earliest
@@ -466,34 +325,33 @@ class Extraction:
 
     def _collect(self, slide: _ActiveSlide) -> None:
         """Read what the slide's actor answered so far: its open, its chunks in order, its commit."""
-        import ray
-
+        ex = self.ex
         try:
             if slide.opened is not None:
-                if not _done(slide.opened):
+                if not ex.done(slide.opened):
                     return
-                status = ray.get(slide.opened)
+                status = ex.get(slide.opened)
                 self._order.pop(slide.opened, None)
                 slide.opened = None
                 if status == "complete":
                     self._finish(slide)
                     self.summary.outcomes.append(SlideOutcome(slide.slide_id, "skipped", error="complete"))
                     return
-            while slide.pending and _done(slide.pending[0][2]):
+            while slide.pending and ex.done(slide.pending[0][2]):
                 start, stop, ref = slide.pending[0]
-                rows = ray.get(ref)  # raises what the actor raised; the chunk stays named at the head
+                rows = ex.get(ref)  # raises what the actor raised; the chunk stays named at the head
                 if rows != stop - start:
                     raise RuntimeError(f"chunk {start}-{stop} came back as {rows} rows: refusing to commit the slide")
                 slide.pending.popleft()
                 self._order.pop(ref, None)
                 self._inflight -= 1
                 self._done_tiles += rows
-            if slide.committing is not None and not slide.pending and _done(slide.committing):
-                result = ray.get(slide.committing)
+            if slide.committing is not None and not slide.pending and ex.done(slide.committing):
+                result = ex.get(slide.committing)
                 self._finish(slide)
                 self._committed(slide, result)
         except Exception as e:  # noqa: BLE001 - per-slide: recorded, the cohort goes on
-            if _actor_died(e):
+            if ex.actor_died(e):
                 self._on_actor_death(slide.actor, e)
             else:
                 self._slide_error(slide, e)
@@ -506,7 +364,7 @@ class Extraction:
         are gone), on a live actor. Nothing is sent to the actor until a probe finds it back."""
         held = [slide for slide in self.active if slide.actor == actor and (slide.token or slide.calls())]
         outstanding = sorted((self._order.get(ref, 0), i, slide, label) for i, slide in enumerate(held)
-                             for ref, label in slide.calls() if not (_done(ref) and _succeeded(ref)))
+                             for ref, label in slide.calls() if not (self.ex.done(ref) and self.ex.succeeded(ref)))
         self._suspect[actor] = None
         if outstanding:
             _, _, culprit, label = outstanding[0]
@@ -522,14 +380,13 @@ class Extraction:
 
     def _probe_suspects(self) -> None:
         """Ping each restarting actor (at most every PROBE_EVERY_S); one that answers is live again."""
-        import ray
-
+        ex = self.ex
         for actor, probe in list(self._suspect.items()):
-            if probe is not None and _done(probe[0]) and _succeeded(probe[0]):
-                self.actor_nodes[actor] = ray.get(probe[0])["node"]  # it may have restarted on another node
+            if probe is not None and ex.done(probe[0]) and ex.succeeded(probe[0]):
+                self.actor_nodes[actor] = ex.get(probe[0])["node"]  # it may have restarted on another node
                 del self._suspect[actor]
-            elif probe is None or (_done(probe[0]) and time.perf_counter() > probe[1]):
-                self._suspect[actor] = (self.actors[actor].describe.remote(), time.perf_counter() + PROBE_EVERY_S)
+            elif probe is None or (ex.done(probe[0]) and time.perf_counter() > probe[1]):
+                self._suspect[actor] = (ex.call(self.actors[actor], "describe"), time.perf_counter() + PROBE_EVERY_S)
 
     def _pin_to_a_live_actor(self, slide: _ActiveSlide) -> bool:
         """Move a slide not yet opened off a restarting actor, to the live one with the fewest slides.
@@ -574,7 +431,7 @@ class Extraction:
         """The slide leaves the run; with abort its writer removes what it wrote (its rows only)."""
         self._release(slide)
         if abort and slide.token:
-            self.actors[slide.actor].abort_slide.remote(slide.slide_id)
+            self.ex.call(self.actors[slide.actor], "abort_slide", slide.slide_id)
         self.active.remove(slide)
 
     def _release(self, slide: _ActiveSlide) -> None:
@@ -627,20 +484,3 @@ class Extraction:
         self.log(f"[extract] progress: {finished}/{self._total} slides ({self.summary.count('failed')} failed), "
                  f"{self._done_tiles} tiles, {rate:.1f} tiles/s, ETA {eta_text}")
 
-
-def _succeeded(ref: Any) -> bool:
-    """A finished call that returned (did not raise)."""
-    import ray
-
-    try:
-        ray.get(ref, timeout=0)
-    except Exception:  # noqa: BLE001 - only whether it raised matters here
-        return False
-    return True
-
-
-def _done(ref: Any) -> bool:
-    import ray
-
-    ready, _ = ray.wait([ref], timeout=0)
-    return bool(ready)

@@ -46,6 +46,8 @@ EXEMPT = {
     "make test": "it is the suite itself: CI runs it (.ci/run)",
     "make bench": "benchmarks, minutes long; they print ratios and are run by hand (bench/RESULTS.md)",
     "bash bench/gpu_extract.sh": "needs a CUDA GPU: run on the device machine, results in bench/RESULTS.md",
+    "bash bench/gpu_pipeline.sh": "needs a CUDA GPU and minutes; its --device cpu dry run is run by "
+                                  "tests/extract/test_gpu_pipeline_dry_run.py",
     "bash bench/gpu_train_eval.sh OUT": "needs a CUDA GPU: run on the device machine, results in bench/RESULTS.md",
     "ray job submit": "a mention in the prose; the whole command is in the extraction block and is run",
     "python -m store failures": "a mention in the prose; `python -m store failures STORE [--json]` is run",

@@ -1,0 +1,337 @@
+"""Where the extraction's stages run. The stages are plain functions and one plain class
+(`prepare_slide`, `read_tiles`, `EncoderWorker`); an executor runs them and hands back futures:
+
+- `RayExecutor`: Ray tasks and actors, on one machine or a cluster (`ray job submit`); an encoder actor that
+  dies is restarted by Ray and the driver writes its slides again (extract/job.py).
+- `LocalExecutor`: one machine without Ray: readers in a pool of processes, each encoder on a thread of the
+  driver. No Ray start-up (~6 s), nothing to install beyond the core packages, which suits a one-GPU
+  workstation and the GPU bench machine (no Ray there). A crash of the encoder ends the run; slides already
+  committed stay committed and a rerun resumes.
+
+`executor_session(cfg)` picks one (`cfg.executor`: auto is Ray when Ray is installed, else local).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from extract.config import ExtractConfig
+from extract.encoder_worker import EncoderWorker
+from extract.faults import forwarded_faults
+from extract.slide_prep import PreparedSlide, prepare_slide, read_tiles
+from store.cohort import SlideEntry
+from store.errors import ConfigError
+
+READER_NICENESS = 10
+EXECUTORS = ("auto", "ray", "local")
+
+
+def yield_to_encoders() -> None:
+    """Readers run at a lower CPU priority than the encoder, once per worker process: where they share
+    cores (a CPU node, or a GPU's feeding thread), the encoder's threads run whenever they can and the
+    readers take what the encoder leaves idle, instead of stalling its parallel regions."""
+    if os.getpriority(os.PRIO_PROCESS, 0) < READER_NICENESS:
+        os.setpriority(os.PRIO_PROCESS, 0, READER_NICENESS)
+
+
+def _prepare(entry: SlideEntry, cfg: ExtractConfig) -> PreparedSlide:
+    yield_to_encoders()
+    return prepare_slide(entry, cfg)
+
+
+def _read(reader: str, path: str, plan: Any, coords: np.ndarray) -> np.ndarray:
+    yield_to_encoders()
+    return read_tiles(reader, path, plan, coords)
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: int
+    cpus: int
+    nodes: list[str]  # live nodes with CPUs, sorted
+
+
+class Executor(Protocol):
+    name: str
+
+    def resources(self) -> Resources: ...
+    def start_encoders(self, cfg: ExtractConfig, store_url: str, storage_options: dict[str, Any],
+                       count: int, gpus: int, nodes: list[str]) -> list[Any]: ...
+    def prepare(self, entry: SlideEntry, cfg: ExtractConfig) -> Any: ...
+    def read(self, prepared: PreparedSlide, start: int, stop: int, near: str | None) -> Any: ...
+    def call(self, actor: Any, method: str, *args: Any) -> Any: ...
+    def wait(self, refs: Sequence[Any], timeout: float) -> list[Any]: ...
+    def get(self, ref: Any) -> Any: ...
+    def done(self, ref: Any) -> bool: ...
+    def succeeded(self, ref: Any) -> bool: ...
+    def actor_died(self, error: BaseException) -> bool: ...
+
+
+# ---- Ray ---------------------------------------------------------------------------------------
+
+
+def connect_ray(cfg: ExtractConfig) -> bool:
+    """Join the cluster given by RAY_ADDRESS (set by `ray job submit`), else start a capped local Ray.
+
+    Returns True when this process started Ray (and so should shut it down).
+    """
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return True
+    # "local": a new Ray of our own, never one that a `ray start` left running on this machine (which
+    # ray.init() with no address would join, refusing our object-store cap)
+    ray.init(address="local", object_store_memory=cfg.object_store_memory, include_dashboard=False,
+             log_to_driver=True)
+    return True
+
+
+@contextmanager
+def ray_session(cfg: ExtractConfig) -> Iterator[None]:
+    """Ray for the length of a `with` block: the cluster joined or the local Ray started by connect_ray,
+    shut down afterwards only if this process started it."""
+    started = connect_ray(cfg)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+class RayExecutor:
+    """Ray must be initialised (ray_session). Tasks' tiles reach the actors through Ray's object store.
+    The stages may be replaced (bench/scale_bench.py runs stand-ins to measure the coordination alone)."""
+
+    name = "ray"
+
+    def __init__(self, cfg: ExtractConfig, worker: type[EncoderWorker] = EncoderWorker,
+                 prepare: Callable[..., PreparedSlide] = _prepare, read: Callable[..., np.ndarray] = _read) -> None:
+        import ray
+
+        self._ray = ray
+        self._worker = worker
+        self._prepare = ray.remote(num_cpus=cfg.reader_cpus, max_retries=2, retry_exceptions=False)(prepare)
+        self._read = ray.remote(num_cpus=cfg.reader_cpus, max_retries=2, retry_exceptions=False)(read)
+        self._node_readers: dict[str, Any] = {}
+
+    def resources(self) -> Resources:
+        ray = self._ray
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU"))
+        res = ray.cluster_resources()
+        return Resources(int(res.get("GPU", 0)), int(res.get("CPU", 1)), nodes)
+
+    def start_encoders(self, cfg: ExtractConfig, store_url: str, storage_options: dict[str, Any],
+                       count: int, gpus: int, nodes: list[str]) -> list[Any]:
+        ray = self._ray
+
+        # No CPU reserved for the encoder even without a GPU: reserving one left a single reader task on a
+        # 2-core node, and reading dominates small slides (the demo's 100 slides: 72 s → 43 s, measured).
+        # Calls are not retried by Ray (a restarting actor's unreachable moments would use up the retries
+        # of a lost node's calls): the driver counts deaths per call and writes the slides again.
+        @ray.remote(num_gpus=1 if gpus else 0, num_cpus=0, max_restarts=-1, max_task_retries=0)
+        class EncoderActor(self._worker):  # type: ignore[name-defined]
+            def __init__(self, config: ExtractConfig, store_url: str, storage_options: dict[str, Any]) -> None:
+                super().__init__(config, store_url, storage_options, ray.get_runtime_context().get_node_id())
+
+        faults = forwarded_faults()  # test hooks set for this job reach its actors, wherever they run
+        options: dict[str, Any] = {"runtime_env": {"env_vars": faults}} if faults else {}
+        return [EncoderActor.options(**options, **self._placement(i, gpus, nodes))
+                .remote(cfg, store_url, storage_options) for i in range(count)]
+
+    @staticmethod
+    def _placement(index: int, gpus: int, nodes: list[str]) -> dict[str, Any]:
+        """GPU encoders go where Ray finds a free GPU; CPU encoders (which reserve no resource, so Ray would
+        stack them on one node) are spread over the nodes in turn, each free to move if its node dies."""
+        if gpus or len(nodes) < 2:
+            return {}
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True)}
+
+    def prepare(self, entry: SlideEntry, cfg: ExtractConfig) -> Any:
+        return self._prepare.remote(entry, cfg)
+
+    def read(self, prepared: PreparedSlide, start: int, stop: int, near: str | None) -> Any:
+        """Read on node `near` when it has a free CPU (the tiles then stay on that node), else anywhere.
+        One placed task per node, made once."""
+        task = self._read
+        if near is not None:
+            if near not in self._node_readers:
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                self._node_readers[near] = self._read.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(near, soft=True))
+            task = self._node_readers[near]
+        return task.remote(prepared.reader, prepared.entry.path, prepared.plan, prepared.coords[start:stop])
+
+    def call(self, actor: Any, method: str, *args: Any) -> Any:
+        return getattr(actor, method).remote(*args)
+
+    def wait(self, refs: Sequence[Any], timeout: float) -> list[Any]:
+        ready, _ = self._ray.wait(list(refs), num_returns=1, timeout=timeout)
+        return ready
+
+    def get(self, ref: Any) -> Any:
+        return self._ray.get(ref)
+
+    def done(self, ref: Any) -> bool:
+        ready, _ = self._ray.wait([ref], timeout=0)
+        return bool(ready)
+
+    def succeeded(self, ref: Any) -> bool:
+        """A finished call that returned (did not raise)."""
+        try:
+            self._ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - only whether it raised matters here
+            return False
+        return True
+
+    def actor_died(self, error: BaseException) -> bool:
+        from ray.exceptions import RayActorError
+
+        return isinstance(error, RayActorError)
+
+    def shutdown(self) -> None:
+        pass
+
+
+# ---- one machine, no Ray -----------------------------------------------------------------------
+
+
+class _LocalEncoder:
+    """An EncoderWorker built and run on its own thread: calls run one at a time, in the order sent, as a
+    Ray actor's do; futures among a call's arguments (tiles being read) are waited for on that thread."""
+
+    def __init__(self, cfg: ExtractConfig, store_url: str, storage_options: dict[str, Any], device: str | None) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        self._worker = self._thread.submit(EncoderWorker, cfg, store_url, storage_options, "local", device)
+
+    def submit(self, method: str, args: tuple[Any, ...]) -> Future:
+        return self._thread.submit(self._run, method, args)
+
+    def _run(self, method: str, args: tuple[Any, ...]) -> Any:
+        worker = self._worker.result()  # raises what building the encoder raised
+        args = tuple(a.result() if isinstance(a, Future) else a for a in args)
+        return getattr(worker, method)(*args)
+
+    def shutdown(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+
+
+class LocalExecutor:
+    """Readers: a pool of worker processes, one per core, started by a fork server (the driver holds torch
+    and threads, which a plain fork would copy mid-state). Encoders: one per GPU (cuda:i), else one on CPU."""
+
+    name = "local"
+
+    def __init__(self, cfg: ExtractConfig) -> None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["extract.slide_prep"])  # each reader starts with its imports done
+        self.cores = usable_cores()
+        self._pool = ProcessPoolExecutor(max_workers=self.cores, mp_context=context)
+        self._encoders: list[_LocalEncoder] = []
+
+    def resources(self) -> Resources:
+        import torch
+
+        return Resources(torch.cuda.device_count() if torch.cuda.is_available() else 0, self.cores, ["local"])
+
+    def start_encoders(self, cfg: ExtractConfig, store_url: str, storage_options: dict[str, Any],
+                       count: int, gpus: int, nodes: list[str]) -> list[Any]:
+        if gpus and count > gpus:
+            raise ConfigError(f"--num-encoders {count}: the local executor runs one encoder per GPU and this machine "
+                              f"has {gpus}; use Ray (--executor ray) to share GPUs")
+        self._encoders = [_LocalEncoder(cfg, store_url, storage_options, f"cuda:{i}" if gpus else None)
+                          for i in range(count)]
+        return self._encoders
+
+    def prepare(self, entry: SlideEntry, cfg: ExtractConfig) -> Future:
+        return self._pool.submit(_prepare, entry, cfg)
+
+    def read(self, prepared: PreparedSlide, start: int, stop: int, near: str | None) -> Future:
+        return self._pool.submit(_read, prepared.reader, prepared.entry.path, prepared.plan,
+                                 prepared.coords[start:stop])
+
+    def call(self, actor: _LocalEncoder, method: str, *args: Any) -> Future:
+        return actor.submit(method, args)
+
+    def wait(self, refs: Sequence[Any], timeout: float) -> list[Any]:
+        done, _ = wait_futures(set(refs), timeout=timeout, return_when=FIRST_COMPLETED)
+        return list(done)
+
+    def get(self, ref: Future) -> Any:
+        return ref.result()
+
+    def done(self, ref: Future) -> bool:
+        return ref.done()
+
+    def succeeded(self, ref: Future) -> bool:
+        return ref.done() and not ref.cancelled() and ref.exception() is None
+
+    def actor_died(self, error: BaseException) -> bool:
+        return False  # an encoder thread does not die apart from the run: its errors are the slide's
+
+    def reader_cpu_seconds(self) -> float:
+        """CPU time the reader processes used so far (user + system), for the pipeline bench."""
+        import psutil
+
+        total = 0.0
+        for pid in list(getattr(self._pool, "_processes", {}) or {}):
+            try:
+                times = psutil.Process(pid).cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
+
+    def shutdown(self) -> None:
+        for encoder in self._encoders:
+            encoder.shutdown()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def resolve_executor(name: str) -> str:
+    if name not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
+    if name == "auto":
+        return "ray" if importlib.util.find_spec("ray") is not None else "local"
+    if name == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("--executor ray: Ray is not installed here; install the project (make install) or use "
+                          "--executor local (one machine, no Ray)")
+    return name
+
+
+@contextmanager
+def executor_session(cfg: ExtractConfig) -> Iterator[Executor]:
+    """The executor `cfg.executor` names, started for a `with` block and stopped after it."""
+    if resolve_executor(cfg.executor) == "ray":
+        with ray_session(cfg):
+            yield RayExecutor(cfg)
+        return
+    executor = LocalExecutor(cfg)
+    try:
+        yield executor
+    finally:
+        executor.shutdown()

@@ -1,0 +1,87 @@
+"""The single-node executor: `python -m extract` on a machine where Ray cannot be imported (the GPU bench
+machine has none) picks it by itself, writes what the Ray path writes, records bad slides, and resumes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extract.config import ExtractConfig
+from extract.encode import BatchEncoder
+from extract.executors import LocalExecutor, executor_session, resolve_executor
+from extract.job import Extraction
+from extract.slide_prep import prepare_slide, read_tiles
+from store import EmbeddingStore
+from store.cohort import load_cohort
+from store.errors import ConfigError, EncoderError
+from store.verify import verify_store
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = dict(encoder="virchow2-tiny", precision="fp32", batch_size=16, read_chunk=8)
+
+
+def _without_ray(tmp_path: Path) -> dict[str, str]:
+    """An environment in which `import ray` fails in every process (the driver and its reader processes)."""
+    block = tmp_path / "no_ray"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text("import sys\nsys.modules['ray'] = None  # this test's machine has no Ray\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), str(REPO)]), "RAY_ADDRESS": ""}
+
+
+def test_extract_without_ray_writes_the_same_store(synthetic_slides, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "garbage.svs").write_bytes(os.urandom(4096))
+    rows = [f"syn{i},{synthetic_slides / f'syn{i}.tiff'}" for i in range(3)] + ["garbage,garbage.svs", "gone,gone.svs"]
+    (work / "cohort.csv").write_text("slide_id,path\n" + "\n".join(rows) + "\n")
+    command = [sys.executable, "-m", "extract", "--cohort", "cohort.csv", "--store", "out.zarr",
+               "--encoder", "virchow2-tiny", "--batch-size", "16", "--no-qc"]
+    env = _without_ray(tmp_path)
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr  # two slides failed; the cohort went on
+    assert "FAILED: garbage" in done.stdout and "FAILED: gone" in done.stdout
+    assert "3 done" in done.stdout and "2 failed" in done.stdout
+    assert "ModuleNotFoundError" not in done.stderr and "import of ray halted" not in done.stderr
+
+    store = EmbeddingStore.open(str(work / "out.zarr"))
+    assert store.provenance["config"]["executor"] == "local"  # what ran, not "auto"
+    assert sorted(store.slide_ids()) == ["syn0", "syn1", "syn2"] and set(store.failures()) == {"garbage", "gone"}
+    cfg = ExtractConfig(**{**TINY, "read_chunk": None}).for_device("cpu")
+    encoder = BatchEncoder(cfg)
+    for entry in load_cohort(synthetic_slides):
+        prepared = prepare_slide(entry, cfg)
+        slide = store.slide(entry.slide_id)
+        np.testing.assert_array_equal(slide.coords(), prepared.coords)  # every tile once, in order
+        expected, _ = encoder(read_tiles(prepared.reader, entry.path, prepared.plan, prepared.coords))
+        np.testing.assert_allclose(slide.embeddings().astype(np.float32), expected.astype(np.float32), atol=2e-3)
+    assert verify_store(store) == []
+
+    again = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert "3 already complete" in again.stdout and "0 done" in again.stdout  # a rerun encodes nothing
+
+
+def test_an_encoder_that_cannot_be_built_is_a_clear_error(synthetic_slides, tmp_path):
+    cfg = ExtractConfig(**TINY, weights=str(tmp_path / "missing.safetensors"), executor="local")
+    with executor_session(cfg) as executor, pytest.raises(EncoderError, match="missing.safetensors': no such file"):
+        Extraction(load_cohort(synthetic_slides), str(tmp_path / "store"), cfg, log=lambda _: None,
+                   executor=executor).run()
+
+
+def test_local_executor_refuses_more_encoders_than_gpus(tmp_path):
+    executor = LocalExecutor(ExtractConfig(**TINY))
+    try:
+        with pytest.raises(ConfigError, match="one encoder per GPU"):
+            executor.start_encoders(ExtractConfig(**TINY), str(tmp_path / "s"), {}, count=3, gpus=2, nodes=["local"])
+    finally:
+        executor.shutdown()
+
+
+def test_executor_names_are_checked():
+    assert resolve_executor("local") == "local"
+    with pytest.raises(ConfigError, match="auto, ray or local"):
+        ExtractConfig(executor="dask")
