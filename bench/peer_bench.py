@@ -109,10 +109,11 @@ def run_trident(trident_python: str, encoder: str, slides: Path, job: Path) -> d
             "stages_s": {k: round(v, 2) for k, v in bench.items() if k.startswith("t_")}}
 
 
-def run_slidecache(encoder: str, slides: Path, job: Path) -> dict[str, Any]:
+def run_slidecache(encoder: str, slides: Path, job: Path, executor: str = "default") -> dict[str, Any]:
     store = job / "store.zarr"
+    chosen = [] if executor == "default" else ["--executor", executor]
     out = run_tree([sys.executable, "-m", "extract", "--cohort", str(slides), "--store", str(store),
-                    "--encoder", OURS[encoder]], REPO_ROOT, {**os.environ, "PYTHONUNBUFFERED": "1"}, job / "run.log")
+                    "--encoder", OURS[encoder], *chosen], REPO_ROOT, {**os.environ, "PYTHONUNBUFFERED": "1"}, job / "run.log")
     from store import EmbeddingStore
 
     opened = EmbeddingStore.open(str(store))
@@ -129,25 +130,31 @@ def jaccard(a: dict[str, set], b: dict[str, set]) -> float:
     return inter / union if union else 1.0
 
 
-def compare(trident_python: str, encoder: str, slides: list[Path], work: Path, rounds: int) -> dict[str, Any]:
+def _tool(executor: str) -> str:
+    return "slidecache" if executor == "default" else f"slidecache-{executor}"
+
+
+def compare(trident_python: str, encoder: str, slides: list[Path], work: Path, rounds: int,
+            executors: tuple[str, ...] = ("default",)) -> dict[str, Any]:
     folder = work / f"cohort{len(slides)}"
     folder.mkdir(exist_ok=True)
     for path in slides:
         link = folder / path.name
         if not link.exists():
             link.symlink_to(path)
-    runs: dict[str, list[dict[str, Any]]] = {"trident": [], "slidecache": []}
+    ours = {_tool(e): e for e in executors}
+    runs: dict[str, list[dict[str, Any]]] = {"trident": [], **{tool: [] for tool in ours}}
     for r in range(rounds):
-        order = ["trident", "slidecache"] if r % 2 == 0 else ["slidecache", "trident"]
+        order = ["trident", *ours] if r % 2 == 0 else [*ours, "trident"]
         for tool in order:
             job = Path(tempfile.mkdtemp(prefix=f"{tool}-{encoder}-", dir=work))
             warm(slides)
             result = (run_trident(trident_python, encoder, folder, job) if tool == "trident"
-                      else run_slidecache(encoder, folder, job))
+                      else run_slidecache(encoder, folder, job, ours[tool]))
             runs[tool].append(result)
             print(f"  round {r + 1} {tool:<10} {encoder}: {result['tiles']} tiles in {result['wall_s']:.1f} s "
                   f"({result['tiles'] / result['wall_s']:.2f} tiles/s)", flush=True)
-    overlap = jaccard(runs["trident"][0]["coords"], runs["slidecache"][0]["coords"])
+    overlap = jaccard(runs["trident"][0]["coords"], runs[next(iter(ours))][0]["coords"])
     summary = {}
     for tool, results in runs.items():
         best = min(results, key=lambda x: x["wall_s"])
@@ -160,23 +167,28 @@ def compare(trident_python: str, encoder: str, slides: list[Path], work: Path, r
             "peak_rss_mb": best["peak_rss_mb"], "peak_pss_mb": best["peak_pss_mb"], "bytes": best["bytes"],
             **({"stages_s": best["stages_s"]} if "stages_s" in best else {}),
         }
-    ours, theirs = summary["slidecache"], summary["trident"]
+    theirs = summary["trident"]
+    ratios = {tool: {"tiles_per_s": round(summary[tool]["tiles_per_s"] / theirs["tiles_per_s"], 3),
+                     "wall_per_slide": round(summary[tool]["wall_per_slide_s"] / theirs["wall_per_slide_s"], 3)}
+              for tool in ours}
+    first = ratios[next(iter(ours))]
     return {"encoder": encoder, "slides": len(slides), "tools": summary, "tile_jaccard": round(overlap, 3),
-            "ratio_tiles_per_s": round(ours["tiles_per_s"] / theirs["tiles_per_s"], 3),
-            "ratio_wall_per_slide": round(ours["wall_per_slide_s"] / theirs["wall_per_slide_s"], 3)}
+            "ratio_tiles_per_s": first["tiles_per_s"], "ratio_wall_per_slide": first["wall_per_slide"],
+            "ratios": ratios}
 
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['slides']} slide(s), encoder {result['encoder']} (ours {OURS[result['encoder']]}):")
-    print(f"  {'tool':<10} {'wall s':>14} {'s/slide':>8} {'tiles':>7} {'tiles/s':>8} {'feature t/s':>11} "
+    print(f"  {'tool':<16} {'wall s':>14} {'s/slide':>8} {'tiles':>7} {'tiles/s':>8} {'feature t/s':>11} "
           f"{'RSS MB':>7} {'PSS MB':>7} {'MB disk':>8}")
     for tool, row in result["tools"].items():
         walls = "/".join(f"{w:.1f}" for w in row["wall_s"])
         feature = f"{row['feature_tiles_per_s']:.1f}" if row["feature_tiles_per_s"] else "-"
-        print(f"  {tool:<10} {walls:>14} {row['wall_per_slide_s']:>8.1f} {row['tiles']:>7} {row['tiles_per_s']:>8.2f} "
+        print(f"  {tool:<16} {walls:>14} {row['wall_per_slide_s']:>8.1f} {row['tiles']:>7} {row['tiles_per_s']:>8.2f} "
               f"{feature:>11} {row['peak_rss_mb'] or 0:>7.0f} {row['peak_pss_mb'] or 0:>7.0f} {row['bytes'] / 1e6:>8.1f}")
-    print(f"  slidecache / TRIDENT: tiles/s {result['ratio_tiles_per_s']:.2f}x, wall per slide "
-          f"{result['ratio_wall_per_slide']:.2f}x; tile sets' Jaccard {result['tile_jaccard']:.3f}")
+    for tool, ratio in result["ratios"].items():
+        print(f"  {tool} / TRIDENT: tiles/s {ratio['tiles_per_s']:.2f}x, wall per slide {ratio['wall_per_slide']:.2f}x")
+    print(f"  tile sets' Jaccard {result['tile_jaccard']:.3f}")
 
 
 def main() -> int:
@@ -187,6 +199,8 @@ def main() -> int:
     p.add_argument("--workloads", default="one,cohort")
     p.add_argument("--cohort-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--executors", default="default",
+                   help="our runs, comma-separated: default (what `python -m extract` picks), ray, local")
     p.add_argument("--work", type=Path, help="where slides and outputs go (default: a temporary folder; slides "
                                              "are reused from it when it is given again)")
     p.add_argument("--json", type=Path)
@@ -205,7 +219,7 @@ def main() -> int:
         chosen = slides[:1] if workload == "one" else slides[: args.cohort_size]
         for encoder in args.encoders.split(","):
             print(f"{workload}: {len(chosen)} slide(s), {encoder}", flush=True)
-            result = compare(args.trident_python, encoder, chosen, work, args.rounds)
+            result = compare(args.trident_python, encoder, chosen, work, args.rounds, tuple(args.executors.split(",")))
             print_table(result)
             results.append({"workload": workload, **result})
     if args.json:

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("auto", "ray", "local"),
                    help="ray: Ray tasks and actors (a local Ray, or the cluster of `ray job submit`); local: one "
                         "machine without Ray (readers in a process pool, encoders on threads: no Ray start-up, but "
-                        "an encoder crash ends the run); auto (default): Ray when it is installed")
+                        "an encoder crash ends the run); auto (default): Ray under `ray job submit` (RAY_ADDRESS) or "
+                        "with several GPUs, else local")
     p.add_argument("--qc-dir", help="where QC pictures go (default: <store>/../<store name>_qc for local stores)")
     p.add_argument("--storage-options", metavar="JSON", help="fsspec options for the store (s3 credentials: prefer AWS_* variables)")
     p.add_bool("--no-qc", help="skip the QC pictures")

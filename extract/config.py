@@ -51,7 +51,7 @@ class ExtractConfig:
     limit: int | None = None
     num_encoders: int | None = None  # None: one per GPU, or one CPU encoder without GPUs
     reader_cpus: float = 1.0
-    executor: str = "auto"  # ray | local (one machine, no Ray) | auto: Ray when installed (extract/executors.py)
+    executor: str = "auto"  # ray | local (one machine, no Ray) | auto (extract/executors.resolve_executor)
     object_store_memory: int = 2 * 1024**3  # local Ray only (the default would take ~30% of RAM)
     qc_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -40,8 +40,9 @@ class EncoderWorker:
     def stats(self) -> dict[str, float]:
         return {"busy_s": self.busy_s, "tiles": self.tiles}
 
-    def open_slide(self, slide_id: str, attrs: dict[str, Any], thumbnail: np.ndarray, mask: np.ndarray,
+    def open_slide(self, slide_id: str, attrs: dict[str, Any], pictures: tuple[np.ndarray, np.ndarray],
                    downsample: float, token: str, own_tokens: list[str]) -> str:
+        thumbnail, mask = pictures
         return self.writers.open(slide_id, attrs, thumbnail, mask, downsample, token, own_tokens)
 
     def encode_append(self, slide_id: str, start: int, tiles: np.ndarray, coords: np.ndarray,

@@ -8,12 +8,14 @@
   workstation and the GPU bench machine (no Ray there). A crash of the encoder ends the run; slides already
   committed stay committed and a rerun resumes.
 
-`executor_session(cfg)` picks one (`cfg.executor`: auto is Ray when Ray is installed, else local).
+`executor_session(cfg)` picks one (`cfg.executor`; auto: Ray under `ray job submit` or with several GPUs,
+else local; see resolve_executor).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import dataclasses
 import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -48,6 +50,16 @@ def _prepare(entry: SlideEntry, cfg: ExtractConfig) -> PreparedSlide:
     return prepare_slide(entry, cfg)
 
 
+def _apart(prepare: Callable[..., PreparedSlide]) -> Callable[..., tuple[PreparedSlide, Any]]:
+    """`prepare` returning the slide's plan and its pictures (thumbnail, mask) as two task results, so that
+    the driver gets the plan and hands the pictures' reference on to the writer without holding them."""
+    def prepare_apart(entry: SlideEntry, cfg: ExtractConfig) -> tuple[PreparedSlide, Any]:
+        p = prepare(entry, cfg)
+        return dataclasses.replace(p, thumbnail=None, mask=None), (p.thumbnail, p.mask)
+
+    return prepare_apart
+
+
 def _read(reader: str, path: str, plan: Any, coords: np.ndarray) -> np.ndarray:
     yield_to_encoders()
     return read_tiles(reader, path, plan, coords)
@@ -76,7 +88,8 @@ class Executor(Protocol):
     def prepare(self, entry: SlideEntry, cfg: ExtractConfig) -> Any: ...
     def read(self, prepared: PreparedSlide, start: int, stop: int, near: str | None) -> Any: ...
     def call(self, actor: Any, method: str, *args: Any) -> Any: ...
-    def wait(self, refs: Sequence[Any], timeout: float) -> list[Any]: ...
+    def wait(self, refs: Sequence[Any], timeout: float) -> list[Any]:
+        """Every ref of `refs` that is ready, waiting up to `timeout` for the first."""
     def get(self, ref: Any) -> Any: ...
     def done(self, ref: Any) -> bool: ...
     def succeeded(self, ref: Any) -> bool: ...
@@ -132,7 +145,9 @@ class RayExecutor:
 
         self._ray = ray
         self._worker = worker
-        self._prepare = ray.remote(num_cpus=cfg.reader_cpus, max_retries=2, retry_exceptions=False)(prepare)
+        self._prepare = ray.remote(num_cpus=cfg.reader_cpus, max_retries=2, retry_exceptions=False,
+                                   num_returns=2)(_apart(prepare))
+        self._pictures: dict[Any, Any] = {}  # a prepare's plan ref → its pictures ref, until the plan is got
         self._read = ray.remote(num_cpus=cfg.reader_cpus, max_retries=2, retry_exceptions=False)(read)
         self._node_readers: dict[str, Any] = {}
 
@@ -162,16 +177,21 @@ class RayExecutor:
 
     @staticmethod
     def _placement(index: int, gpus: int, nodes: list[str]) -> dict[str, Any]:
-        """GPU encoders go where Ray finds a free GPU; CPU encoders (which reserve no resource, so Ray would
-        stack them on one node) are spread over the nodes in turn, each free to move if its node dies."""
+        """GPU encoders go where Ray finds a free GPU (and restart on any node); CPU encoders (which reserve no
+        resource, so Ray would stack them on one node) are pinned to the nodes in turn. Pinned hard: Ray 2.60
+        placed zero-resource actors with soft affinity (or SPREAD) on the wrong node about half the time
+        (seen with two nodes on one machine). An encoder whose node dies therefore stays dead; the driver
+        moves its slides to the live ones (Extraction._pin_to_a_live_actor)."""
         if gpus or len(nodes) < 2:
             return {}
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True)}
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=False)}
 
     def prepare(self, entry: SlideEntry, cfg: ExtractConfig) -> Any:
-        return self._prepare.remote(entry, cfg)
+        plan, pictures = self._prepare.remote(entry, cfg)
+        self._pictures[plan] = pictures
+        return plan
 
     def read(self, prepared: PreparedSlide, start: int, stop: int, near: str | None) -> Any:
         """Read on node `near` when it has a free CPU (the tiles then stay on that node), else anywhere.
@@ -190,11 +210,19 @@ class RayExecutor:
         return getattr(actor, method).remote(*args)
 
     def wait(self, refs: Sequence[Any], timeout: float) -> list[Any]:
-        ready, _ = self._ray.wait(list(refs), num_returns=1, timeout=timeout)
+        """Every ref of `refs` that is ready, waiting up to `timeout` for the first."""
+        ready, rest = self._ray.wait(list(refs), num_returns=1, timeout=timeout)
+        if ready and rest:
+            more, _ = self._ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
         return ready
 
     def get(self, ref: Any) -> Any:
-        return self._ray.get(ref)
+        pictures = self._pictures.pop(ref, None)
+        value = self._ray.get(ref)
+        if pictures is not None:
+            value.pictures = pictures
+        return value
 
     def done(self, ref: Any) -> bool:
         ready, _ = self._ray.wait([ref], timeout=0)
@@ -312,14 +340,27 @@ class LocalExecutor:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def resolve_executor(name: str) -> str:
+    """auto: Ray for a cluster (RAY_ADDRESS, as `ray job submit` sets) and for several GPUs (an actor per GPU,
+    restarted if it dies); otherwise, on one machine with at most one GPU, or where Ray is not installed,
+    the local executor (no Ray start-up: a single slide on 2 cores 20.4 → 10.7 s, bench/RESULTS.md)."""
     if name not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
+    has_ray = importlib.util.find_spec("ray") is not None
     if name == "auto":
-        return "ray" if importlib.util.find_spec("ray") is not None else "local"
-    if name == "ray" and importlib.util.find_spec("ray") is None:
-        raise ConfigError("--executor ray: Ray is not installed here; install the project (make install) or use "
-                          "--executor local (one machine, no Ray)")
+        if os.environ.get("RAY_ADDRESS"):
+            name = "ray"
+        else:
+            return "ray" if has_ray and _visible_gpus() > 1 else "local"
+    if name == "ray" and not has_ray:
+        raise ConfigError("Ray is not installed here (asked for by --executor ray or RAY_ADDRESS); install the "
+                          "project (make install) or use --executor local (one machine, no Ray)")
     return name
 
 

@@ -215,6 +215,7 @@ class Extraction:
         self.store = None
         self._deferred_failures: list[tuple[SlideEntry, BaseException, float]] = []
         self._inflight = 0
+        self._ready: set[Any] = set()  # what the loop's last wait found ready
         self._sequence, self._order = 0, {}
         self._suspect: dict[int, Any] = {}  # actor index → its probe, while it restarts: nothing new is sent to it
         self._total, self._done_tiles, self._t0, self._last_report = len(todo), 0, time.perf_counter(), 0.0
@@ -239,10 +240,11 @@ class Extraction:
             refs += [probe[0] for probe in self._suspect.values() if probe is not None]
             for slide in self.active:
                 refs += [r for r in (slide.opened, slide.committing) if r is not None]
-                refs += [slide.pending[0][2]] if slide.pending else []
+                refs += [ref for _, _, ref in slide.pending]
             if not refs:
                 continue
-            ready = self.ex.wait(refs, timeout=1.0)
+            ready = self.ex.wait(refs, timeout=1.0)  # every one that is ready, at least one unless timed out
+            self._ready = set(ready)
             for ref in ready:
                 if ref in preparing:
                     entry = preparing.pop(ref)
@@ -270,13 +272,9 @@ class Extraction:
 
     def _open(self, slide: _ActiveSlide) -> None:
         """Send the slide's writer to its actor (chunks and commit follow it there, in order)."""
-        if self.store.is_complete(slide.slide_id):  # another job finished it meanwhile: never overwrite
-            self._finish(slide)
-            self.summary.outcomes.append(SlideOutcome(slide.slide_id, "skipped", error="complete"))
-            return
         p, actor = slide.prepared, self.actors[slide.actor]
         slide.token = uuid.uuid4().hex
-        slide.opened = self._sent(self.ex.call(actor, "open_slide", slide.slide_id, p.attrs, p.thumbnail, p.mask,
+        slide.opened = self._sent(self.ex.call(actor, "open_slide", slide.slide_id, p.attrs, p.writer_pictures(),
                                                p.downsample, slide.token, slide.own_tokens))
         while slide.reads:  # what was read while the encoders loaded
             start, stop, tiles = slide.reads.popleft()
@@ -324,11 +322,12 @@ class Extraction:
         return ref
 
     def _collect(self, slide: _ActiveSlide) -> None:
-        """Read what the slide's actor answered so far: its open, its chunks in order, its commit."""
+        """Read what the slide's actor answered so far: its open, its chunks in order, its commit (those the
+        loop's last wait found ready: one wait for all, not one per call)."""
         ex = self.ex
         try:
             if slide.opened is not None:
-                if not ex.done(slide.opened):
+                if slide.opened not in self._ready:
                     return
                 status = ex.get(slide.opened)
                 self._order.pop(slide.opened, None)
@@ -337,7 +336,7 @@ class Extraction:
                     self._finish(slide)
                     self.summary.outcomes.append(SlideOutcome(slide.slide_id, "skipped", error="complete"))
                     return
-            while slide.pending and ex.done(slide.pending[0][2]):
+            while slide.pending and slide.pending[0][2] in self._ready:
                 start, stop, ref = slide.pending[0]
                 rows = ex.get(ref)  # raises what the actor raised; the chunk stays named at the head
                 if rows != stop - start:
@@ -346,7 +345,7 @@ class Extraction:
                 self._order.pop(ref, None)
                 self._inflight -= 1
                 self._done_tiles += rows
-            if slide.committing is not None and not slide.pending and ex.done(slide.committing):
+            if slide.committing is not None and not slide.pending and slide.committing in self._ready:
                 result = ex.get(slide.committing)
                 self._finish(slide)
                 self._committed(slide, result)

@@ -30,11 +30,17 @@ class PreparedSlide:
     plan: TilePlan
     coords: np.ndarray  # (N, 2) int64 level-0 x, y of the kept tiles
     tissue: np.ndarray  # (N,) tissue fraction of each kept tile
-    thumbnail: np.ndarray
-    mask: np.ndarray
+    thumbnail: np.ndarray | None
+    mask: np.ndarray | None
     downsample: float
     empty_reason: str | None
     attrs: dict[str, Any] = field(default_factory=dict)
+    # (thumbnail, mask) as the encoder's writer takes them; with Ray, a reference to them (the driver then
+    # never holds the pictures: extract/executors.py), with thumbnail and mask left None here
+    pictures: Any = None
+
+    def writer_pictures(self) -> Any:
+        return self.pictures if self.pictures is not None else (self.thumbnail, self.mask)
 
     @property
     def n_tiles(self) -> int:

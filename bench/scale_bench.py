@@ -1,0 +1,254 @@
+"""What coordinating an extraction costs, without the encoding: the real driver (extract.job.Extraction on
+Ray) and the real writers into a real zarr store, with encoder actors replaced by stand-ins that return
+embeddings of the real width (2560, Virchow-2) at once and readers by stand-ins that return tiles from
+memory. 200 tiles per slide, the GPU chunking (read chunk and batch 256).
+
+Each cohort size runs in a fresh driver process (`--child`), so its RSS is its own. Measured per run: CPU
+seconds of the driver, the GCS and the raylet (what coordinates), of Ray's other services, and of the
+stand-in workers (readers, encoder actors and their writers); sustained tiles/s through the system; the
+driver's RSS after the run. Printed: coordination CPU per 1,000 tiles and per slide, the driver's RSS growth
+per slide fitted from the two sizes, and a projection for TCGA on 8 and 64 H200s.
+
+    python bench/scale_bench.py [--sizes 1000,10000] [--chunk-run 100x2560] [--encoders 2] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TILES_PER_SLIDE = 200
+WIDTH = 2560  # Virchow-2's class ‖ mean-patch embedding
+TCGA_SLIDES, TCGA_TILES = 11_700, 1.5e8  # diagnostic slides at 20x (the issue's figures)
+H200_TILES_PER_S = 1_164  # virchow2 bf16, batch 256, one H200 (bench/RESULTS.md; 1,325 compiled)
+
+
+# ---- stand-ins (pickled by value into Ray's workers) ------------------------------------------
+
+
+class StandInEncoder:
+    """Returns the same rows of real width for every call: no arithmetic, so the driver and writers are
+    what is left to measure. Random values, so the store's compressor does its real work."""
+
+    device = "cpu"
+    token_shape = None
+
+    def __init__(self) -> None:
+        self.rows = np.random.default_rng(0).standard_normal((1024, WIDTH)).astype(np.float16)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "stand-in", "weights_id": "none", "weights_sha256": None, "pooling": "none",
+                "preprocessing": {}, "dim": WIDTH, "dtype": "float16", "compute_precision": "none"}
+
+    def __call__(self, tiles: np.ndarray) -> tuple[np.ndarray, None]:
+        return self.rows[: len(tiles)], None
+
+
+def _stand_in_worker_class() -> type:
+    from extract.encoder_worker import EncoderWorker
+    from extract.writers import PinnedWriters
+
+    class StandInWorker(EncoderWorker):
+        def __init__(self, config: Any, store_url: str, storage_options: dict[str, Any], node: str,
+                     device: str | None = None) -> None:  # the real writers, no model
+            self.encoder = StandInEncoder()
+            self.writers = PinnedWriters(store_url, storage_options, None)
+            self.node, self.appended, self.busy_s, self.tiles = node, False, 0.0, 0
+
+    return StandInWorker
+
+
+def _stand_in_stages(template: Any, tile_px: int, tiles_per_slide: int) -> tuple[Any, Any]:
+    n = tiles_per_slide
+    coords = np.stack([np.arange(n) % 64, np.arange(n) // 64], 1).astype(np.int64) * 224
+
+    def prepare(entry: Any, cfg: Any) -> Any:
+        return dataclasses.replace(template, entry=entry, coords=coords, tissue=np.ones(n, np.float32),
+                                   empty_reason=None)
+
+    def read(reader: str, path: str, plan: Any, chunk: np.ndarray) -> np.ndarray:
+        return np.zeros((len(chunk), tile_px, tile_px, 3), np.uint8)  # from memory: nothing decoded
+
+    return prepare, read
+
+
+# ---- one run (a child process) ----------------------------------------------------------------
+
+
+def _process_cpu(ps: Any) -> dict[str, float]:
+    """CPU seconds (user + system) of this driver and of every Ray process below it, by role."""
+    me = ps.Process()
+    roles = {"driver": me.cpu_times().user + me.cpu_times().system, "gcs": 0.0, "raylet": 0.0,
+             "ray_services": 0.0, "workers": 0.0}
+    for child in me.children(recursive=True):
+        try:
+            name, cmdline, times = child.name(), " ".join(child.cmdline()), child.cpu_times()
+        except ps.Error:
+            continue
+        role = ("gcs" if "gcs_server" in name else "raylet" if "raylet" in name
+                else "workers" if ("default_worker" in cmdline or name.startswith("ray::")) else "ray_services")
+        roles[role] += times.user + times.system
+    return roles
+
+
+def child(n_slides: int, encoders: int, tile_px: int, work: Path, tiles_per_slide: int = TILES_PER_SLIDE) -> dict[str, Any]:
+    import psutil
+    import ray
+
+    from demo.slides import synthetic_he, write_pyramid
+    from extract.config import ExtractConfig
+    from extract.executors import RayExecutor
+    from extract.job import Extraction
+    from extract.slide_prep import prepare_slide
+    from store.cohort import SlideEntry
+
+    cfg = ExtractConfig(encoder="virchow2-tiny", batch_size=256, read_chunk=256, num_encoders=encoders)
+    template_path = write_pyramid(work / "template.tiff", synthetic_he(1400, 1400, seed=0), mpp=0.5)
+    template = prepare_slide(SlideEntry("template", str(template_path), "template"), cfg)
+    prepare, read = _stand_in_stages(template, tile_px, tiles_per_slide)
+    entries = [SlideEntry(f"s{i:06d}", str(template_path), f"p{i:06d}") for i in range(n_slides)]
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", object_store_memory=cfg.object_store_memory, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        executor = RayExecutor(cfg, worker=_stand_in_worker_class(), prepare=prepare, read=read)
+        warm = Extraction(entries[:20], str(work / "warm.zarr"), cfg, log=lambda m: None, executor=executor)
+        warm.run()  # worker processes started, functions exported: what a long run pays once
+        rss0, uss0 = psutil.Process().memory_info().rss, psutil.Process().memory_full_info().uss
+        cpu0, t0 = _process_cpu(psutil), time.perf_counter()
+        summary = Extraction(entries, str(work / "store.zarr"), cfg, log=lambda m: None, executor=executor).run()
+        wall = time.perf_counter() - t0
+        cpu1 = _process_cpu(psutil)
+        rss1, uss1 = psutil.Process().memory_info().rss, psutil.Process().memory_full_info().uss
+    finally:
+        ray.shutdown()
+    if summary.count("done") != n_slides:
+        raise SystemExit(f"only {summary.count('done')} of {n_slides} slides completed: {summary.failed[:3]}")
+    cpu = {role: cpu1[role] - cpu0[role] for role in cpu0}
+    return {"slides": n_slides, "tiles": summary.tiles, "seconds": wall, "tiles_per_s": summary.tiles / wall,
+            "cpu_s": cpu, "coordination_cpu_s": cpu["driver"] + cpu["gcs"] + cpu["raylet"],
+            "tiles_per_slide": tiles_per_slide, "driver_rss_before": rss0, "driver_rss_after": rss1, "driver_uss_before": uss0, "driver_uss_after": uss1, "encoders": encoders, "tile_px": tile_px,
+            "store_bytes": sum(f.stat().st_size for f in (work / "store.zarr").rglob("*") if f.is_file())}
+
+
+# ---- the parent: runs, fit, projection --------------------------------------------------------
+
+
+CHUNK = 256  # tiles per read chunk and per encode call (the GPU default)
+
+
+def projection(per_slide_s: float, per_chunk_s: float, rss_per_slide: float, rss_base: float) -> list[dict[str, Any]]:
+    """A TCGA-scale run on n H200s: encoder-bound wall, the coordinators' CPU and its share of one core, and
+    the driver's memory, from the fitted costs per slide and per read chunk."""
+    coordination = TCGA_SLIDES * per_slide_s + TCGA_TILES / CHUNK * per_chunk_s
+    rows = []
+    for gpus in (8, 64):
+        wall = TCGA_TILES / (gpus * H200_TILES_PER_S)
+        rows.append({"gpus": gpus, "wall_h": wall / 3600, "coordination_cpu_h": coordination / 3600,
+                     "coordinator_cores_busy": coordination / wall,
+                     "coordination_limit_tiles_per_s": CHUNK / per_chunk_s if per_chunk_s > 0 else float("inf"),
+                     "driver_rss_mb": (rss_base + TCGA_SLIDES * rss_per_slide) / 2**20})
+    return rows
+
+
+def fit(one_chunk: dict[str, Any], many_chunks: dict[str, Any]) -> tuple[float, float]:
+    """Coordination CPU = a per slide + b per chunk, from two runs whose slides have 1 and k chunks."""
+    k1 = -(-one_chunk["tiles_per_slide"] // CHUNK)
+    k2 = -(-many_chunks["tiles_per_slide"] // CHUNK)
+    c1 = one_chunk["coordination_cpu_s"] / one_chunk["slides"]
+    c2 = many_chunks["coordination_cpu_s"] / many_chunks["slides"]
+    per_chunk = (c2 - c1) / (k2 - k1)
+    return c1 - per_chunk * k1, per_chunk
+
+
+def _run_child(n: int, tiles_per_slide: int, args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix=f"scale{n}_", dir=args.work))
+    try:
+        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--tiles-per-slide", str(tiles_per_slide),
+                              "--encoders", str(args.encoders), "--tile-px", str(args.tile_px), "--work", str(work)],
+                             capture_output=True, text=True, check=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if out.returncode:
+        raise SystemExit(f"the run of {n} slides failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"[scale] {n} slides x {tiles_per_slide} tiles: {r['tiles']} tiles in {r['seconds']:.1f} s "
+          f"({r['tiles_per_s']:.0f} tiles/s); CPU s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s"].items())
+          + f"; driver RSS {r['driver_rss_after'] / 2**20:.0f} MB, private {r['driver_uss_after'] / 2**20:.0f} MB",
+          flush=True)
+    return r
+
+
+def _growth(run: dict[str, Any]) -> float:
+    return run["driver_uss_after"] - run["driver_uss_before"]  # private memory the run added to the driver
+
+
+def summarise(runs: list[dict[str, Any]], chunky: dict[str, Any]) -> dict[str, Any]:
+    print(f"\n{'slides':>7} {'tiles':>6} {'tiles/s':>8} {'coord ms/slide':>15} {'coord ms/1k tiles':>18} {'driver s':>9} "
+          f"{'gcs s':>6} {'raylet s':>9} {'workers s':>10} {'+private MB':>12}")
+    for r in [*runs, chunky]:
+        c = r["coordination_cpu_s"]
+        print(f"{r['slides']:>7} {r['tiles_per_slide']:>6} {r['tiles_per_s']:>8.0f} {1e3 * c / r['slides']:>15.2f} "
+              f"{1e6 * c / r['tiles']:>18.2f} {r['cpu_s']['driver']:>9.1f} {r['cpu_s']['gcs']:>6.1f} "
+              f"{r['cpu_s']['raylet']:>9.1f} {r['cpu_s']['workers']:>10.1f} {_growth(r) / 2**20:>12.1f}")
+    per_slide, per_chunk = fit(runs[-1], chunky)
+    a, b = runs[0], runs[-1]
+    slope = (_growth(b) - _growth(a)) / max(b["slides"] - a["slides"], 1)
+    proj = projection(per_slide, per_chunk, max(slope, 0.0), b["driver_uss_before"] + _growth(a))
+    print(f"\nfitted: coordination {1e3 * per_slide:.2f} ms per slide + {1e3 * per_chunk:.2f} ms per chunk of {CHUNK} "
+          f"tiles = {1e6 * per_chunk / CHUNK:.2f} ms per 1,000 tiles (targets ≤ 20 and ≤ 5); the driver's private "
+          f"memory grows {slope:.0f} B per slide (fitted from {a['slides']} and {b['slides']} slides; target ≤ 2 KB)")
+    for row in proj:
+        print(f"TCGA ({TCGA_SLIDES} slides, {TCGA_TILES:.1e} tiles) on {row['gpus']} H200s: {row['wall_h']:.2f} h "
+              f"encoder-bound; coordination {row['coordination_cpu_h'] * 60:.1f} CPU-min = "
+              f"{row['coordinator_cores_busy']:.2f} of one core (one driver coordinates up to "
+              f"{row['coordination_limit_tiles_per_s']:.0f} tiles/s); driver ~{row['driver_rss_mb']:.0f} MB private")
+    return {"runs": runs, "chunk_run": chunky, "coordination_ms_per_slide": 1e3 * per_slide,
+            "coordination_ms_per_1k_tiles": 1e6 * per_chunk / CHUNK, "coordination_ms_per_chunk": 1e3 * per_chunk,
+            "driver_private_growth_bytes_per_slide": slope, "tcga_projection": proj}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="1000,10000", help="cohort sizes of 200-tile slides (two: the RSS fit)")
+    p.add_argument("--chunk-run", default="100x2560", help="SLIDESxTILES: the run of many-chunk slides for the "
+                                                             "per-chunk cost")
+    p.add_argument("--encoders", type=int, default=2, help="stand-in encoder actors (each with its writers)")
+    p.add_argument("--tile-px", type=int, default=224, help="side of the stand-in tiles the readers return")
+    p.add_argument("--work", type=Path, help="default: a temporary folder, removed after")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--summarise", type=Path, help="print the figures of a saved --json again, without running")
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--tiles-per-slide", type=int, default=TILES_PER_SLIDE, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.encoders, args.tile_px, args.work, args.tiles_per_slide)))
+        return 0
+    if args.summarise:
+        saved = json.loads(args.summarise.read_text())
+        runs, chunky = saved["runs"], saved["chunk_run"]
+    else:
+        runs = [_run_child(int(n), TILES_PER_SLIDE, args) for n in args.sizes.split(",")]
+        slides, tiles = (int(v) for v in args.chunk_run.split("x"))
+        chunky = _run_child(slides, tiles, args)
+    result = summarise(runs, chunky)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
