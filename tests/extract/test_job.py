@@ -20,6 +20,7 @@ from store import EmbeddingStore
 from store.cohort import SlideEntry, load_cohort
 from store.errors import FingerprintMismatch
 from store.verify import verify_store
+from tests.extract.checks import assert_store_holds_each_slide_once
 from tests.store.helpers import spec as other_spec
 
 pytestmark = pytest.mark.xdist_group("test_job")  # its module fixture is built once, on one worker
@@ -109,15 +110,7 @@ def test_killed_encoder_actor_loses_and_duplicates_nothing(local_ray, synthetic_
     restarted = _describe_once_back(local_ray, extraction.actors[0])
     assert restarted["pid"] != killed["pid"]  # it really restarted
     assert restarted["threads"] == len(os.sched_getaffinity(0))  # every core, not Ray's OMP_NUM_THREADS=1
-    store = EmbeddingStore.open(str(tmp_path / "store"))
-    encoder = BatchEncoder(cfg)
-    for entry in entries:
-        prepared = prepare_slide(entry, cfg)
-        slide = store.slide(entry.slide_id)
-        np.testing.assert_array_equal(slide.coords(), prepared.coords)  # every tile once, in order
-        expected, _ = encoder(read_tiles(prepared.reader, entry.path, prepared.plan, prepared.coords))
-        np.testing.assert_allclose(slide.embeddings().astype(np.float32), expected.astype(np.float32), atol=2e-3)
-    assert verify_store(store) == []
+    assert_store_holds_each_slide_once(EmbeddingStore.open(str(tmp_path / "store")), entries, cfg)
 
 
 def test_store_of_another_fingerprint_is_refused(local_ray, synthetic_slides, tmp_path):

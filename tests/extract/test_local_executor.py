@@ -8,18 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from extract.config import ExtractConfig
-from extract.encode import BatchEncoder
 from extract.executors import LocalExecutor, executor_session, resolve_executor
 from extract.job import Extraction
-from extract.slide_prep import prepare_slide, read_tiles
 from store import EmbeddingStore
 from store.cohort import load_cohort
 from store.errors import ConfigError, EncoderError
-from store.verify import verify_store
+from tests.extract.checks import assert_store_holds_each_slide_once
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(encoder="virchow2-tiny", precision="fp32", batch_size=16, read_chunk=8)
@@ -52,14 +49,7 @@ def test_extract_without_ray_writes_the_same_store(synthetic_slides, tmp_path):
     assert store.provenance["config"]["executor"] == "local"  # what ran, not "auto"
     assert sorted(store.slide_ids()) == ["syn0", "syn1", "syn2"] and set(store.failures()) == {"garbage", "gone"}
     cfg = ExtractConfig(**{**TINY, "read_chunk": None}).for_device("cpu")
-    encoder = BatchEncoder(cfg)
-    for entry in load_cohort(synthetic_slides):
-        prepared = prepare_slide(entry, cfg)
-        slide = store.slide(entry.slide_id)
-        np.testing.assert_array_equal(slide.coords(), prepared.coords)  # every tile once, in order
-        expected, _ = encoder(read_tiles(prepared.reader, entry.path, prepared.plan, prepared.coords))
-        np.testing.assert_allclose(slide.embeddings().astype(np.float32), expected.astype(np.float32), atol=2e-3)
-    assert verify_store(store) == []
+    assert_store_holds_each_slide_once(store, load_cohort(synthetic_slides), cfg)
 
     again = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert "3 already complete" in again.stdout and "0 done" in again.stdout  # a rerun encodes nothing
