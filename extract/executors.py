@@ -18,7 +18,9 @@ import importlib.util
 import dataclasses
 import multiprocessing
 import os
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,9 +33,10 @@ from extract.encoder_worker import EncoderWorker
 from extract.faults import forwarded_faults
 from extract.slide_prep import PreparedSlide, prepare_slide, read_tiles
 from store.cohort import SlideEntry
-from store.errors import ConfigError
+from store.errors import ConfigError, ReaderDied
 
 READER_NICENESS = 10
+READ_RETRIES = 2  # as Ray's max_retries for the reader tasks
 EXECUTORS = ("auto", "ray", "local")
 
 
@@ -63,6 +66,10 @@ def _apart(prepare: Callable[..., PreparedSlide]) -> Callable[..., tuple[Prepare
 def _read(reader: str, path: str, plan: Any, coords: np.ndarray) -> np.ndarray:
     yield_to_encoders()
     return read_tiles(reader, path, plan, coords)
+
+
+def _set_environment(values: dict[str, str]) -> None:
+    os.environ.update(values)
 
 
 def usable_cores() -> int:
@@ -145,10 +152,10 @@ class RayExecutor:
 
         self._ray = ray
         self._worker = worker
-        self._prepare = ray.remote(num_cpus=cfg.reader_cpus, max_retries=2, retry_exceptions=False,
+        self._prepare = ray.remote(num_cpus=cfg.reader_cpus, max_retries=READ_RETRIES, retry_exceptions=False,
                                    num_returns=2)(_apart(prepare))
         self._pictures: dict[Any, Any] = {}  # a prepare's plan ref → its pictures ref, until the plan is got
-        self._read = ray.remote(num_cpus=cfg.reader_cpus, max_retries=2, retry_exceptions=False)(read)
+        self._read = ray.remote(num_cpus=cfg.reader_cpus, max_retries=READ_RETRIES, retry_exceptions=False)(read)
         self._node_readers: dict[str, Any] = {}
 
     def resources(self) -> Resources:
@@ -275,10 +282,11 @@ class LocalExecutor:
     name = "local"
 
     def __init__(self, cfg: ExtractConfig) -> None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["extract.slide_prep"])  # each reader starts with its imports done
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["extract.slide_prep"])  # each reader starts with its imports done
         self.cores = usable_cores()
-        self._pool = ProcessPoolExecutor(max_workers=self.cores, mp_context=context)
+        self._pool = self._new_pool(self.cores)
+        self._pool_lock = threading.Lock()
         self._encoders: list[_LocalEncoder] = []
 
     def resources(self) -> Resources:
@@ -296,11 +304,62 @@ class LocalExecutor:
         return self._encoders
 
     def prepare(self, entry: SlideEntry, cfg: ExtractConfig) -> Future:
-        return self._pool.submit(_prepare, entry, cfg)
+        return self._submit(_prepare, entry, cfg)
 
     def read(self, prepared: PreparedSlide, start: int, stop: int, near: str | None) -> Future:
-        return self._pool.submit(_read, prepared.reader, prepared.entry.path, prepared.plan,
-                                 prepared.coords[start:stop])
+        return self._submit(_read, prepared.reader, prepared.entry.path, prepared.plan, prepared.coords[start:stop])
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run fn in a reader process; when a reader process dies (a decoder's crash, the OOM killer), run
+        again what it took with it, as Ray retries a task. A dead process breaks the whole pool and fails
+        every task in it, so the pool is replaced and each of those tasks is retried alone, in a process of
+        its own, where a death is its own: a task that kills its process 1 + READ_RETRIES times fails with
+        ReaderDied (its slide's error; the cohort goes on), the others complete."""
+        outer: Future = Future()
+
+        def run(pool: ProcessPoolExecutor, retries_left: int, alone: bool) -> None:
+            try:
+                inner = pool.submit(fn, *args)
+            except BrokenProcessPool:  # broken by another task since it was chosen: retry alone
+                self._replace_pool(pool)
+                run(self._solo_pool(), retries_left, alone=True)
+                return
+            inner.add_done_callback(lambda f: settle(f, pool, retries_left, alone))
+
+        def settle(inner: Future, pool: ProcessPoolExecutor, retries_left: int, alone: bool) -> None:
+            error = inner.exception()
+            if alone:
+                pool.shutdown(wait=False)
+            elif isinstance(error, BrokenProcessPool):
+                self._replace_pool(pool)
+            if isinstance(error, BrokenProcessPool):
+                if retries_left:
+                    run(self._solo_pool(), retries_left - 1, alone=True)
+                    return
+                error = ReaderDied(f"a reader process died {READ_RETRIES + 1} times running this slide's "
+                                   f"{fn.__name__.strip('_')} (a crash in the slide's decoder, or out of memory)")
+            if error is not None:
+                outer.set_exception(error)
+            else:
+                outer.set_result(inner.result())
+
+        run(self._pool, READ_RETRIES, alone=False)
+        return outer
+
+    def _new_pool(self, workers: int) -> ProcessPoolExecutor:
+        # The fork server keeps the environment it started with: a job's fault hooks reach its readers
+        # through the initializer instead, as Ray's runtime_env hands them to its workers.
+        return ProcessPoolExecutor(max_workers=workers, mp_context=self._context, initializer=_set_environment,
+                                   initargs=(forwarded_faults(),))
+
+    def _solo_pool(self) -> ProcessPoolExecutor:
+        return self._new_pool(1)
+
+    def _replace_pool(self, broken: ProcessPoolExecutor) -> None:
+        with self._pool_lock:
+            if self._pool is broken:  # once per break, whichever task saw it first
+                self._pool = self._new_pool(self.cores)
+        broken.shutdown(wait=False, cancel_futures=True)
 
     def call(self, actor: _LocalEncoder, method: str, *args: Any) -> Future:
         return actor.submit(method, args)

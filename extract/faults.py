@@ -3,6 +3,8 @@
     SLIDECACHE_FAULT_KILL_ENCODER_ON=uniform    an encoder process handed a tile of one single colour (which
                                                  no scanned tissue is) exits at once: a crash Ray sees as a
                                                  dead actor (a kill, the OOM killer, a segfault in a kernel)
+    SLIDECACHE_FAULT_KILL_READER_ON=TEXT         a reader process reading tiles of a slide whose path contains
+                                                 TEXT exits at once (a decoder's segfault, the OOM killer)
     SLIDECACHE_FAULT_PAUSE_AFTER_FIRST_APPEND=S  an encoder actor sleeps S seconds after its first append,
                                                  holding its slides' leases, so a second job over the same
                                                  slides overlaps it
@@ -18,12 +20,14 @@ import time
 import numpy as np
 
 KILL_ENCODER_ON = "SLIDECACHE_FAULT_KILL_ENCODER_ON"
+KILL_READER_ON = "SLIDECACHE_FAULT_KILL_READER_ON"
 PAUSE_AFTER_FIRST_APPEND = "SLIDECACHE_FAULT_PAUSE_AFTER_FIRST_APPEND"
 
 
 def forwarded_faults() -> dict[str, str]:
     """The fault variables set in this process, to hand to the job's actors as their environment."""
-    return {name: os.environ[name] for name in (KILL_ENCODER_ON, PAUSE_AFTER_FIRST_APPEND) if os.environ.get(name)}
+    names = (KILL_ENCODER_ON, KILL_READER_ON, PAUSE_AFTER_FIRST_APPEND)
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 def maybe_kill_encoder(tiles: np.ndarray) -> None:
@@ -32,6 +36,12 @@ def maybe_kill_encoder(tiles: np.ndarray) -> None:
     flat = tiles.reshape(len(tiles), -1, tiles.shape[-1])
     if len(tiles) and bool(((flat == flat[:, :1]).all(axis=(1, 2))).any()):
         os._exit(17)  # no cleanup: what a SIGKILL or the OOM killer leaves
+
+
+def maybe_kill_reader(path: str) -> None:
+    text = os.environ.get(KILL_READER_ON)
+    if text and text in path:
+        os._exit(18)
 
 
 def pause_after_first_append(log) -> None:

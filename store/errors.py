@@ -81,6 +81,10 @@ class SlideReadError(SlidecacheError, OSError):
     """A slide no reader could open or decode (names the file and each reader's complaint)."""
 
 
+class ReaderDied(SlideReadError):
+    """A reader process died under one of a slide's read tasks every time it ran (single-node executor)."""
+
+
 class MppError(SlidecacheError, ValueError):
     """A slide whose physical pixel size is missing or implausible."""
 

@@ -89,3 +89,22 @@ def test_auto_is_ray_for_a_cluster_or_several_gpus_else_local(monkeypatch):
     monkeypatch.setattr(executors, "_visible_gpus", lambda: 0)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # what `ray job submit` sets
     assert resolve_executor("auto") == "ray"
+
+
+def test_a_slide_whose_reading_kills_its_process_fails_alone(synthetic_slides, tmp_path, monkeypatch):
+    """A reader process that dies (a decoder's segfault, the OOM killer) breaks the whole process pool;
+    the executor replaces it and runs the lost reads again, so the other slides complete and only the
+    slide that kills its reader every time fails, with an error that says so."""
+    from extract.faults import KILL_READER_ON
+
+    monkeypatch.setenv(KILL_READER_ON, "syn1")
+    cfg = ExtractConfig(**TINY, executor="local")
+    entries = load_cohort(synthetic_slides)
+    url = str(tmp_path / "store")
+    with executor_session(cfg) as executor:
+        summary = Extraction(entries, url, cfg, log=lambda _: None, executor=executor).run()
+    status = {o.slide_id: o.status for o in summary.outcomes}
+    assert status == {"syn0": "done", "syn1": "failed", "syn2": "done"}, summary.table()
+    failure = EmbeddingStore.open(url).failures()["syn1"]
+    assert failure["error_class"] == "ReaderDied" and "died 3 times" in failure["message"]
+    assert_store_holds_each_slide_once(EmbeddingStore.open(url), [e for e in entries if e.slide_id != "syn1"], cfg)
