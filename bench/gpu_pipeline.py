@@ -31,9 +31,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demo.slides import write_repeated_slide  # noqa: E402
 from extract.config import ExtractConfig  # noqa: E402
-from extract.executors import LocalExecutor, usable_cores  # noqa: E402
+from extract.executors import LocalExecutor  # noqa: E402
 from extract.job import Extraction  # noqa: E402
 from store.cohort import SlideEntry  # noqa: E402
+from store.devices import usable_cores  # noqa: E402
 
 DEFAULTS = {  # per device: a cohort the run can finish within its time (GPU: 6 minutes with set-up)
     "cuda": {"encoder": "virchow2-random", "slides": 20, "side": 23_000, "read_alone_slides": 4},

@@ -59,14 +59,11 @@ class StandInEncoder:
 
 def _stand_in_worker_class() -> type:
     from extract.encoder_worker import EncoderWorker
-    from extract.writers import PinnedWriters
 
-    class StandInWorker(EncoderWorker):
-        def __init__(self, config: Any, store_url: str, storage_options: dict[str, Any], node: str,
-                     device: str | None = None) -> None:  # the real writers, no model
-            self.encoder = StandInEncoder()
-            self.writers = PinnedWriters(store_url, storage_options, None)
-            self.node, self.appended, self.busy_s, self.tiles = node, False, 0.0, 0
+    class StandInWorker(EncoderWorker):  # the real writers, no model
+        @staticmethod
+        def _build_encoder(config: Any, device: str | None) -> StandInEncoder:
+            return StandInEncoder()
 
     return StandInWorker
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from extract.cohorts import resolve_cohort
-from extract.config import CONFIG_DIR, DEFAULT_CONFIG, DEVICE_DEFAULTS, ExtractConfig
+from extract.config import CONFIG_DIR, DEFAULT_CONFIG, DEVICE_DEFAULTS, EXECUTORS, ExtractConfig
 from store.backends import display_url
 from store.cli_args import ArgumentParser
 from store.errors import ConfigError, SlidecacheError
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "tiles/s, bench/RESULTS.md); recorded in the store's fingerprint")
     p.add_argument("--limit", type=int, help="extract at most N slides this run")
     p.add_argument("--num-encoders", type=int, help="encoder actors (default: one per GPU, else one per node)")
-    p.add_argument("--executor", choices=("auto", "ray", "local"),
+    p.add_argument("--executor", choices=EXECUTORS,
                    help="ray: Ray tasks and actors (a local Ray, or the cluster of `ray job submit`); local: one "
                         "machine without Ray (readers in a process pool, encoders on threads: no Ray start-up, but "
                         "an encoder crash ends the run); auto (default): Ray under `ray job submit` (RAY_ADDRESS) or "

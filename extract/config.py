@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 _GRID = re.compile(r"^(\d+)x\1$")
 DEFAULT_CONFIG = CONFIG_DIR / "extract" / "virchow2.yaml"
+EXECUTORS = ("auto", "ray", "local")  # extract/executors.py
 # Encoder batch and tiles per reader task where a config leaves them out. GPU: ~1,160 tiles/s on an H200 in
 # bf16 from batch 128 up (bench/RESULTS.md). CPU: an encoder does 5-500 tiles/s, so small read chunks keep
 # every reader busy on small slides and slide tails, and a small batch keeps activations in cache.
@@ -69,8 +70,8 @@ class ExtractConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name} must be a positive whole number (or left out for the default), got {value!r}")
-        if self.executor not in ("auto", "ray", "local"):
-            raise ConfigError(f"executor must be auto, ray or local, got {self.executor!r}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"executor must be {', '.join(EXECUTORS[:-1])} or {EXECUTORS[-1]}, got {self.executor!r}")
         self.readers = tuple(self.readers)
 
     def for_device(self, device: str) -> ExtractConfig:

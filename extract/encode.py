@@ -3,7 +3,6 @@ bf16 on CUDA (weights cast: 12% faster than autocast on an H200, bench/RESULTS.m
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from extract.config import ExtractConfig
 from extract.encoders import build_encoder, pool_tile_embedding, pool_token_grid
 from extract.faults import maybe_kill_encoder
-from store.devices import pick_device
+from store.devices import pick_device, usable_cores
 
 STORE_DTYPE = "float16"
 # Ray hands the encoder read-only views of its shared memory, which are only read: silence torch's warning
@@ -34,12 +33,7 @@ def cpu_threads(asked: int | None) -> int:
     """Torch threads for a CPU encoder: as asked, else every core this process may run on. Ray gives an actor
     OMP_NUM_THREADS=1; the readers are Ray tasks on the same cores and the OS shares them out (one thread left
     ~half of a 2-core node idle while encoding: 4.1-4.8 vs 9.0 tiles/s, ../shared/peer/README.md)."""
-    if asked:
-        return asked
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return asked or usable_cores()
 
 
 class BatchEncoder:
@@ -96,7 +90,6 @@ class BatchEncoder:
             x = F.interpolate(x, size=self.input_size, mode=self.interpolation, antialias=True, align_corners=False)
         return x.to(self.dtype)
 
-    @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
             raise ValueError(f"tiles must be uint8 (n, H, W, 3), got {tiles.dtype} {tiles.shape}")

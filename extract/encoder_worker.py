@@ -18,17 +18,22 @@ class EncoderWorker:
 
     def __init__(self, config: ExtractConfig, store_url: str, storage_options: dict[str, Any], node: str,
                  device: str | None = None) -> None:
-        import torch
-
-        from extract.encode import BatchEncoder
         from extract.writers import PinnedWriters
 
-        self.encoder = BatchEncoder(config, torch.device(device) if device else None)
+        self.encoder = self._build_encoder(config, device)
         self.writers = PinnedWriters(store_url, storage_options, self.encoder.token_shape)
         self.node = node
         self.appended = False
         self.busy_s = 0.0  # time inside the encoder: the bench's busy fraction
         self.tiles = 0
+
+    @staticmethod
+    def _build_encoder(config: ExtractConfig, device: str | None) -> Any:
+        import torch
+
+        from extract.encode import BatchEncoder
+
+        return BatchEncoder(config, torch.device(device) if device else None)
 
     def describe(self) -> dict[str, Any]:
         import torch

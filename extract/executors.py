@@ -14,14 +14,14 @@ else local; see resolve_executor).
 
 from __future__ import annotations
 
-import importlib.util
 import dataclasses
+import importlib.util
 import multiprocessing
 import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import wait as wait_futures
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -33,11 +33,11 @@ from extract.encoder_worker import EncoderWorker
 from extract.faults import forwarded_faults
 from extract.slide_prep import PreparedSlide, prepare_slide, read_tiles
 from store.cohort import SlideEntry
+from store.devices import usable_cores, visible_gpus
 from store.errors import ConfigError, ReaderDied
 
 READER_NICENESS = 10
 READ_RETRIES = 2  # as Ray's max_retries for the reader tasks
-EXECUTORS = ("auto", "ray", "local")
 
 
 def yield_to_encoders() -> None:
@@ -70,13 +70,6 @@ def _read(reader: str, path: str, plan: Any, coords: np.ndarray) -> np.ndarray:
 
 def _set_environment(values: dict[str, str]) -> None:
     os.environ.update(values)
-
-
-def usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -248,9 +241,6 @@ class RayExecutor:
 
         return isinstance(error, RayActorError)
 
-    def shutdown(self) -> None:
-        pass
-
 
 # ---- one machine, no Ray -----------------------------------------------------------------------
 
@@ -290,9 +280,7 @@ class LocalExecutor:
         self._encoders: list[_LocalEncoder] = []
 
     def resources(self) -> Resources:
-        import torch
-
-        return Resources(torch.cuda.device_count() if torch.cuda.is_available() else 0, self.cores, ["local"])
+        return Resources(visible_gpus(), self.cores, ["local"])
 
     def start_encoders(self, cfg: ExtractConfig, store_url: str, storage_options: dict[str, Any],
                        count: int, gpus: int, nodes: list[str]) -> list[Any]:
@@ -399,24 +387,16 @@ class LocalExecutor:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def resolve_executor(name: str) -> str:
     """auto: Ray for a cluster (RAY_ADDRESS, as `ray job submit` sets) and for several GPUs (an actor per GPU,
     restarted if it dies); otherwise, on one machine with at most one GPU, or where Ray is not installed,
     the local executor (no Ray start-up: a single slide on 2 cores 20.4 → 10.7 s, bench/RESULTS.md)."""
-    if name not in EXECUTORS:
-        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
     has_ray = importlib.util.find_spec("ray") is not None
     if name == "auto":
         if os.environ.get("RAY_ADDRESS"):
             name = "ray"
         else:
-            return "ray" if has_ray and _visible_gpus() > 1 else "local"
+            return "ray" if has_ray and visible_gpus() > 1 else "local"
     if name == "ray" and not has_ray:
         raise ConfigError("Ray is not installed here (asked for by --executor ray or RAY_ADDRESS); install the "
                           "project (make install) or use --executor local (one machine, no Ray)")

@@ -5,9 +5,10 @@ each slide pinned to them; the driver only schedules, records outcomes and print
         (CPU)            (CPU)          (1 per GPU; the slide's writer)
 
 The stages run on an executor (extract/executors.py): Ray tasks and actors, or, on one machine without
-Ray, a process pool and encoder threads. With Ray, tile pixels go from reader tasks to encoder actors
-through Ray's object store and embeddings from the actors to the store (extract/writers.py): neither passes through the driver, which sends each actor, in
-order, open → chunk × n → commit for every slide pinned to it and gets back row counts. In-flight chunks
+Ray, a process pool and encoder threads. Tile pixels go from the readers to the encoders (with Ray,
+through its object store) and embeddings from the encoders to the store (extract/writers.py): neither
+passes through the driver, which sends each encoder, in order, open → chunk × n → commit for every slide
+pinned to it and gets back row counts. In-flight chunks
 and open slides are bounded, so memory stays flat however large a slide is. Reading starts before the
 encoders have loaded their models (the store opens when they have: its fingerprint needs them).
 

@@ -82,11 +82,11 @@ def test_auto_is_ray_for_a_cluster_or_several_gpus_else_local(monkeypatch):
     import extract.executors as executors
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(executors, "_visible_gpus", lambda: 1)
+    monkeypatch.setattr(executors, "visible_gpus", lambda: 1)
     assert resolve_executor("auto") == "local"  # one machine, one GPU (or none): no Ray start-up
-    monkeypatch.setattr(executors, "_visible_gpus", lambda: 2)
+    monkeypatch.setattr(executors, "visible_gpus", lambda: 2)
     assert resolve_executor("auto") == "ray"  # an actor per GPU, restarted when one dies
-    monkeypatch.setattr(executors, "_visible_gpus", lambda: 0)
+    monkeypatch.setattr(executors, "visible_gpus", lambda: 0)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # what `ray job submit` sets
     assert resolve_executor("auto") == "ray"
 
