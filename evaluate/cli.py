@@ -14,9 +14,10 @@ import numpy as np
 
 from evaluate.abmil import TrainSettings, load_bags
 from evaluate.features import POOLINGS, PatientData, patient_features
-from evaluate.grade import GRADE_HEADS, confusion_plot, cross_validate_grade
+from evaluate.grade import GRADE_HEADS, confusion_plot, cross_validate_grade, refit_grade_on_all
+from evaluate.saved_heads import check_savable, save_grade_head, save_survival_head
 from evaluate.splits import import_published_splits, make_folds, read_split, write_split
-from evaluate.survival import BAG_HEADS, HEADS, clinical_covariates, cross_validate, km_plot
+from evaluate.survival import BAG_HEADS, HEADS, clinical_covariates, cross_validate, km_plot, refit_on_all
 from store.cli import run_command
 from store.cli_args import ArgumentParser
 from store.clinical import ENDPOINTS, load_clinical_tables
@@ -132,6 +133,8 @@ def cmd_survival(args: argparse.Namespace) -> int:
     tiles = args.head in BAG_HEADS
     if args.heatmaps and not tiles:
         raise EvaluationError("--heatmaps draws ABMIL attention: use --head abmil-cox or abmil-nll")
+    if args.save_head:
+        check_savable("survival", args.head)
     bags = _bags(args, store, data) if tiles else None
     result = cross_validate(data, args.endpoint, args.head, folds, args.seed, bags, _settings(args))
     report = {"endpoint": args.endpoint, "head": args.head, "pooling": "tiles" if tiles else args.pooling,
@@ -146,6 +149,10 @@ def cmd_survival(args: argparse.Namespace) -> int:
         models = {fold: head.model for fold, head in result.models.items()}
         risks = {p["patient_id"]: p["risk"] for p in result.predictions}
         report["heatmaps"] = _draw_heatmaps(args, store, data, folds, models, risks, out)
+    if args.save_head:
+        fitted, inputs = refit_on_all(data, args.endpoint, args.head, args.seed, bags, _settings(args))
+        report["saved_head"] = str(save_survival_head(args.save_head, args.head, fitted, inputs, args.endpoint,
+                                                      report["pooling"], store.fingerprint, result.summary))
     _write_outputs(out, report, result.predictions)
     km_plot(result, str(out / "km.png"))
     print(f"{args.endpoint} {args.head} ({report['pooling']}), {len(result.predictions)} patients, {len(result.folds)} folds:")
@@ -170,6 +177,8 @@ def cmd_grade(args: argparse.Namespace) -> int:
     tiles = args.head == "abmil"
     if args.heatmaps and not tiles:
         raise EvaluationError("--heatmaps draws ABMIL attention: use --head abmil")
+    if args.save_head:
+        check_savable("grade", args.head)
     bags = _bags(args, store, data) if tiles else None
     result = cross_validate_grade(data, folds, args.seed, head=args.head, features=bags, settings=_settings(args))
     report = {"label": "grade", "head": args.head, "scheme": result.scheme, "classes": result.classes, "summary": result.summary,
@@ -180,6 +189,11 @@ def cmd_grade(args: argparse.Namespace) -> int:
         top = f"p_{result.classes[-1]}"  # the highest grade's probability
         scores = {p["patient_id"]: p[top] for p in result.predictions}
         report["heatmaps"] = _draw_heatmaps(args, store, data, folds, result.models, scores, out)
+    if args.save_head:
+        model, inputs, classes, scheme = refit_grade_on_all(data, args.seed, head=args.head, features=bags,
+                                                            settings=_settings(args))
+        report["saved_head"] = str(save_grade_head(args.save_head, args.head, model, inputs, classes, scheme,
+                                                   "tiles" if tiles else args.pooling, store.fingerprint, result.summary))
     _write_outputs(out, report, result.predictions)
     confusion_plot(result, str(out / "confusion.png"))
     print(f"grade ({result.scheme}: {', '.join(result.classes)}), {args.head}, {len(result.predictions)} patients:")
@@ -196,6 +210,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     from evaluate.report_metrics import score_reports
 
     clinical = load_clinical_tables(args.clinical) if args.clinical else None
+    if args.protocol == "histgen":
+        from evaluate.report_benchmark import histgen_benchmark, print_benchmark, write_benchmark
+
+        store = EmbeddingStore.open(args.store) if args.store else None
+        result = histgen_benchmark(args.predictions, args.references, store, clinical, args.threshold,
+                                   args.max_seq_length)
+        print_benchmark(result)
+        if args.out:
+            print(f"wrote {write_benchmark(result, args.out, provenance(vars(args)))}")
+        return 0
     scores = score_reports(args.predictions, args.references, clinical, args.endpoint)
     report = {"n": scores.n, "caption": scores.caption, "clinical": scores.clinical, "notes": scores.notes,
               "provenance": provenance(vars(args))}
@@ -308,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default="coxnet", choices=list(HEADS))
     p.add_argument("--pooling", default="mean", choices=POOLINGS, help="slide-vector heads (ABMIL reads tiles)")
     p.add_argument("--split", help="a split file from `python -m evaluate split` (default: made here from --seed)")
+    p.add_argument("--save-head", metavar="DIR", help="also refit the head on every patient and save it (safetensors) "
+                                                      "for `python -m train.generate --slide ... --survival-head DIR`")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_survival)
 
@@ -316,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default="logreg", choices=list(GRADE_HEADS))
     p.add_argument("--pooling", default="mean", choices=POOLINGS)
     p.add_argument("--split", help="a split file from `python -m evaluate split`")
+    p.add_argument("--save-head", metavar="DIR", help="also refit the head on every graded patient and save it "
+                                                      "for `python -m train.generate --slide ... --grade-head DIR`")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_grade)
 
@@ -334,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", required=True, help="jsonl: {id, text}, or the InternVL conversation annotations")
     p.add_argument("--clinical", nargs="+", help="clinical table(s): adds the C-index of the stated risk group")
     p.add_argument("--endpoint", default="OS", choices=ENDPOINTS, help="the endpoint the stated risk is scored on")
+    p.add_argument("--protocol", default="default", choices=["default", "histgen"],
+                   help="histgen: the HistGen WSI-report benchmark's cleaning, vocabulary and metrics on the test set, "
+                        "with baselines; --references is then HistGen's annotation JSON or train.import_reports' "
+                        "annotations.jsonl")
+    p.add_argument("--store", help="histgen: the store, for the nearest-report-by-embedding baseline")
+    p.add_argument("--threshold", type=int, default=10, help="histgen: words seen fewer times in training are <unk>")
+    p.add_argument("--max-seq-length", type=int, default=100, help="histgen: reports cut to this many tokens - 1")
     p.add_argument("--out", help="folder for report_metrics.json")
     p.set_defaults(func=cmd_report)
     return parser

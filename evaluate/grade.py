@@ -94,6 +94,20 @@ def _fit_predict_proba(head: str, x_train: np.ndarray, y_train: np.ndarray, x_te
     return proba, model
 
 
+def refit_grade_on_all(data: PatientData, seed: int = 0, c: float = 0.1, head: str = "logreg",
+                       features: np.ndarray | None = None, settings: TrainSettings | None = None
+                       ) -> tuple[Any, np.ndarray, list[str], str]:
+    """The grade head fitted once on every graded patient (to save and apply to new slides): model, inputs,
+    classes, scheme."""
+    mask, classes, scheme, _ = grade_labels(data)
+    x = (data.features if features is None else features)[mask]
+    y = np.array([classes.index(cl.grade) for cl, k in zip(data.clinical, mask) if k])
+    if len(np.unique(y)) < 2:
+        raise EvaluationError("every graded patient has the same grade: nothing to fit")
+    _, model = _fit_predict_proba(head, x, y, x[:1], len(classes), seed, c, settings)
+    return model, x, classes, scheme
+
+
 def cross_validate_grade(data: PatientData, folds: dict[str, int], seed: int = 0, c: float = 0.1, head: str = "logreg",
                          features: np.ndarray | None = None, settings: TrainSettings | None = None) -> GradeResult:
     """`features` overrides data.features; the abmil head needs one tile bag per patient (abmil.load_bags)."""

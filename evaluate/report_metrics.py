@@ -16,29 +16,24 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import cohen_kappa_score
 
+from evaluate.report_grades import G, HIGH_LOW, RISK_LEVEL, stated_grade, stated_prognosis
 from store.clinical import ClinicalTable
 from store.errors import EvaluationError
 from store.ids import tcga_patient_id
 from store.jsonl import read_jsonl
 
-GRADE_RE = re.compile(r"\b(?:grade\s*[:\-]?\s*)?G\s*([1-4])\b|\bgrade\s*[:\-]?\s*([1-4])\b|\b(high|low)[\s-]grade\b", re.IGNORECASE)
-RISK_RE = re.compile(r"\b(high|intermediate|low)[\s-]risk\b", re.IGNORECASE)
-RISK_LEVEL = {"low": 0, "intermediate": 1, "high": 2}
 _WORD = re.compile(r"[a-z0-9]+")
 
 
 def parse_grade(text: str) -> str | None:
-    """'Tumour grade: G2' / 'grade 2' → 'G2'; 'high-grade' → 'High Grade'; None when not stated."""
-    m = GRADE_RE.search(text)
-    if not m:
-        return None
-    digit = m.group(1) or m.group(2)
-    return f"G{digit}" if digit else f"{m.group(3).capitalize()} Grade"
+    """The grade a text states, as a clinical table writes it: 'G1'..'G4' (any G-scale system: Fuhrman,
+    Nottingham, WHO, differentiation), else 'High Grade' / 'Low Grade'; None when it states none."""
+    numeric = stated_grade(text, G)
+    return f"G{numeric}" if numeric is not None else stated_grade(text, HIGH_LOW)
 
 
 def parse_risk(text: str) -> str | None:
-    m = RISK_RE.search(text)
-    return m.group(1).lower() if m else None
+    return stated_prognosis(text)
 
 
 def _ids_and_text(path: Path) -> dict[str, list[str]]:

@@ -127,3 +127,45 @@ def import_published_splits(paths: Sequence[str | Path], patient_of: Callable[[s
                                       "these files are not the folds of one cross-validation")
             folds[patient], source[patient] = fold, path
     return folds
+
+
+# Train / validation / test splits, kept per slide as a benchmark publishes them (HistGen: 7:1:2).
+SETS = ("train", "val", "test")
+SET_SPLIT_COLUMNS = ("slide_id", "patient_id", "split")
+
+
+def is_set_split(path: str | Path) -> bool:
+    """Whether a split file names train/val/test sets (slide_id,patient_id,split) rather than folds."""
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    return "split" in [c.strip() for c in header]
+
+
+def write_set_split(path: str | Path, rows: Sequence[tuple[str, str, str]]) -> Path:
+    """rows: (slide_id, patient_id, split); written sorted by slide."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(SET_SPLIT_COLUMNS)
+        writer.writerows(sorted(rows))
+    return path
+
+
+def read_set_split(path: str | Path) -> dict[str, str]:
+    """{slide_id: 'train' | 'val' | 'test'} from a set split file."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"slide_id", "split"} <= set(reader.fieldnames):
+            raise EvaluationError(f"{path}: a train/val/test split file needs columns {','.join(SET_SPLIT_COLUMNS)} "
+                                  "(write one with `python -m train.import_reports`)")
+        sets: dict[str, str] = {}
+        for row in reader:
+            name = (row["split"] or "").strip().lower()
+            if name not in SETS:
+                raise EvaluationError(f"{path}, row {reader.line_num}: split {row['split']!r} is not one of {', '.join(SETS)}")
+            if row["slide_id"] in sets:
+                raise EvaluationError(f"{path}, row {reader.line_num}: slide {row['slide_id']} appears twice")
+            sets[row["slide_id"]] = name
+    return sets

@@ -178,6 +178,17 @@ class SurvivalResult:
     models: dict[int, FittedHead] = field(default_factory=dict)  # fold → the head that did not see it
 
 
+def refit_on_all(data: PatientData, endpoint: str, head: str, seed: int = 0, features: np.ndarray | None = None,
+                 settings: TrainSettings | None = None) -> tuple[FittedHead, np.ndarray]:
+    """`head` fitted once on every patient with `endpoint` (to save and apply to new slides); and its inputs."""
+    has, times, events = data.endpoint(endpoint)
+    x = (data.features if features is None else features)[has]
+    y = sm.surv(times[has], events[has])
+    if len(y) < MIN_TRAIN_PATIENTS or y["event"].sum() < MIN_TRAIN_EVENTS:
+        raise EvaluationError(f"{len(y)} patients with {int(y['event'].sum())} {endpoint} events: too few to fit a head")
+    return HEADS[head](x, y, seed, settings), x
+
+
 def cross_validate(data: PatientData, endpoint: str, head: str, folds: dict[str, int], seed: int = 0,
                    features: np.ndarray | None = None, settings: TrainSettings | None = None) -> SurvivalResult:
     """Fit `head` on each training fold, score it on the held-out fold. `features` overrides data.features;

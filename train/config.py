@@ -23,6 +23,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
+from evaluate.splits import is_set_split
 from store.configs import find_config
 from store.errors import ConfigError
 
@@ -46,6 +47,8 @@ class ModelArguments:
     resampler_tokens: int = field(default=0, metadata={"help": "K > 0: a learned cross-attention resampler maps "
                                                                 "the slide's tiles to K visual tokens"})
     lora_dropout: float = 0.05
+    grad_checkpoint: bool = field(default=False, metadata={
+        "help": "InternVL's flag: recompute the LLM's decoder layers in backward (= --gradient_checkpointing)"})
 
 
 @dataclass
@@ -59,6 +62,9 @@ class DataArguments:
                                                                  "instead of stopping with an error"})
     split: str = field(default="", metadata={"help": "patient split file (python -m evaluate split)"})
     fold: int = field(default=-1, metadata={"help": "with --split: train on the other folds; this one is held out"})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "with a train/val/test --split and an --eval_strategy: stop after this many evaluations without a "
+                "better --metric_for_best_model on the val set (0: never stop early)"})
     system_message: str = SYSTEM_MESSAGE
     conv_style: str = field(default="Hermes-2", metadata={"help": "ChatML template (InternVL2-1B's)"})
     # InternVL's image flags. Tiling happened at extraction (`python -m extract images`); given here, they
@@ -131,6 +137,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataA
     parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     model_args, data_args, training_args = parsed[0], parsed[1], parsed[2]  # parsed[3]: the --config namespace
     _apply_batch_env(training_args)
+    if model_args.grad_checkpoint:  # set after TrainingArguments resolved its aliases: set both names
+        training_args.gradient_checkpointing = True
+        if hasattr(training_args, "activation_checkpointing"):
+            training_args.activation_checkpointing = True
     validate(model_args, data_args, training_args)
     return model_args, data_args, training_args
 
@@ -146,8 +156,17 @@ def validate(model: ModelArguments, data: DataArguments, training: TrainingArgum
         raise ConfigError("--meta_path is required: an InternVL meta JSON naming the annotation jsonl files")
     if not data.store:
         raise ConfigError("--store is required: the embedding store holding the annotations' slides")
-    if data.split and data.fold < 0:
-        raise ConfigError("--split needs --fold K (the fold held out for validation and report generation)")
+    if data.split and not Path(data.split).is_file():
+        raise ConfigError(f"--split {data.split}: no such file")
+    if data.split and data.fold < 0 and not is_set_split(data.split):
+        raise ConfigError("--split needs --fold K (the fold held out for validation and report generation), "
+                          "unless it is a train/val/test split file")
+    evaluating = training.eval_strategy != "no"
+    if (evaluating or data.early_stopping_patience) and not (data.split and is_set_split(data.split)):
+        raise ConfigError("evaluation during training (--eval_strategy, --early_stopping_patience) needs a validation "
+                          "set: a train/val/test split file as --split (python -m train.import_reports writes one)")
+    if data.early_stopping_patience and not (evaluating and training.load_best_model_at_end):
+        raise ConfigError("--early_stopping_patience needs --eval_strategy steps|epoch and --load_best_model_at_end True")
     if data.conv_style != "Hermes-2":
         raise ConfigError(f"--conv_style {data.conv_style!r}: only Hermes-2 (ChatML, InternVL2-1B's) is supported")
     if model.freeze_llm and not model.use_llm_lora and model.freeze_mlp and not model.unfreeze_lm_head:

@@ -104,6 +104,31 @@ def filter_by_split(samples: list[Sample], store: EmbeddingStore, folds: dict[st
     return kept, unknown
 
 
+def select_by_split(samples: list[Sample], store: EmbeddingStore, split: str | Path, fold: int, role: str
+                    ) -> tuple[list[Sample], int]:
+    """The samples a stage may use: `role` 'train' (training), 'val' (validation) or 'test' (generation and
+    scoring). A train/val/test split file keeps the samples whose slides all sit in that set; a fold file
+    trains on the folds other than `fold` and holds `fold` out for both val and test. Also returns how many
+    samples the file does not place (left out)."""
+    from evaluate.splits import is_set_split, read_set_split, read_split
+
+    if is_set_split(split):
+        if fold >= 0:
+            raise AnnotationError(f"{split} is a train/val/test split: it has no folds; drop --fold {fold}")
+        sets = read_set_split(split)
+        kept, unknown = [], 0
+        for sample in samples:
+            placed = {sets.get(s) for s in sample.slides}
+            if None in placed:
+                unknown += 1
+            elif placed == {role}:
+                kept.append(sample)
+        return kept, unknown
+    if fold < 0:
+        raise AnnotationError(f"{split} is a fold file: give --fold K (the fold held out)")
+    return filter_by_split(samples, store, read_split(split), fold, held_out=role != "train")
+
+
 def select_tiles(n_tiles: int, k: int, coords: np.ndarray | None, training: bool, rng: np.random.Generator) -> np.ndarray:
     """Sorted row indices of at most k tiles: random in training; at inference spatially spread
     (farthest-point sampling from the tile nearest the slide's centre, deterministic)."""
@@ -182,11 +207,12 @@ class SlideConversationDataset(Dataset):
 
     def __init__(self, samples: list[Sample], store_url: str, encoder: ConversationEncoder, max_tiles: int,
                  max_seq_length: int, training: bool, seed: int = 0, skip_overlong: bool = False,
-                 resampler_tokens: int = 0) -> None:
+                 resampler_tokens: int = 0, with_answers: bool | None = None) -> None:
         self.store_url = store_url
         self.encoder = encoder
         self.max_tiles = max_tiles
         self.training = training
+        self.with_answers = training if with_answers is None else with_answers  # validation: inference tiles, answers kept
         self.seed = seed
         self.epoch = 0
         self.resampler_tokens = resampler_tokens
@@ -259,7 +285,7 @@ class SlideConversationDataset(Dataset):
         sample = self.samples[index]
         parts = self.tiles_for(sample, index)
         counts = [self.resampler_tokens] * len(parts) if self.resampler_tokens else [len(t) for t in parts]
-        ids, labels = self.encoder.encode(sample.conversations, counts, prompt_only=not self.training)
+        ids, labels = self.encoder.encode(sample.conversations, counts, prompt_only=not self.with_answers)
         return {"input_ids": ids, "labels": labels, "tiles": np.concatenate(parts), "n_slides": len(sample.slides),
                 "index": index}
 

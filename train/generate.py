@@ -4,8 +4,9 @@
         [--batch_size 8] [--max_new_tokens 128] [--do_sample --temperature 0.7 --top_p 0.9] --out gen.jsonl
 
 Prompts are the annotations' turns up to the first assistant turn; tiles are the spatially spread
-selection (deterministic). With --split/--fold only the held-out fold's patients are generated, so no
-report is scored on a patient the model trained on. The output folder gets a run manifest.
+selection (deterministic). With --split/--fold only the held-out fold's patients are generated, and with a
+train/val/test split file only its test set (or --subset val), so no report is scored on a patient the model
+trained on. The output folder gets a run manifest.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from evaluate.splits import read_split
 from store.cli import run_command
 from store.cli_args import ArgumentParser
 from store.devices import pick_device
@@ -32,9 +32,9 @@ from train.data import (
     Collator,
     ConversationEncoder,
     SlideConversationDataset,
-    filter_by_split,
     load_samples,
     patient_of,
+    select_by_split,
 )
 
 DEFAULT_IMAGE_PROMPT = "Describe this image."
@@ -51,17 +51,15 @@ def load_checked(checkpoint: str, store_url: str, device: torch.device) -> tuple
 
 
 def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str | Path, split: str | None = None,
-                     fold: int = -1, batch_size: int = 8, max_new_tokens: int = 128, do_sample: bool = False,
-                     temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, device: str = "auto",
-                     max_seq_length: int = 1 << 20) -> dict:
+                     fold: int = -1, subset: str = "test", batch_size: int = 8, max_new_tokens: int = 128,
+                     do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+                     device: str = "auto", max_seq_length: int = 1 << 20) -> dict:
     torch.manual_seed(seed)
     target = pick_device(device)
     model, loaded, spec, store = load_checked(checkpoint, store_url, target)
     samples = load_samples(meta_path, seed)
     if split:
-        if fold < 0:
-            raise TrainingError("--split needs --fold K: the fold to generate reports for")
-        samples, _ = filter_by_split(samples, store, read_split(split), fold, held_out=True)
+        samples, _ = select_by_split(samples, store, split, fold, subset)
     encoder = ConversationEncoder(loaded.tokenizer, spec.system_message)
     dataset = SlideConversationDataset(samples, store_url, encoder, spec.max_tiles, max_seq_length, training=False,
                                        seed=seed, resampler_tokens=spec.resampler_tokens)
@@ -69,8 +67,8 @@ def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str |
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    started, done = time.perf_counter(), 0
-    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+    started, done, tokens = time.perf_counter(), 0, 0
+    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "use_cache": True}  # the KV cache
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)
     with open(partial, "w", encoding="utf-8") as f:
@@ -78,6 +76,7 @@ def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str |
             batch = {k: v.to(target) for k, v in batch.items() if k != "labels"}
             with torch.autocast(target.type, dtype=torch.bfloat16, enabled=target.type == "cuda"):
                 new_tokens = model.generate(**batch, **options)
+            tokens += int((new_tokens != loaded.tokenizer.pad_token_id).sum())  # finished rows are padded
             texts = loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for text in texts:
                 sample = dataset.samples[done]
@@ -86,13 +85,17 @@ def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str |
                        else {"id": sample.id, "slide": visual, "patient_id": patient_of(store, sample.slides[0])})
                 f.write(json.dumps(row | {"text": text.strip(), "reference": sample.reference}) + "\n")
                 done += 1
-            rate = done / (time.perf_counter() - started)
-            print(f"  {done}/{len(dataset)} reports, {rate:.2f}/s, ETA {(len(dataset) - done) / rate:.0f} s", flush=True)
+            elapsed = time.perf_counter() - started
+            rate = done / elapsed
+            print(f"  {done}/{len(dataset)} reports, {rate:.2f}/s, {tokens / elapsed:.1f} tokens/s, "
+                  f"ETA {(len(dataset) - done) / rate:.0f} s", flush=True)
     partial.replace(out)
     manifest = provenance({"checkpoint": checkpoint, "store": store_url, "meta_path": meta_path, "split": split,
-                           "fold": fold, "seed": seed, **options}) | {"reports": done}
+                           "fold": fold, "subset": subset if split else None, "seed": seed, **options}) | {
+        "reports": done, "new_tokens": tokens, "tokens_per_second": tokens / max(time.perf_counter() - started, 1e-9),
+        "device": str(target), "autocast": "bf16" if target.type == "cuda" else None}
     (out.parent / f"{out.stem}_manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    return {"reports": done, "seconds": time.perf_counter() - started}
+    return {"reports": done, "seconds": time.perf_counter() - started, "new_tokens": tokens}
 
 
 def answer_image(checkpoint: str, image: str, store_url: str, prompt: str = DEFAULT_IMAGE_PROMPT,
@@ -127,8 +130,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--image", help="a new image: encoded on the fly with the store's encoder and tiling")
     parser.add_argument("--prompt", default=DEFAULT_IMAGE_PROMPT, help="the question asked about --image")
     parser.add_argument("--weights", help="with --image: the encoder's local .safetensors (checked against the store)")
-    parser.add_argument("--split")
+    parser.add_argument("--split", help="a fold file (with --fold: that fold's patients) or a train/val/test file")
     parser.add_argument("--fold", type=int, default=-1)
+    parser.add_argument("--subset", default="test", choices=["val", "test"],
+                        help="with a train/val/test split: the set to generate for")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_bool("--do_sample", help="sample instead of greedy decoding")
@@ -156,9 +161,10 @@ def _run(args: argparse.Namespace) -> int:
     if not args.meta_path or not args.out:
         raise TrainingError("give --meta_path and --out (annotations to answer), or --image (one new image)")
     result = generate_reports(args.checkpoint, args.store, args.meta_path, args.out, args.split, args.fold,
-                              args.batch_size, args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
+                              args.subset, args.batch_size, args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
                               args.seed, args.device)
-    print(f"wrote {result['reports']} reports to {args.out} in {result['seconds']:.1f} s")
+    print(f"wrote {result['reports']} reports to {args.out} in {result['seconds']:.1f} s "
+          f"({result['new_tokens'] / max(result['seconds'], 1e-9):.1f} new tokens/s)")
     return 0
 
 

@@ -63,6 +63,23 @@ class SlideVLM(nn.Module):
     def config(self):  # Trainer reads a few fields (e.g. use_cache) from the model's config
         return self.llm.config
 
+    def base_llm(self) -> nn.Module:
+        """The transformers model under the PEFT wrapper (the LLM itself without LoRA)."""
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Trainer's --gradient_checkpointing (InternVL: --grad_checkpoint) reaches the LLM's decoder layers.
+        Non-reentrant checkpointing: the frozen input embeddings need no requires_grad workaround."""
+        kwargs = {"use_reentrant": False} | (activation_checkpointing_kwargs or {})
+        self.base_llm().activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+        self.base_llm().config.use_cache = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        base = self.base_llm()
+        return bool(getattr(base, "is_activation_checkpointing", getattr(base, "is_gradient_checkpointing", False)))
+
     def visual_tokens(self, tiles: torch.Tensor, tile_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, D) tiles → the rows to place, in order: (Σ visual tokens, H)."""
         projected = self.projector(tiles.to(self.projector[1].weight.dtype))  # (B, T, H)
@@ -93,13 +110,18 @@ class SlideVLM(nn.Module):
                             **loss_kwargs)
         return CausalLMOutputWithPast(loss=self._supervised_loss(embeddings, attention_mask, labels, num_items_in_batch))
 
+    def supervised_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tiles: torch.Tensor,
+                        tile_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean loss over the supervised tokens of this batch (validation)."""
+        return self._supervised_loss(self.embed(input_ids, tiles, tile_mask), attention_mask, labels, None)
+
     def _supervised_loss(self, embeddings: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                          num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
         """The causal-LM loss of HF's ForCausalLMLoss (position p predicts label p+1; summed cross-entropy over
         the supervised tokens, divided by num_items_in_batch, else by their count), with logits computed only
         at the supervised positions: Qwen2's 151,936-entry vocabulary makes the full (B, L, V) logits and their
         gradient ~90% of a training step (measured, tiny-qwen2, B=4, L=100), and only the answers carry loss."""
-        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm  # LoRA sits inside
+        base = self.base_llm()  # LoRA sits inside its layers
         hidden = base.model(inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]  # (B, L-1)
         picked = targets != IGNORE_INDEX

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
-from evaluate.splits import read_split
 from store.embedding_store import EmbeddingStore
 from store.errors import ConfigError
 from store.provenance import encoder_modules_loaded, provenance
@@ -25,8 +24,8 @@ from train.data import (
     Collator,
     ConversationEncoder,
     SlideConversationDataset,
-    filter_by_split,
     load_samples,
+    select_by_split,
     visual_dim,
 )
 from train.llm import LoadedLLM, load_llm
@@ -60,6 +59,18 @@ class SlideTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         load_trainable(model or self.model, resume_from_checkpoint)
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Validation loss computed as the training loss is (logits only where a label is predicted), never
+        the full (B, L, vocabulary) logits: evaluation is the val loss (prediction_loss_only)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.accelerator.unwrap_model(model).supervised_loss(**inputs)
+        return loss.detach(), None, None
+
+    def _load_best_model(self) -> None:
+        """--load_best_model_at_end: the best checkpoint's trainable tensors (what _save wrote)."""
+        load_trainable(self.model, self.state.best_model_checkpoint)
+
 
 @dataclass
 class Setup:
@@ -68,6 +79,7 @@ class Setup:
     spec: ModelSpec
     train_dataset: SlideConversationDataset
     counts: dict[str, Any]
+    eval_dataset: SlideConversationDataset | None = None
 
 
 def freeze(model: SlideVLM, args: ModelArguments) -> list[str]:
@@ -95,10 +107,17 @@ def setup(model_args: ModelArguments, data_args: DataArguments, training_args: T
         check_image_flags(data_args, store.spec.get("tiling", {}))
     samples = load_samples(data_args.meta_path, training_args.seed)
     counts: dict[str, Any] = {"annotations": len(samples)}
+    val_samples = []
     if data_args.split:
-        samples, unknown = filter_by_split(samples, store, read_split(data_args.split), data_args.fold, held_out=False)
+        everything = samples
+        samples, unknown = select_by_split(everything, store, data_args.split, data_args.fold, "train")
         counts.update(split=data_args.split, held_out_fold=data_args.fold, train_samples=len(samples),
                       not_in_split=unknown)
+        if training_args.eval_strategy != "no":
+            val_samples, _ = select_by_split(everything, store, data_args.split, data_args.fold, "val")
+            if not val_samples:
+                raise ConfigError(f"{data_args.split}: no validation sample, so --eval_strategy has nothing to evaluate")
+            counts["val_samples"] = len(val_samples)
     loaded = load_llm(model_args.llm_path, seed=training_args.seed)
     encoder = ConversationEncoder(loaded.tokenizer, data_args.system_message)
     dataset = SlideConversationDataset(samples, data_args.store, encoder, data_args.max_tiles, data_args.max_seq_length,
@@ -106,6 +125,11 @@ def setup(model_args: ModelArguments, data_args: DataArguments, training_args: T
                                        resampler_tokens=model_args.resampler_tokens)
     counts.update(samples=len(dataset), skipped_overlong=len(dataset.skipped_overlong),
                   skipped_overlong_examples=dataset.skipped_overlong[:5])
+    # validation: the inference-time tile choice (spatially spread), the loss on the reference answers
+    val = (SlideConversationDataset(val_samples, data_args.store, encoder, data_args.max_tiles, data_args.max_seq_length,
+                                    training=False, seed=training_args.seed, skip_overlong=data_args.skip_overlong,
+                                    resampler_tokens=model_args.resampler_tokens, with_answers=True)
+           if val_samples else None)
     spec = ModelSpec(model_args.llm_path, visual_dim(store), data_args.max_tiles, model_args.use_llm_lora,
                      model_args.lora_dropout, model_args.resampler_tokens, model_args.unfreeze_lm_head,
                      data_args.system_message, store.fingerprint, llm_seed=training_args.seed)
@@ -113,7 +137,7 @@ def setup(model_args: ModelArguments, data_args: DataArguments, training_args: T
     model = build_model(spec, loaded)
     for note in freeze(model, model_args):
         print(note)
-    return Setup(model, loaded, spec, dataset, counts)
+    return Setup(model, loaded, spec, dataset, counts, val)
 
 
 def parameter_counts(model: SlideVLM) -> dict[str, int]:
@@ -151,10 +175,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     out = Path(training_args.output_dir)
     writes = training_args.should_save  # the main process only, under torchrun or Ray Train
     world = training_args.world_size
+    callbacks: list[TrainerCallback] = [TileEpochCallback(ready.train_dataset)]
+    if data_args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(data_args.early_stopping_patience))
+    training_args.prediction_loss_only = True  # evaluation is the val loss: no (B, L, 151936) logits kept
     trainer = SlideTrainer(model=ready.model, args=training_args, train_dataset=ready.train_dataset,
-                           data_collator=Collator(ready.loaded.tokenizer.pad_token_id),
-                           processing_class=ready.loaded.tokenizer,
-                           callbacks=[TileEpochCallback(ready.train_dataset)])
+                           eval_dataset=ready.eval_dataset, data_collator=Collator(ready.loaded.tokenizer.pad_token_id),
+                           processing_class=ready.loaded.tokenizer, callbacks=callbacks)
     trainer.spec = ready.spec
     precision = {"bf16": training_args.bf16, "fp16": training_args.fp16,
                  "accelerator_mixed_precision": str(trainer.accelerator.mixed_precision),
@@ -169,7 +196,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     trainer.save_state()
     encoder_modules = encoder_modules_loaded()
     summary = {"train_loss": result.training_loss, "steps": result.global_step, "world_size": world,
-               "log_history": trainer.state.log_history, "encoder_modules_loaded": encoder_modules}
+               "log_history": trainer.state.log_history, "encoder_modules_loaded": encoder_modules,
+               "best_checkpoint": trainer.state.best_model_checkpoint, "best_metric": trainer.state.best_metric,
+               "gradient_checkpointing": ready.model.is_gradient_checkpointing}
     if writes:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"done: {result.global_step} steps, mean loss {result.training_loss:.4f}; saved the projector "

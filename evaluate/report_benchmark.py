@@ -1,0 +1,157 @@
+"""`evaluate report --protocol histgen`: generated reports scored as the HistGen benchmark scores them, beside
+two baselines on the same test set and with the grade read from the text checked against the clinical table.
+
+References come with their sets: HistGen's annotation JSON, or the annotations.jsonl of
+`python -m train.import_reports` (each row's raw "report" and "split"). Only test reports are scored; the
+vocabulary comes from the training reports. Baselines: the most frequent training report for every test
+slide, and (with --store) the report of the training slide nearest by pooled embedding: where a model does
+not beat them, its n-gram scores come from shared template text, not from reading the slide.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evaluate.histgen_protocol import (
+    MAX_SEQ_LENGTH,
+    THRESHOLD,
+    Vocabulary,
+    histgen_scores,
+    most_frequent_report,
+    nearest_training_reports,
+)
+from evaluate.report_grades import coverage, score_grades_against_table
+from store.clinical import ClinicalTable
+from store.embedding_store import EmbeddingStore
+from store.errors import EvaluationError
+from store.ids import tcga_patient_id
+from store.jsonl import read_jsonl
+
+
+@dataclass(frozen=True)
+class ReferenceReport:
+    text: str
+    split: str
+    patient: str
+
+
+def read_reference_sets(path: str | Path) -> dict[str, ReferenceReport]:
+    """{slide id: reference} from HistGen's JSON or our imported annotations.jsonl."""
+    path = Path(path)
+    if path.suffix == ".json":
+        from train.import_reports import read_histgen
+
+        return {r.key: ReferenceReport(r.text, r.split or "", tcga_patient_id(r.key) or r.key)
+                for r in read_histgen(path)}
+    out = {}
+    for number, row in read_jsonl(path, EvaluationError):
+        if "split" not in row or "report" not in row:
+            raise EvaluationError(f"{path}, line {number}: the HistGen protocol needs each reference's \"report\" and "
+                                  "\"split\" (HistGen's annotation JSON, or `python -m train.import_reports` output)")
+        key = str(row.get("id", row.get("slide")))
+        out[key] = ReferenceReport(str(row["report"]), str(row["split"]),
+                                   str(row.get("patient_id") or tcga_patient_id(key) or key))
+    return out
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    out = {}
+    for number, row in read_jsonl(path, EvaluationError):
+        if "id" not in row or "text" not in row:
+            raise EvaluationError(f"{path}, line {number}: a prediction needs \"id\" and \"text\" "
+                                  "(what `python -m train.generate` writes)")
+        out[str(row["id"])] = str(row["text"])
+    if not out:
+        raise EvaluationError(f"{path} holds no predictions")
+    return out
+
+
+def _pooled(store: EmbeddingStore, slides: list[str]) -> dict[str, Any]:
+    have = set(store.slide_ids())
+    views = (store.slide(s) for s in slides if s in have)
+    return {v.slide_id: v.pooled("mean") for v in views if v.n_tiles}
+
+
+def histgen_benchmark(predictions_path: str | Path, references_path: str | Path, store: EmbeddingStore | None = None,
+                      clinical: ClinicalTable | None = None, threshold: int = THRESHOLD,
+                      max_seq_length: int = MAX_SEQ_LENGTH) -> dict[str, Any]:
+    references = read_reference_sets(references_path)
+    predictions = read_predictions(predictions_path)
+    unknown = sorted(set(predictions) - set(references))
+    if unknown:
+        raise EvaluationError(f"{len(unknown)} predictions have no reference in {references_path} (e.g. {unknown[:3]})")
+    outside = sorted(k for k in predictions if references[k].split != "test")
+    if outside:
+        raise EvaluationError(f"{len(outside)} predictions are for slides outside the test set (e.g. {outside[:3]}: "
+                              f"{references[outside[0]].split}); generate with `python -m train.generate --split "
+                              "split.csv` (its test set)")
+    training = {k: r.text for k, r in references.items() if r.split == "train"}
+    vocabulary = Vocabulary.from_training(training.values(), threshold, max_seq_length)
+    test_refs = {k: references[k].text for k in predictions}
+    missing_test = sorted(k for k, r in references.items() if r.split == "test" and k not in predictions)
+    result: dict[str, Any] = {
+        "protocol": {"name": "histgen", "threshold": threshold, "max_seq_length": max_seq_length,
+                     "vocabulary_words": len(vocabulary.words) + 1, "training_reports": len(training)},
+        "test_reports": len(predictions), "test_reports_without_prediction": len(missing_test),
+        "model": histgen_scores(predictions, test_refs, vocabulary), "baselines": {}, "notes": [],
+    }
+    if missing_test:
+        result["notes"].append(f"{len(missing_test)} test reports have no prediction (e.g. {missing_test[:3]}): "
+                               "the scores are over the predicted ones only")
+    frequent = most_frequent_report(training)
+    result["baselines"]["most_frequent_training_report"] = histgen_scores({k: frequent for k in predictions}, test_refs,
+                                                                          vocabulary)
+    if store is not None:
+        test_vectors, train_vectors = _pooled(store, list(predictions)), _pooled(store, list(training))
+        if test_vectors and train_vectors:
+            nearest = nearest_training_reports(test_vectors, train_vectors, training)
+            result["baselines"]["nearest_training_report_by_embedding"] = histgen_scores(
+                nearest, {k: test_refs[k] for k in nearest}, vocabulary)
+            if len(nearest) < len(predictions):
+                result["notes"].append(f"retrieval baseline over {len(nearest)} of {len(predictions)} test slides "
+                                       "(the others are not in the store)")
+        else:
+            result["notes"].append("no retrieval baseline: the store holds none of the test or training slides")
+    else:
+        result["notes"].append("no retrieval baseline: give --store (pooled slide embeddings) for it")
+    if clinical is not None:
+        patient_of = {k: references[k].patient for k in predictions}
+        grades = {p: c.grade for p, c in clinical.patients.items()}
+        types = {p: c.cancer_type for p, c in clinical.patients.items()}
+        result["clinical_correctness"] = {
+            "model": score_grades_against_table(predictions, patient_of, grades, types),
+            "references": score_grades_against_table(test_refs, patient_of, grades, types),
+        }
+    result["grade_coverage"] = {"model": coverage(predictions.values()),
+                                "references": coverage(test_refs.values())}
+    return result
+
+
+def print_benchmark(result: dict[str, Any]) -> None:
+    names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"]
+    print(f"HistGen protocol: {result['test_reports']} test reports, vocabulary of "
+          f"{result['protocol']['vocabulary_words']} words from {result['protocol']['training_reports']} training "
+          f"reports (threshold {result['protocol']['threshold']}, max length {result['protocol']['max_seq_length']})")
+    print("  " + f"{'':<48}" + "".join(f"{n:>9}" for n in names))
+    rows = {"model": result["model"], **{f"baseline: {k.replace('_', ' ')}": v for k, v in result["baselines"].items()}}
+    for label, scores in rows.items():
+        print("  " + f"{label:<48}" + "".join(f"{scores[n]:>9.4f}" if n in scores else f"{'-':>9}" for n in names))
+    for who, table in (result.get("clinical_correctness") or {}).items():
+        for cancer_type, entry in table.items():
+            scored = (f"accuracy {entry['accuracy']:.3f}" + (f", QWK {entry['qwk']:.3f}" if "qwk" in entry else "")
+                      + f" over {entry['scored']}") if "accuracy" in entry else str(entry["scored"])
+            print(f"  grade stated by the {who}, {cancer_type}: coverage {entry['coverage']:.2f} of {entry['reports']}; "
+                  f"{scored}")
+    for note in result["notes"]:
+        print(f"  note: {note}")
+
+
+def write_benchmark(result: dict[str, Any], out: str | Path, provenance: dict[str, Any]) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report_metrics.json"
+    path.write_text(json.dumps(result | {"provenance": provenance}, indent=2, default=str))
+    return path
