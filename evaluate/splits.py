@@ -45,15 +45,21 @@ def make_folds(patient_ids: Sequence[str], events: Sequence[bool] | None = None,
     return folds
 
 
-def write_split(path: str | Path, folds: dict[str, int]) -> Path:
+def _write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> Path:
+    """A split file written whole or not at all (a partial file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["patient_id", "fold"])
-        for pid in sorted(folds):
-            writer.writerow([pid, folds[pid]])
+        writer.writerow(header)
+        writer.writerows(rows)
+    partial.replace(path)
     return path
+
+
+def write_split(path: str | Path, folds: dict[str, int]) -> Path:
+    return _write_csv(path, ("patient_id", "fold"), [(pid, folds[pid]) for pid in sorted(folds)])
 
 
 def read_split(path: str | Path) -> dict[str, int]:
@@ -143,13 +149,7 @@ def is_set_split(path: str | Path) -> bool:
 
 def write_set_split(path: str | Path, rows: Sequence[tuple[str, str, str]]) -> Path:
     """rows: (slide_id, patient_id, split); written sorted by slide."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(SET_SPLIT_COLUMNS)
-        writer.writerows(sorted(rows))
-    return path
+    return _write_csv(path, SET_SPLIT_COLUMNS, sorted(rows))
 
 
 def read_set_split(path: str | Path) -> dict[str, str]:

@@ -209,8 +209,7 @@ def write_import(result: Imported, out: str | Path) -> dict[str, Path]:
         for row in result.rows:
             f.write(json.dumps(row) + "\n")
     partial.replace(annotations)
-    split_partial = write_set_split(out / "split.csv.partial", [(r["slide"], r["patient_id"], r["split"]) for r in result.rows])
-    split_partial.replace(out / "split.csv")
+    write_set_split(out / "split.csv", [(r["slide"], r["patient_id"], r["split"]) for r in result.rows])
     meta = write_meta(out / "meta.json", annotations, name="slide_reports")
     return {"annotations": annotations, "meta": meta, "split": out / "split.csv"}
 
