@@ -107,7 +107,8 @@ def scrub_secrets(obj: Any) -> Any:
 
 def _is_secret(name: str) -> bool:
     name = name.lower()
-    return name in _SECRET_NAMES or any(part in name for part in _SECRET_PARTS)
+    counted = name.replace("tokens", "")  # a count or grid of tokens (tokens, max_new_tokens) is no credential
+    return name in _SECRET_NAMES or any(part in counted for part in _SECRET_PARTS)
 
 
 def provenance(config: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -99,9 +99,17 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict]:
     return f"s3://slidecache-test/{uuid.uuid4().hex}", s3_options(endpoint)
 
 
+@pytest.hookimpl(trylast=True)  # after xdist has tagged each grouped test with its group
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """One test that needs the README demo first (its worker starts the run), the tests that need none next,
-    the other demo tests last: the other worker is busy while the demo runs, instead of waiting on its lock."""
+    the other demo tests last: the other worker is busy while the demo runs, instead of waiting on its lock.
+    On an xdist worker under --dist loadgroup, stop if a grouped test was not tagged with its group (pytest
+    9.2 with xdist 3.8: each worker would build the group's costly module fixture again)."""
+    if config.getoption("loadgroup", default=False):
+        untagged = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if untagged:
+            raise pytest.UsageError(f"--dist loadgroup is not grouping {untagged[0]} and {len(untagged) - 1} more: "
+                                    "this pytest and pytest-xdist do not work together (pin them in requirements/lock.txt)")
     needs = [item for item in items if "readme_demo" in getattr(item, "fixturenames", ())]
     if needs:
         chosen = {id(item) for item in needs}

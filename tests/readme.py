@@ -53,7 +53,7 @@ EXEMPT = {
     "python -m store failures": "a mention in the prose; `python -m store failures STORE [--json]` is run",
 }
 PLACEHOLDERS = {"STORE", "TABLE", "DIR", "ID", "SRC", "DST", "NAME", "SLIDES_OR_TABLE", "OUT", "HUB_ID_OR_FILE",
-                "SLIDE_ID", "X", "N"}  # the README's placeholders; other upper-case words (OS, TCGA) are literal
+                "SLIDE_ID", "SLIDE", "X", "N"}  # the README's placeholders; other upper-case words (OS, TCGA) are literal
 INLINE = re.compile(r"^(python -m |make |bash |ray job submit)")
 REWRITES = (("GPUS=8", "GPUS=2"), ("--ray_workers 16", "--ray_workers 2"))  # the table's plain rewrites
 

@@ -2,6 +2,8 @@
 
     python -m train.generate --checkpoint RUN_DIR --store STORE --meta_path META [--split FILE --fold K]
         [--batch_size 8] [--max_new_tokens 128] [--do_sample --temperature 0.7 --top_p 0.9] --out gen.jsonl
+    python -m train.generate --checkpoint RUN_DIR --store STORE --slide PATH.svs [--survival_head DIR]
+        [--grade_head DIR] [--page_dir DIR]     # one new slide → report.html (train/slide_report.py)
 
 Prompts are the annotations' turns up to the first assistant turn; tiles are the spatially spread
 selection (deterministic). With --split/--fold only the held-out fold's patients are generated, and with a
@@ -50,6 +52,22 @@ def load_checked(checkpoint: str, store_url: str, device: torch.device) -> tuple
     return model, loaded, spec, store
 
 
+def _generate(model: Any, loaded: Any, batch: dict[str, torch.Tensor], target: torch.device,
+              options: dict[str, Any]) -> tuple[list[str], int]:
+    """(decoded texts, new tokens) for one collated batch; bf16 autocast on CUDA."""
+    batch = {k: v.to(target) for k, v in batch.items() if k != "labels"}
+    with torch.autocast(target.type, dtype=torch.bfloat16, enabled=target.type == "cuda"):
+        new_tokens = model.generate(**batch, **options)
+    count = int((new_tokens != loaded.tokenizer.pad_token_id).sum())  # finished rows are padded
+    return [t.strip() for t in loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)], count
+
+
+def generate_batch(model: Any, loaded: Any, items: list[dict[str, Any]], target: torch.device,
+                   options: dict[str, Any]) -> tuple[list[str], int]:
+    """Generation for dataset items (input_ids, labels, tiles), collated left-padded."""
+    return _generate(model, loaded, Collator(loaded.tokenizer.pad_token_id, left_pad=True)(items), target, options)
+
+
 def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str | Path, split: str | None = None,
                      fold: int = -1, subset: str = "test", batch_size: int = 8, max_new_tokens: int = 128,
                      do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
@@ -73,17 +91,14 @@ def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str |
         options.update(temperature=temperature, top_p=top_p)
     with open(partial, "w", encoding="utf-8") as f:
         for batch in loader:
-            batch = {k: v.to(target) for k, v in batch.items() if k != "labels"}
-            with torch.autocast(target.type, dtype=torch.bfloat16, enabled=target.type == "cuda"):
-                new_tokens = model.generate(**batch, **options)
-            tokens += int((new_tokens != loaded.tokenizer.pad_token_id).sum())  # finished rows are padded
-            texts = loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            texts, new_tokens = _generate(model, loaded, batch, target, options)
+            tokens += new_tokens
             for text in texts:
                 sample = dataset.samples[done]
                 visual = sample.slides[0] if len(sample.slides) == 1 else sample.slides
                 row = ({"id": sample.id, "image": sample.meta.get("image"), "key": visual} if sample.kind == "image"
                        else {"id": sample.id, "slide": visual, "patient_id": patient_of(store, sample.slides[0])})
-                f.write(json.dumps(row | {"text": text.strip(), "reference": sample.reference}) + "\n")
+                f.write(json.dumps(row | {"text": text, "reference": sample.reference}) + "\n")
                 done += 1
             elapsed = time.perf_counter() - started
             rate = done / elapsed
@@ -111,15 +126,11 @@ def answer_image(checkpoint: str, image: str, store_url: str, prompt: str = DEFA
     conversation = [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": ""}]
     ids, labels = ConversationEncoder(loaded.tokenizer, spec.system_message).encode(conversation, [len(visual)],
                                                                                     prompt_only=True)
-    batch = Collator(loaded.tokenizer.pad_token_id, left_pad=True)([{"input_ids": ids, "labels": labels,
-                                                                     "tiles": visual}])
-    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "use_cache": True}
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)
-    batch = {k: v.to(target) for k, v in batch.items() if k != "labels"}
-    with torch.autocast(target.type, dtype=torch.bfloat16, enabled=target.type == "cuda"):
-        new_tokens = model.generate(**batch, **options)
-    return loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+    texts, _ = generate_batch(model, loaded, [{"input_ids": ids, "labels": labels, "tiles": visual}], target, options)
+    return texts[0]
 
 
 def build_parser() -> ArgumentParser:
@@ -128,8 +139,18 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--store", required=True)
     parser.add_argument("--meta_path", help="annotations to answer (cached slides or images)")
     parser.add_argument("--image", help="a new image: encoded on the fly with the store's encoder and tiling")
-    parser.add_argument("--prompt", default=DEFAULT_IMAGE_PROMPT, help="the question asked about --image")
-    parser.add_argument("--weights", help="with --image: the encoder's local .safetensors (checked against the store)")
+    parser.add_argument("--prompt", help=f"the question asked about --image (default {DEFAULT_IMAGE_PROMPT!r}) or "
+                                          "--slide (default: the one train.annotations writes)")
+    parser.add_argument("--weights", help="with --image or --slide: the encoder's local .safetensors or hub id "
+                                           "(checked against the store)")
+    parser.add_argument("--slide", help="a new slide file (or DICOM folder): encoded with the store's encoder and "
+                                        "tiling (or read from the store when it holds it) and reported on a page")
+    parser.add_argument("--survival_head", "--survival-head", help="with --slide: a head saved by `python -m evaluate "
+                                                                   "survival ... --save-head DIR` (risk group)")
+    parser.add_argument("--grade_head", "--grade-head", help="with --slide: a head saved by `python -m evaluate grade "
+                                                             "... --save-head DIR`")
+    parser.add_argument("--page_dir", "--page-dir", help="with --slide: the page's folder (default: "
+                                                         "slide_reports/SLIDE_ID)")
     parser.add_argument("--split", help="a fold file (with --fold: that fold's patients) or a train/val/test file")
     parser.add_argument("--fold", type=int, default=-1)
     parser.add_argument("--subset", default="test", choices=["val", "test"],
@@ -151,8 +172,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.slide:
+        from train.slide_report import PAGE, report_slide
+
+        record = report_slide(args.checkpoint, args.slide, args.store, args.page_dir, args.survival_head,
+                              args.grade_head, args.weights, args.prompt, args.max_new_tokens, args.seed, args.device)
+        print(record["report"])
+        for name, value in record["prediction_rows"]:
+            print(f"  {name}: {value}")
+        print(f"wrote {Path(record['page_dir']) / PAGE}")
+        return 0
+    if args.survival_head or args.grade_head or args.page_dir:
+        raise TrainingError("--survival_head, --grade_head and --page_dir go with --slide")
     if args.image:
-        text = answer_image(args.checkpoint, args.image, args.store, args.prompt, args.weights, args.max_new_tokens,
+        text = answer_image(args.checkpoint, args.image, args.store, args.prompt or DEFAULT_IMAGE_PROMPT, args.weights,
+                            args.max_new_tokens,
                             args.do_sample, args.temperature, args.top_p, args.seed, args.device)
         print(text)
         if args.out:

@@ -29,6 +29,10 @@ def test_provenance_records_versions_not_secrets():
     text = repr(record)
     assert "AKIA" not in text and "hf_abc" not in text and "'s'" not in text
     assert scrub_secrets({"keys_to_sort": 1}) == {"keys_to_sort": 1}
+    kept = {"tokens": "4x4", "max_new_tokens": 128, "resampler_tokens": 64, "tokens_per_second": 9.5}
+    assert scrub_secrets(kept) == kept  # token counts and grids are settings, and a new slide is encoded from them
+    hidden = scrub_secrets({"HF_TOKEN": "a", "access_token": "b", "hub_tokens_secret": "c", "AWS_SECRET_ACCESS_KEY": "d"})
+    assert set(hidden.values()) == {"<redacted>"}
 
 
 def test_credentials_inside_urls_are_redacted_everywhere():

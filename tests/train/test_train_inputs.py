@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from evaluate.splits import write_set_split
 from store.errors import AnnotationError, ConfigError, StoreNotFound
 from train.config import CONFIG_DIR, parse_args
 from train.data import IGNORE_INDEX, ConversationEncoder, SlideConversationDataset, load_samples, select_tiles
@@ -53,12 +54,21 @@ def test_internvl2_checkpoint_language_model_is_loaded(tmp_path):
 
 
 def test_every_training_config_loads(tmp_path):
+    """Each config with only the inputs its header asks for; one that validates during training also needs the
+    train/val/test split file, and is refused without it."""
+    split = write_set_split(tmp_path / "split.csv", [("s1", "p1", "train"), ("s2", "p2", "val"), ("s3", "p3", "test")])
     configs = sorted(CONFIG_DIR.glob("*.yaml"))
     assert len(configs) >= 2
     for path in configs:
-        model, data, training = parse_args(["--config", str(path), "--meta_path", "m.json", "--store", "s",
-                                            "--output_dir", str(tmp_path)])
+        base = ["--config", str(path), "--meta_path", "m.json", "--store", "s", "--output_dir", str(tmp_path)]
+        validates = "eval_strategy: epoch" in path.read_text() or "early_stopping_patience" in path.read_text()
+        if validates:
+            with pytest.raises(ConfigError, match="needs a validation set"):
+                parse_args(base)
+            base += ["--split", str(split)]
+        model, data, training = parse_args(base)
         assert model.freeze_backbone and data.max_tiles >= 1 and training.learning_rate > 0
+        assert (training.eval_strategy != "no") == validates, path.name
 
 
 def test_internvl_flags_and_batch_environment(monkeypatch, tmp_path):
