@@ -33,7 +33,7 @@ def saved_models(tmp_path_factory):
 @pytest.mark.recipe("extract/virchow2.yaml")
 def test_demo_runs_the_real_architectures_from_local_weights(saved_models, tmp_path):
     weights, llm_dir = saved_models
-    settings = DemoSettings(size=DemoSize(patients=10, two_slides_every=100, min_side=600, max_side=700), folds=2,
+    settings = DemoSettings(size=DemoSize(patients=6, two_slides_every=100, min_side=600, max_side=700), folds=2,
                             train_epochs=1, max_tiles=4, encoder="virchow2", weights=str(weights),
                             llm_path=str(llm_dir))
     result = run(tmp_path, settings, log=print)
@@ -48,8 +48,8 @@ def test_demo_runs_the_real_architectures_from_local_weights(saved_models, tmp_p
     assert manifest["parameters"]["total"] > 400e6  # Qwen2-0.5B, not the 2-layer stand-in
     rows = [json.loads(line) for line in open(result["generated"])]
     assert rows and all(isinstance(r["text"], str) for r in rows)
-    # 10 patients in 2 folds may leave a head without an estimate: the run records why and still summarises
+    # 6 patients in 2 folds may leave a head without an estimate: the run records why and still summarises
     for head in ("survival", "grade"):
         outcome = result["evaluation"][head]
-        assert "summary" in outcome or "patients" in outcome["error"], outcome
+        assert "summary" in outcome or any(w in outcome["error"] for w in ("patients", "grade", "event")), outcome
     assert "Encoder: virchow2 (weights:" in (tmp_path / "summary.html").read_text()
