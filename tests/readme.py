@@ -18,7 +18,7 @@ this machine cannot run a command as printed, exactly the substitutions below ar
 | `--ray_workers 16` (`BATCH_SIZE=128`)       | `--ray_workers 2` gloo workers; the four samples of tests/train/test_accumulation.py, `BATCH_SIZE=4`: one optimiser step | no cluster |
 | a hub id (`Qwen/Qwen2-0.5B-Instruct`, in a recipe or `--llm_path`) | `--llm_path DIR`: a random-init tiny Qwen2 saved with save_pretrained, read through the same local-directory path | no network, no weights |
 | the gated Virchow-2 weights (the default extraction config) | `--encoder virchow2-tiny`: random weights of the same family (the full architecture from a local file runs in tests/demo/test_real_model_path.py) | gated weights |
-| `python -m demo --encoder virchow2 --llm_path Qwen/...` | `--weights` a saved random-init ViT-H/14, `--llm_path` a saved random-init Qwen2-0.5B, 6 patients of small slides | weights; the full ViT-H encodes 0.28 tiles/s on 2 cores |
+| `python -m demo --encoder virchow2 --llm_path Qwen/...` | `--weights` a saved random-init ViT-H/14, `--llm_path` a saved random-init Qwen2-0.5B, 10 patients of small slides | weights; the full ViT-H encodes 0.28 tiles/s on 2 cores |
 | `s3://bucket/...`                           | the same URL on the moto S3 server the suite starts (`AWS_ENDPOINT_URL`) | no S3 |
 | a Ray cluster (`ray job submit`)            | a head the test starts; `RAY_ADDRESS` its dashboard, `TCGA_SLIDES` the test's slides | no cluster |
 | `make demo`                                 | `python -m demo`, the recipe `make demo` runs after the install the suite already has (the test checks the recipe) | the install takes minutes |
@@ -185,8 +185,7 @@ class Result:
 
 
 MAINS = {"store": "store.cli", "evaluate": "evaluate.cli", "train": "train.cli", "train.annotations": "train.annotations",
-         "train.generate": "train.generate", "train.merge": "train.merge",
-         "train.import_reports": "train.import_reports"}
+         "train.generate": "train.generate", "train.merge": "train.merge"}
 
 
 def run_in_process(run: Run, cwd: Path) -> Result:

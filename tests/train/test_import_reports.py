@@ -5,8 +5,10 @@ train (tiny) → generate (test set) → `evaluate report --protocol histgen` wi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ import pytest
 from evaluate.splits import read_set_split
 from store import EmbeddingStore
 from store.errors import AnnotationError
+from tests.conftest import REPO_ROOT
 from tests.evaluate.report_fixtures import CLINICAL, HISTGEN_JSON, REPORTS_CSV, fixture_slides, report_store
-from tests.readme import Run, run_in_process, to_argv
+from tests.readme import to_argv
 from train.data import load_samples, select_by_split
 from train.import_reports import import_reports, read_histgen, read_report_csv
 
@@ -32,10 +35,9 @@ REPORT_HISTGEN = ("python -m evaluate report --protocol histgen --predictions ge
                   "reports/annotations.jsonl [--store STORE] [--clinical TABLE] --out scores")
 
 
-def cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m module args` as its main() in this process (tests/readme.py): no new interpreter's imports."""
-    result = run_in_process(Run({}, ["python", "-m", module, *args]), cwd)
-    return subprocess.CompletedProcess([module, *args], result.code, result.stdout, result.stderr)
+def cli(module: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
 
 
 def readme_cli(command: str, cwd: Path, *extra: str, **values: str) -> subprocess.CompletedProcess:
