@@ -15,7 +15,8 @@ import pytest
 from store import EmbeddingStore
 from tests.readme import run_in_process, to_argv
 
-pytestmark = pytest.mark.xdist_group("test_slide_report")  # its module fixture is built once, on one worker
+pytestmark = [pytest.mark.xdist_group("test_slide_report"),  # its module fixture is built once, on one worker
+              pytest.mark.timeout(1500)]  # its fixture may wait on the shared README demo run (the lock)
 
 SAVE_SURVIVAL = ("python -m evaluate survival --store STORE --clinical TABLE --head abmil-cox --save-head heads/os "
                  "--out DIR")
