@@ -29,6 +29,7 @@ TRACKED_PACKAGES = (
 )
 _SECRET_PARTS = ("token", "secret", "password", "passwd", "credential", "api_key", "apikey", "access_key")
 _SECRET_NAMES = ("key",)  # s3fs storage_options spell the access key id plain "key"
+_TOKEN_SETTINGS = ("tokens", "max_new_tokens", "resampler_tokens", "new_tokens", "tokens_per_second")
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -107,8 +108,9 @@ def scrub_secrets(obj: Any) -> Any:
 
 def _is_secret(name: str) -> bool:
     name = name.lower()
-    counted = name.replace("tokens", "")  # a count or grid of tokens (tokens, max_new_tokens) is no credential
-    return name in _SECRET_NAMES or any(part in counted for part in _SECRET_PARTS)
+    if name in _TOKEN_SETTINGS:  # counts and grids of tokens, not credentials
+        return False
+    return name in _SECRET_NAMES or any(part in name for part in _SECRET_PARTS)
 
 
 def provenance(config: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -23,13 +23,14 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from store.backends import display_url
 from store.cli import run_command
 from store.cli_args import ArgumentParser
 from store.devices import pick_device
 from store.embedding_store import EmbeddingStore
 from store.errors import TrainingError
 from store.provenance import provenance
-from train.checkpoint import load_for_inference
+from train.checkpoint import ModelSpec, load_for_inference, read_spec
 from train.data import (
     Collator,
     ConversationEncoder,
@@ -42,13 +43,21 @@ from train.data import (
 DEFAULT_IMAGE_PROMPT = "Describe this image."
 
 
-def load_checked(checkpoint: str, store_url: str, device: torch.device) -> tuple[Any, Any, Any, EmbeddingStore]:
-    """The checkpoint's model on `device` and the store, refused unless the store is the one it trained on."""
-    model, loaded, spec = load_for_inference(checkpoint, device)
+def open_checked(checkpoint: str, store_url: str) -> tuple[ModelSpec, EmbeddingStore]:
+    """The checkpoint's spec and the store, refused unless the store is the one it trained on (no model built)."""
+    spec = read_spec(checkpoint)
     store = EmbeddingStore.open(store_url)
     if spec.store_fingerprint != store.fingerprint:
         raise TrainingError(f"the checkpoint was trained on a store with fingerprint {spec.store_fingerprint[:12]}, "
-                            f"{store_url} has {store.fingerprint[:12]}: its embeddings come from another encoder or tiling")
+                            f"{display_url(store_url)} has {store.fingerprint[:12]}: its embeddings come from another "
+                            "encoder or tiling")
+    return spec, store
+
+
+def load_checked(checkpoint: str, store_url: str, device: torch.device) -> tuple[Any, Any, Any, EmbeddingStore]:
+    """The checkpoint's model on `device` and the store, refused unless the store is the one it trained on."""
+    spec, store = open_checked(checkpoint, store_url)
+    model, loaded, _ = load_for_inference(checkpoint, device)
     return model, loaded, spec, store
 
 

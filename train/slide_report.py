@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from store.backends import display_url
 from store.cohort import SlideEntry
 from store.embedding_store import EmbeddingStore, SlideView
 from store.errors import ConfigError, SlideReadError, StoreNotFound
@@ -46,8 +47,8 @@ def extraction_config_of(store: EmbeddingStore, weights: str | None = None) -> A
 
     recorded = dict(store.provenance.get("config") or {})
     if store.imported or not recorded or store.kind != "slides":
-        raise ConfigError(f"{store.url} records no extraction config (an imported or images store): a new slide "
-                          "cannot be encoded as its slides were; extract it into a slidecache store first")
+        raise ConfigError(f"{display_url(store.url)} records no extraction config (an imported or images store): a "
+                          "new slide cannot be encoded as its slides were; extract it into a slidecache store first")
     known = {f.name for f in dataclasses.fields(ExtractConfig)}
     tiling = store.spec["tiling"]  # the fingerprinted values win (older stores recorded `tokens` redacted)
     recorded |= {k: tiling[k] for k in ("target_mpp", "tile_px", "stride_px", "tokens") if k in tiling}
@@ -76,8 +77,8 @@ def encode_new_slide(entry: SlideEntry, store: EmbeddingStore, page_dir: Path, w
     encoded = EmbeddingStore.open(url)
     if encoded.fingerprint != store.fingerprint:
         diffs = "; ".join(spec_differences(store.spec, encoded.spec)) or "the fingerprints differ"
-        raise ConfigError(f"--slide {entry.path} was encoded differently from {store.url}'s slides ({diffs}): "
-                          "give the weights the store was made with (--weights)")
+        raise ConfigError(f"--slide {entry.path} was encoded differently from {display_url(store.url)}'s slides "
+                          f"({diffs}): give the weights the store was made with (--weights)")
     return encoded
 
 
@@ -92,7 +93,8 @@ def store_holding(entry: SlideEntry, store: EmbeddingStore, page_dir: Path, weig
                   log: Any = print) -> tuple[EmbeddingStore, bool]:
     """(a store holding the slide, whether it was encoded now): the store itself when it has the slide."""
     if entry.slide_id in store:
-        log(f"[slide] {entry.slide_id} is in {store.url} already (fingerprint {store.fingerprint[:12]}): not encoded again")
+        log(f"[slide] {entry.slide_id} is in {display_url(store.url)} already (fingerprint {store.fingerprint[:12]}): "
+            "not encoded again")
         return store, False
     earlier = _open_if_present(page_dir / SLIDE_STORE)
     if earlier is not None and earlier.fingerprint == store.fingerprint and entry.slide_id in earlier:
@@ -184,7 +186,7 @@ def version_rows(checkpoint: str, spec: Any, store: EmbeddingStore, heads: dict[
                          f"trained with slidecache {trained_with})"),
             ("encoder", f"{encoder.get('name')} ({encoder.get('weights_id', '?')}"
                         f"{', sha256 ' + str(encoder['weights_sha256'])[:12] if encoder.get('weights_sha256') else ''})"),
-            ("store", f"{store.url} (fingerprint {store.fingerprint[:12]})")]
+            ("store", f"{display_url(store.url)} (fingerprint {store.fingerprint[:12]})")]
     for task, (folder, head) in heads.items():
         rows.append((f"{task} head", f"{folder} ({head.card['head']}, {head.card.get('patients')} patients, "
                                      f"slidecache {head.card.get('code_version', '?')})"))
@@ -199,17 +201,17 @@ def report_slide(checkpoint: str, slide_path: str | Path, store_url: str, page_d
     import torch
 
     from evaluate.saved_heads import load_head
-    from train.annotations import QUESTION
-    from train.data import ConversationEncoder, Sample, SlideConversationDataset
-    from train.generate import generate_batch, load_checked
     from store.devices import pick_device
+    from train.annotations import QUESTION
+    from train.checkpoint import load_for_inference
+    from train.data import ConversationEncoder, Sample, SlideConversationDataset
+    from train.generate import generate_batch, open_checked
 
     torch.manual_seed(seed)
     entry = slide_entry(slide_path)
     page = Path(page_dir) if page_dir else Path("slide_reports") / entry.slide_id
     page.mkdir(parents=True, exist_ok=True)
-    target = pick_device(device)
-    model, loaded, spec, store = load_checked(checkpoint, store_url, target)
+    spec, store = open_checked(checkpoint, store_url)  # checkpoint, heads and slide checked before the LLM is built
     heads = {task: (folder, load_head(folder, store.fingerprint))
              for task, folder in (("survival", survival_head), ("grade", grade_head)) if folder}
     for task, (folder, head) in heads.items():
@@ -220,9 +222,11 @@ def report_slide(checkpoint: str, slide_path: str | Path, store_url: str, page_d
     if slide.n_tiles == 0:
         raise SlideReadError(f"--slide {slide_path}: no tissue tiles ({slide.attrs.get('empty_reason', 'empty')})")
 
-    question = prompt if prompt is None or "<image>" in prompt else f"<image>\n{prompt}"
+    target = pick_device(device)
+    model, loaded, _ = load_for_inference(checkpoint, target)
+    question = QUESTION if prompt is None else prompt if "<image>" in prompt else f"<image>\n{prompt}"
     sample = Sample(f"--slide {slide_path}", entry.slide_id, [entry.slide_id],
-                    [{"from": "human", "value": question or QUESTION}, {"from": "gpt", "value": ""}])
+                    [{"from": "human", "value": question}, {"from": "gpt", "value": ""}])
     dataset = SlideConversationDataset([sample], holder.url, ConversationEncoder(loaded.tokenizer, spec.system_message),
                                        spec.max_tiles, 1 << 20, training=False, seed=seed,
                                        resampler_tokens=spec.resampler_tokens)
@@ -240,7 +244,7 @@ def report_slide(checkpoint: str, slide_path: str | Path, store_url: str, page_d
               "heads": {task: {"folder": folder, **head.card} for task, (folder, head) in heads.items()}}
     write_page(page, record, picture)
     manifest = provenance({"checkpoint": checkpoint, "slide": str(slide_path), "store": store_url,
-                           "survival_head": survival_head, "grade_head": grade_head, "prompt": question or QUESTION,
+                           "survival_head": survival_head, "grade_head": grade_head, "prompt": question,
                            "max_new_tokens": max_new_tokens, "seed": seed, "device": str(target)})
     (page / RECORD).write_text(json.dumps(record | {"provenance": manifest}, indent=2, default=str))
     return record
