@@ -26,12 +26,12 @@ from __future__ import annotations
 import re
 import shutil
 from collections import Counter
-from functools import lru_cache
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
 
+from evaluate.report_metrics import meteor_scorer
 from store.errors import EvaluationError
 
 THRESHOLD = 10
@@ -88,14 +88,6 @@ class Vocabulary:
         return " ".join(words[: self.max_seq_length - 1])
 
 
-@lru_cache(maxsize=1)
-def _meteor():
-    """One METEOR JVM (~10 s to start) for every scoring in this process: model and baselines."""
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    return Meteor()
-
-
 def caption_metrics(predictions: Mapping[str, str], references: Mapping[str, str]) -> dict[str, float]:
     """BLEU-1..4, METEOR, ROUGE-L (pycocoevalcap) of already-prepared strings, one reference each."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -107,7 +99,7 @@ def caption_metrics(predictions: Mapping[str, str], references: Mapping[str, str
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)}
     if shutil.which("java"):
-        scores["METEOR"] = float(_meteor().compute_score(gts, res)[0])
+        scores["METEOR"] = float(meteor_scorer().compute_score(gts, res)[0])
     scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     return scores
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,14 @@ class ReportScores:
     n: int
 
 
+@lru_cache(maxsize=1)
+def meteor_scorer():
+    """One METEOR JVM (~10-13 s to start, its paraphrase table loaded) for every scoring in this process."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
+
+
 def caption_scores(predictions: dict[str, str], references: dict[str, list[str]], notes: list[str]) -> dict[str, float]:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -80,11 +89,7 @@ def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores.update({f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)})
     if have_java:
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        meteor = Meteor()  # starts one JVM (~13 s); its __del__ stops it
-        scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
-        del meteor
+        scores["METEOR"] = float(meteor_scorer().compute_score(gts, res)[0])
     scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return scores

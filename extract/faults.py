@@ -8,6 +8,8 @@
     SLIDECACHE_FAULT_PAUSE_AFTER_FIRST_APPEND=S  an encoder actor sleeps S seconds after its first append,
                                                  holding its slides' leases, so a second job over the same
                                                  slides overlaps it
+    SLIDECACHE_FAULT_RESUME_WHEN=PATH            ... or until PATH exists, whichever comes first (a test
+                                                 resumes it once the second job is done, however slow)
 
 Set for a job's driver, they reach that job's actors (forwarded_faults), wherever Ray starts them.
 """
@@ -22,11 +24,12 @@ import numpy as np
 KILL_ENCODER_ON = "SLIDECACHE_FAULT_KILL_ENCODER_ON"
 KILL_READER_ON = "SLIDECACHE_FAULT_KILL_READER_ON"
 PAUSE_AFTER_FIRST_APPEND = "SLIDECACHE_FAULT_PAUSE_AFTER_FIRST_APPEND"
+RESUME_WHEN = "SLIDECACHE_FAULT_RESUME_WHEN"
 
 
 def forwarded_faults() -> dict[str, str]:
     """The fault variables set in this process, to hand to the job's actors as their environment."""
-    names = (KILL_ENCODER_ON, KILL_READER_ON, PAUSE_AFTER_FIRST_APPEND)
+    names = (KILL_ENCODER_ON, KILL_READER_ON, PAUSE_AFTER_FIRST_APPEND, RESUME_WHEN)
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
@@ -49,4 +52,7 @@ def pause_after_first_append(log) -> None:
     if seconds > 0:
         log(f"[extract] fault injection: pausing {seconds:.0f} s after the first append ({PAUSE_AFTER_FIRST_APPEND})",
             flush=True)
-        time.sleep(seconds)
+        resume = os.environ.get(RESUME_WHEN)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
+            time.sleep(0.2)

@@ -113,8 +113,11 @@ class PinnedWriters:
                 self._failed[slide_id] = e
 
     def commit(self, slide_id: str, extra_attrs: Mapping[str, Any], empty_reason: str | None) -> int:
-        """Commit the slide (its marker last) once its queued rows are written. Returns its row count."""
+        """Commit the slide (its marker last) once its queued rows are written. Returns its row count (0 for a
+        slide whose opening was refused: the caller learnt why from the open, and this answer goes unread)."""
         with self._lock:
+            if slide_id in self._refused and slide_id not in self._writers:
+                return 0
             writer = self._writer(slide_id)
         try:
             rows = self._writing.submit(self._commit_in_order, slide_id, writer, extra_attrs, empty_reason).result()

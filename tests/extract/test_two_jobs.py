@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from extract.faults import PAUSE_AFTER_FIRST_APPEND
+from extract.faults import PAUSE_AFTER_FIRST_APPEND, RESUME_WHEN
 from store import EmbeddingStore
 from store.verify import verify_store
 from tests.conftest import REPO_ROOT
@@ -21,10 +21,11 @@ from tests.ray_head import head_env, ray_head
 ROW = re.compile(r"^(\S+)\s+(done|owned|skipped|failed)\s", re.MULTILINE)
 
 
-def _job(cohort, store, gcs: str, pause: float = 0.0) -> subprocess.Popen:
+def _job(cohort, store, gcs: str, pause: float = 0.0, resume_when: str = "") -> subprocess.Popen:
     env = {**head_env(), "RAY_ADDRESS": gcs}
     if pause:
         env[PAUSE_AFTER_FIRST_APPEND] = str(pause)
+        env[RESUME_WHEN] = resume_when
     return subprocess.Popen([sys.executable, "-m", "extract", "--cohort", str(cohort), "--store", str(store),
                              "--config", str(REPO_ROOT / "configs" / "extract" / "virchow2-tiny.yaml"), "--no-qc"],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -33,7 +34,8 @@ def _job(cohort, store, gcs: str, pause: float = 0.0) -> subprocess.Popen:
 def test_two_jobs_over_one_cohort_commit_every_slide_once(synthetic_slides, tmp_path):
     store = tmp_path / "store.zarr"
     with ray_head(num_cpus=4) as head:
-        first = _job(synthetic_slides, store, head["gcs"], pause=20)
+        resume = tmp_path / "resume"  # the first job holds its leases until the second is done, however slow
+        first = _job(synthetic_slides, store, head["gcs"], pause=300, resume_when=str(resume))
         lines: list[str] = []
         paused = threading.Event()
 
@@ -48,6 +50,7 @@ def test_two_jobs_over_one_cohort_commit_every_slide_once(synthetic_slides, tmp_
         assert paused.wait(180), "".join(lines[-40:])
         second = _job(synthetic_slides, store, head["gcs"])
         out_second, _ = second.communicate(timeout=300)
+        resume.touch()
         first.wait(timeout=300)
         reader.join(timeout=10)
     out_first = "".join(lines)
@@ -61,6 +64,7 @@ def test_two_jobs_over_one_cohort_commit_every_slide_once(synthetic_slides, tmp_
     assert done_first | done_second == slides and not done_first & done_second  # each slide once
     assert any(st == "owned" for st in status_second.values()), out_second  # it met the paused job's lease
     assert "failed" not in status_first.values() and "failed" not in status_second.values()
+    assert "Unhandled error" not in out_first + out_second  # a refused slide's queued commit is answered quietly
     reopened = EmbeddingStore.open(str(store))
     assert reopened.slide_ids() == sorted(slides) and reopened.failures() == {}
     for slide_id in slides:
