@@ -31,7 +31,6 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from evaluate.report_metrics import meteor_scorer
 from store.errors import EvaluationError
 
 THRESHOLD = 10
@@ -92,6 +91,8 @@ def caption_metrics(predictions: Mapping[str, str], references: Mapping[str, str
     """BLEU-1..4, METEOR, ROUGE-L (pycocoevalcap) of already-prepared strings, one reference each."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.rouge.rouge import Rouge
+
+    from evaluate.report_metrics import meteor_scorer  # one JVM per process, shared with our report scoring
 
     keys = sorted(predictions)
     gts = {k: [references[k]] for k in keys}

@@ -116,7 +116,7 @@ class PinnedWriters:
         """Commit the slide (its marker last) once its queued rows are written. Returns its row count (0 for a
         slide whose opening was refused: the caller learnt why from the open, and this answer goes unread)."""
         with self._lock:
-            if slide_id in self._refused and slide_id not in self._writers:
+            if slide_id in self._refused:  # never also a writer: open and abort keep them apart
                 return 0
             writer = self._writer(slide_id)
         try:

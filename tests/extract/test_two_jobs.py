@@ -25,6 +25,7 @@ def _job(cohort, store, gcs: str, pause: float = 0.0, resume_when: str = "") -> 
     env = {**head_env(), "RAY_ADDRESS": gcs}
     if pause:
         env[PAUSE_AFTER_FIRST_APPEND] = str(pause)
+    if resume_when:
         env[RESUME_WHEN] = resume_when
     return subprocess.Popen([sys.executable, "-m", "extract", "--cohort", str(cohort), "--store", str(store),
                              "--config", str(REPO_ROOT / "configs" / "extract" / "virchow2-tiny.yaml"), "--no-qc"],
