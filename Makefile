@@ -11,9 +11,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: install demo test test-all bench clean-venv
 
-$(STAMP): pyproject.toml requirements/lock.txt scripts/smoke_imports.py
+$(STAMP): pyproject.toml requirements/lock.txt scripts/install_env.py scripts/smoke_imports.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -c requirements/lock.txt -e '.[test]'
+	$(PY) scripts/install_env.py
 	$(PY) scripts/smoke_imports.py
 	touch $(STAMP)
 
