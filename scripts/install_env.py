@@ -14,6 +14,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 UV = "uv==0.13.9"
@@ -76,8 +77,11 @@ def install_with_uv() -> bool:
 
 
 def main() -> None:
-    if not install_with_uv():
+    started = time.monotonic()
+    tool = "uv" if install_with_uv() else "pip"
+    if tool == "pip":
         pip("install", "-q", "-c", str(LOCK), "-e", *TARGET)
+    print(f"install: {tool}, {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":
