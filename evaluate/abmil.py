@@ -19,24 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from evaluate.abmil_settings import TrainSettings
 from store.devices import pick_device
 from store.embedding_store import EmbeddingStore
 from store.errors import EvaluationError
 
 DEFAULT_MAX_TILES = 512
-
-
-@dataclass
-class TrainSettings:
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    hidden: int = 128
-    dropout: float = 0.25
-    ties: str = "efron"
-    bins: int = 4
-    device: str = "auto"  # auto: CUDA when visible
 
 
 def load_bags(store: EmbeddingStore, slides: Sequence[Sequence[str]], max_tiles: int = DEFAULT_MAX_TILES,

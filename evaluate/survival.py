@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -33,9 +33,12 @@ from sksurv.metrics import concordance_index_censored
 from sksurv.nonparametric import kaplan_meier_estimator
 
 from evaluate import survival_metrics as sm
-from evaluate.abmil import ABMILModel, TrainSettings, train_abmil
+from evaluate.abmil_settings import TrainSettings
 from evaluate.features import PatientData
 from store.errors import EvaluationError
+
+if TYPE_CHECKING:  # torch is imported only by the ABMIL heads, when they run
+    from evaluate.abmil import ABMILModel
 
 PCA_COMPONENTS = 16
 SUMMARY_METRICS = ("harrell_c", "uno_c", "mean_auc", "ibs")
@@ -124,6 +127,8 @@ class ABMILHead(FittedHead):
 
 
 def _fit_abmil(loss: str, x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | None) -> FittedHead:
+    from evaluate.abmil import train_abmil
+
     model = train_abmil(list(x), loss, seed, settings, time=y["time"].astype(np.float64), event=y["event"])
     baseline = None
     if loss == "cox":

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from extract.config import ExtractConfig
-from extract.encoders import build_encoder, pool_tile_embedding, pool_token_grid
+from extract.encoders import TileEncoder, build_encoder, pool_tile_embedding, pool_token_grid
 from extract.faults import maybe_kill_encoder
 from store.devices import pick_device, usable_cores
 
@@ -34,6 +34,18 @@ def cpu_threads(asked: int | None) -> int:
     OMP_NUM_THREADS=1; the readers are Ray tasks on the same cores and the OS shares them out (one thread left
     ~half of a 2-core node idle while encoding: 4.1-4.8 vs 9.0 tiles/s, ../shared/peer/README.md)."""
     return asked or usable_cores()
+
+
+def _fingerprint_part(encoder: TileEncoder, precision: str, compiled: bool) -> dict[str, Any]:
+    marked = {"compiled": True} if compiled else {}  # only when on: older stores keep their fingerprint
+    return {**encoder.describe(), "dtype": STORE_DTYPE, "compute_precision": precision, **marked}
+
+
+def expected_encoder_spec(cfg: ExtractConfig, device_type: str) -> dict[str, Any]:
+    """What BatchEncoder(cfg).describe() gives on a device of this type, without building the model or
+    reading its weights (build_encoder(meta=True); a weights file is hashed)."""
+    encoder = build_encoder(cfg.encoder, cfg.weights, meta=True)
+    return _fingerprint_part(encoder, resolve_precision(cfg.precision, torch.device(device_type)), cfg.compile)
 
 
 class BatchEncoder:
@@ -72,8 +84,7 @@ class BatchEncoder:
 
     def describe(self) -> dict[str, Any]:
         """The encoder part of the store fingerprint."""
-        compiled = {"compiled": True} if self.compiled else {}  # only when on: older stores keep their fingerprint
-        return {**self.encoder.describe(), "dtype": STORE_DTYPE, "compute_precision": self.precision, **compiled}
+        return _fingerprint_part(self.encoder, self.precision, self.compiled)
 
     @property
     def token_shape(self) -> tuple[int, int] | None:

@@ -10,7 +10,8 @@ through its object store) and embeddings from the encoders to the store (extract
 passes through the driver, which sends each encoder, in order, open → chunk × n → commit for every slide
 pinned to it and gets back row counts. In-flight chunks
 and open slides are bounded, so memory stays flat however large a slide is. Reading starts before the
-encoders have loaded their models (the store opens when they have: its fingerprint needs them).
+encoders have loaded their models (the store opens when they have: its fingerprint needs them). A rerun
+with nothing left to encode starts no encoder: it checks the fingerprint from the config alone.
 
 An encoder actor restarts when it dies (killed, out of memory, its node lost). Every slide it held is
 written again from its first tile (its writer's buffered rows died with it), taking over its own lease
@@ -201,10 +202,29 @@ class Extraction:
 
     # ---- the loop ------------------------------------------------------------------------------
 
+    def _nothing_to_encode(self, store: EmbeddingStore) -> None:
+        """Every slide is complete or failed before: no encoder starts (10-30 s of process start and model
+        build saved on a rerun), but the store's fingerprint is still checked, from the config, so a complete
+        store of another encoder or tiling is refused as a run that had work would be."""
+        from extract.encode import expected_encoder_spec
+
+        device = "cuda" if self.ex.resources().gpus else "cpu"
+        self.cfg = self.cfg.for_device(device)
+        tiling = self.cfg.tiling_spec(tissue_params(self.cfg).describe())
+        store.check_fingerprint({"encoder": expected_encoder_spec(self.cfg, device), "tiling": tiling})
+
     def run(self) -> ExtractionSummary:
         started = time.perf_counter()
+        existing = self._existing_store()
+        todo = self._todo(existing)
+        if existing is not None and not todo:
+            self._nothing_to_encode(existing)
+            self.log(f"[extract] 0 slides to extract; {self.summary.count('skipped')} already complete (nothing "
+                     f"re-encoded), {self.summary.count('failed-before')} failed before (retry with --retry-failed); "
+                     "no encoder started")
+            self.summary.seconds = time.perf_counter() - started
+            return self.summary
         self._start_encoders()
-        todo = self._todo(self._existing_store())
         self.log(f"[extract] {len(todo)} slides to extract; {self.summary.count('skipped')} already complete (nothing "
                  f"re-encoded), {self.summary.count('failed-before')} failed before (retry with --retry-failed)")
         max_active = 2 + len(self.actors)

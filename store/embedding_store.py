@@ -165,14 +165,19 @@ class EmbeddingStore:
         store = cls(root, url, read_only=False)
         if store.kind != kind:
             raise StoreSchemaError(f"{display_url(url)} holds {store.kind}, not {kind}: one kind per store")
-        if store.fingerprint != wanted:
-            diffs = "; ".join(spec_differences(spec, store.spec)) or "specs equal but hashes differ"
+        store.check_fingerprint(spec)
+        return store
+
+    def check_fingerprint(self, spec: Mapping[str, Any]) -> None:
+        """Refuse a run whose encoder or tiling (`spec`) is not the one this store was made with."""
+        wanted = fingerprint(spec)
+        if self.fingerprint != wanted:
+            diffs = "; ".join(spec_differences(spec, self.spec)) or "specs equal but hashes differ"
             raise FingerprintMismatch(
-                f"refusing to write into {display_url(url)}: it was made with another encoder or tiling "
-                f"(store {store.fingerprint[:12]}, this run {wanted[:12]}): {diffs}. "
+                f"refusing to write into {display_url(self.url)}: it was made with another encoder or tiling "
+                f"(store {self.fingerprint[:12]}, this run {wanted[:12]}): {diffs}. "
                 "Use a new store path, or the store's own settings."
             )
-        return store
 
     # ---- root facts ----------------------------------------------------------------------------
 

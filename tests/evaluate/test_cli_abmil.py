@@ -4,8 +4,6 @@ thumbnail at the stored coordinates by the fold that held the patient out; the s
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from store import EmbeddingStore
 from store.clinical import load_clinical
 from tests.conftest import REPO_ROOT
 from tests.evaluate.helpers import THUMB_DOWNSAMPLE, TILE, planted_cohort
+from tests.readme import run_main
 
 pytestmark = pytest.mark.xdist_group("test_cli_abmil")  # its module fixture is built once, on one worker
 
@@ -31,10 +30,9 @@ def cohort(tmp_path_factory):
     return url, table
 
 
-def run(*args, timeout=600):
-    result = subprocess.run([sys.executable, "-m", "evaluate", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, result.stdout + result.stderr
+def run(*args):
+    result = run_main("evaluate", args, REPO_ROOT)
+    assert result.code == 0, result.stdout + result.stderr
     return result.stdout
 
 
@@ -98,13 +96,11 @@ def test_import_published_splits(cohort, tmp_path):
     assert len(folds) == 100 and folds["PT0000"] == 0 and folds["PT0001"] == 1
     # SurvPath style: case ids (TCGA barcodes cut to the patient) with train,val; a leak is refused.
     (tmp_path / "leak.csv").write_text(",train,val\n0,TCGA-AA-0001-01Z-00-DX1,TCGA-AA-0001-01Z-00-DX2\n")
-    leak = subprocess.run([sys.executable, "-m", "evaluate", "import-split", str(tmp_path / "leak.csv"), "--out",
-                           str(tmp_path / "x.csv")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert leak.returncode != 0 and "leak.csv: 1 patients are in both train and val" in leak.stderr
-    twice = subprocess.run([sys.executable, "-m", "evaluate", "import-split", str(tmp_path / "splits_0.csv"),
-                            str(tmp_path / "splits_0.csv"), "--store", url, "--out", str(tmp_path / "x.csv")],
-                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert twice.returncode != 0 and "is held out by both" in twice.stderr
+    leak = run_main("evaluate", ["import-split", str(tmp_path / "leak.csv"), "--out", str(tmp_path / "x.csv")], REPO_ROOT)
+    assert leak.code != 0 and "leak.csv: 1 patients are in both train and val" in leak.stderr
+    twice = run_main("evaluate", ["import-split", str(tmp_path / "splits_0.csv"), str(tmp_path / "splits_0.csv"),
+                                  "--store", url, "--out", str(tmp_path / "x.csv")], REPO_ROOT)
+    assert twice.code != 0 and "is held out by both" in twice.stderr
 
 
 def test_sweep_one_table_no_encoder(cohort, tmp_path):

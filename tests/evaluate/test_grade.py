@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -17,6 +14,7 @@ from store.clinical import PatientClinical, load_clinical
 from store.errors import EvaluationError
 from tests.conftest import REPO_ROOT
 from tests.evaluate.helpers import planted_cohort
+from tests.readme import run_main
 
 pytestmark = pytest.mark.xdist_group("test_grade")  # its module fixture is built once, on one worker
 
@@ -65,7 +63,7 @@ def test_missing_and_mixed_schemes(cohort):
 
 def test_grade_cli(cohort, tmp_path):
     _, url, table = cohort
-    run = subprocess.run([sys.executable, "-m", "evaluate", "grade", "--store", url, "--clinical", str(table),
-                          "--out", str(tmp_path / "g")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
+    run = run_main("evaluate", ["grade", "--store", url, "--clinical", str(table), "--out", str(tmp_path / "g")],
+                   REPO_ROOT)
+    assert run.code == 0, run.stderr
     assert "qwk" in run.stdout and (tmp_path / "g" / "confusion.png").is_file()

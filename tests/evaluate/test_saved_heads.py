@@ -4,10 +4,6 @@ refused for a store of another fingerprint."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -17,8 +13,8 @@ from evaluate.survival import refit_on_all
 from store import EmbeddingStore
 from store.clinical import load_clinical
 from store.errors import EvaluationError
-from tests.conftest import REPO_ROOT
 from tests.evaluate.helpers import planted_cohort
+from tests.readme import run_main
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +23,7 @@ def cohort(tmp_path_factory):
 
 
 def evaluate_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "evaluate", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
+    return run_main("evaluate", args, cwd)
 
 
 @pytest.mark.parametrize("head", ["coxnet", "coxph"])
@@ -36,7 +31,7 @@ def test_saved_survival_head_reproduces_the_refit_model(cohort, head, tmp_path):
     url, table = cohort
     run = evaluate_cli("survival", "--store", url, "--clinical", str(table), "--head", head, "--folds", "3",
                        "--out", "cv", "--save-head", "head", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
+    assert run.code == 0, run.stderr
     store = EmbeddingStore.open(url)
     saved = load_head(tmp_path / "head", store.fingerprint)
     data = patient_features(store, load_clinical(table))
@@ -53,7 +48,7 @@ def test_saved_grade_head_gives_the_pipelines_probabilities(cohort, tmp_path):
     url, table = cohort
     run = evaluate_cli("grade", "--store", url, "--clinical", str(table), "--folds", "3", "--out", "cv",
                        "--save-head", "grade", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
+    assert run.code == 0, run.stderr
     saved = load_head(tmp_path / "grade")
     prediction = saved.predict(EmbeddingStore.open(url).slide("PT0000-S0"))
     assert set(prediction["probabilities"]) == set(saved.card["classes"])
@@ -64,7 +59,7 @@ def test_a_forest_and_a_foreign_store_are_refused(cohort, tmp_path):
     url, table = cohort
     run = evaluate_cli("survival", "--store", url, "--clinical", str(table), "--head", "rsf", "--out", "cv",
                        "--save-head", "head", cwd=tmp_path)
-    assert run.returncode != 0 and "without pickle" in run.stderr
+    assert run.code != 0 and "without pickle" in run.stderr
     evaluate_cli("grade", "--store", url, "--clinical", str(table), "--folds", "3", "--out", "cv",
                  "--save-head", "grade", cwd=tmp_path)
     with pytest.raises(EvaluationError, match="another encoder or tiling"):

@@ -120,6 +120,22 @@ def test_store_of_another_fingerprint_is_refused(local_ray, synthetic_slides, tm
         Extraction(load_cohort(synthetic_slides), url, ExtractConfig(**TINY), log=quiet).run()
 
 
+def test_a_complete_store_checks_its_fingerprint_without_starting_an_encoder(local_ray, synthetic_slides, tmp_path):
+    url = str(tmp_path / "store")
+    entries = load_cohort(synthetic_slides)[:1]
+    Extraction(entries, url, ExtractConfig(**TINY), log=quiet).run()
+    lines: list[str] = []
+    rerun = Extraction(entries, url, ExtractConfig(**TINY), log=lines.append)
+    summary = rerun.run()
+    assert [o.status for o in summary.outcomes] == ["skipped"] and not hasattr(rerun, "actors")
+    assert "0 slides to extract; 1 already complete" in lines[0] and "no encoder started" in lines[0]
+    # another encoder or tiling over the same complete store: refused, from the config alone
+    with pytest.raises(FingerprintMismatch, match="encoder.name: store has 'virchow2-tiny', this run has 'virchow2-small'"):
+        Extraction(entries, url, ExtractConfig(**{**TINY, "encoder": "virchow2-small"}), log=quiet).run()
+    with pytest.raises(FingerprintMismatch, match="tiling.tile_px: store has 224, this run has 112"):
+        Extraction(entries, url, ExtractConfig(**TINY, tile_px=112), log=quiet).run()
+
+
 def test_token_grids_and_limit(local_ray, synthetic_slides, tmp_path):
     url = str(tmp_path / "store")
     summary = Extraction(load_cohort(synthetic_slides), url, ExtractConfig(**TINY, tokens="4x4", limit=1), log=quiet).run()

@@ -5,10 +5,7 @@ train (tiny) → generate (test set) → `evaluate report --protocol histgen` wi
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +13,8 @@ import pytest
 from evaluate.splits import read_set_split
 from store import EmbeddingStore
 from store.errors import AnnotationError
-from tests.conftest import REPO_ROOT
 from tests.evaluate.report_fixtures import CLINICAL, HISTGEN_JSON, REPORTS_CSV, fixture_slides, report_store
-from tests.readme import to_argv
+from tests.readme import Result, run_main, to_argv
 from train.data import load_samples, select_by_split
 from train.import_reports import import_reports, read_histgen, read_report_csv
 
@@ -35,14 +31,13 @@ REPORT_HISTGEN = ("python -m evaluate report --protocol histgen --predictions ge
                   "reports/annotations.jsonl [--store STORE] [--clinical TABLE] --out scores")
 
 
-def cli(module: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
+def cli(module: str, *args: str, cwd: Path) -> Result:
+    return run_main(module, args, cwd)
 
 
-def readme_cli(command: str, cwd: Path, *extra: str, **values: str) -> subprocess.CompletedProcess:
+def readme_cli(command: str, cwd: Path, *extra: str, **values: str) -> Result:
     run = to_argv(command, values)
-    return cli(run.module, *run.args, *extra, cwd=cwd)
+    return run_main(run.module, [*run.args, *extra], cwd, run.env)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +49,7 @@ def store_url(tmp_path_factory) -> str:
 def test_histgen_json_keeps_its_split_and_warns_about_a_patient_in_two_sets(store_url, tmp_path):
     shutil.copy(HISTGEN_JSON, tmp_path / "annotation.json")
     run = readme_cli(IMPORT_HISTGEN, tmp_path, STORE=store_url)
-    assert run.returncode == 0, run.stderr
+    assert run.code == 0, run.stderr
     assert "wrote 40 annotations (train 28, val 3, test 9)" in run.stdout
     assert "warning: 1 patients have slides in two sets" in run.stdout and TWO_SET_PATIENT in run.stdout
     assert read_set_split(tmp_path / "reports" / "split.csv") == fixture_slides()
@@ -67,7 +62,7 @@ def test_histgen_json_keeps_its_split_and_warns_about_a_patient_in_two_sets(stor
 
     strict = cli("train.import_reports", "--store", store_url, "--histgen", str(HISTGEN_JSON), "--out", "strict",
                  "--strict-patients", cwd=tmp_path)
-    assert strict.returncode != 0 and TWO_SET_PATIENT in strict.stderr
+    assert strict.code != 0 and TWO_SET_PATIENT in strict.stderr
     assert "in train" in strict.stderr and "in test" in strict.stderr and "DX1" in strict.stderr and "DX2" in strict.stderr
     assert not (tmp_path / "strict").exists()
 
@@ -76,18 +71,18 @@ def test_slides_missing_from_the_store_are_listed_and_skipped_only_on_request(tm
     missing = sorted(fixture_slides())[:2]
     url = report_store(tmp_path, leave_out=tuple(missing))
     run = cli("train.import_reports", "--store", url, "--histgen", str(HISTGEN_JSON), "--out", "out", cwd=tmp_path)
-    assert run.returncode != 0 and "2 of 40 reports" in run.stderr and missing[0] in run.stderr
+    assert run.code != 0 and "2 of 40 reports" in run.stderr and missing[0] in run.stderr
     assert "--skip-missing" in run.stderr and not (tmp_path / "out").exists()
     skipped = cli("train.import_reports", "--store", url, "--histgen", str(HISTGEN_JSON), "--out", "out",
                   "--skip-missing", cwd=tmp_path)
-    assert skipped.returncode == 0 and "wrote 38 annotations" in skipped.stdout and "skipped 2 reports" in skipped.stdout
+    assert skipped.code == 0 and "wrote 38 annotations" in skipped.stdout and "skipped 2 reports" in skipped.stdout
 
 
 @pytest.mark.readme(IMPORT_CSV)
 def test_csv_of_patient_reports_gets_a_patient_level_split(store_url, tmp_path):
     shutil.copy(REPORTS_CSV, tmp_path / "TCGA_Reports.csv")
     run = readme_cli(IMPORT_CSV, tmp_path, STORE=store_url)
-    assert run.returncode == 0 and "wrote 40 annotations (train 27, val 4, test 9)" in run.stdout, run.stderr
+    assert run.code == 0 and "wrote 40 annotations (train 27, val 4, test 9)" in run.stdout, run.stderr
     store = EmbeddingStore.open(store_url)
     reports = read_report_csv(REPORTS_CSV)
     first = import_reports(store, reports, seed=0)
@@ -109,7 +104,7 @@ def test_csv_of_patient_reports_gets_a_patient_level_split(store_url, tmp_path):
 def test_each_stage_uses_only_its_set(store_url, tmp_path):
     run = cli("train.import_reports", "--store", store_url, "--histgen", str(HISTGEN_JSON), "--out", "imp",
               "--append-clinical", "--clinical", str(CLINICAL), "--ask-grade-prognosis", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
+    assert run.code == 0, run.stderr
     store = EmbeddingStore.open(store_url)
     samples = load_samples(str(tmp_path / "imp" / "meta.json"), 0)
     truth = fixture_slides()
@@ -138,7 +133,7 @@ def test_import_train_generate_and_score_as_histgen(store_url, saved_tiny_llm, t
     ]
     for module, args in zip(["train.import_reports", "train", "train.generate", "evaluate"], steps):
         run = cli(module, *args, cwd=tmp_path)
-        assert run.returncode == 0, f"{module}: {run.stdout[-2000:]}\n{run.stderr[-3000:]}"
+        assert run.code == 0, f"{module}: {run.stdout[-2000:]}\n{run.stderr[-3000:]}"
     assert "BLEU-4" in run.stdout and "no retrieval baseline: give --store" in run.stdout
     manifest = json.loads((tmp_path / "runs" / "reports" / "run_manifest.json").read_text())
     assert manifest["data_counts"]["train_samples"] == 28 and manifest["data_counts"]["val_samples"] == 3
@@ -153,7 +148,7 @@ def test_import_train_generate_and_score_as_histgen(store_url, saved_tiny_llm, t
     assert {g["id"] for g in generated} == {k for k, v in fixture_slides().items() if v == "test"}
     run = readme_cli(REPORT_HISTGEN, tmp_path, "--store", store_url, "--clinical", str(CLINICAL), "--out", "scores",
                      STORE=store_url)
-    assert run.returncode == 0, run.stderr
+    assert run.code == 0, run.stderr
     scores = json.loads((tmp_path / "scores" / "report_metrics.json").read_text())
     assert scores["test_reports"] == 9 and scores["protocol"]["training_reports"] == 28
     assert set(scores["baselines"]) == {"most_frequent_training_report", "nearest_training_report_by_embedding"}
@@ -174,4 +169,4 @@ def test_histgen_protocol_refuses_predictions_outside_the_test_set(store_url, tm
     predictions.write_text(json.dumps({"id": train_slide, "text": "anything"}) + "\n")
     run = cli("evaluate", "report", "--protocol", "histgen", "--predictions", str(predictions), "--references",
               str(HISTGEN_JSON), cwd=tmp_path)
-    assert run.returncode != 0 and "outside the test set" in run.stderr and train_slide in run.stderr
+    assert run.code != 0 and "outside the test set" in run.stderr and train_slide in run.stderr

@@ -14,6 +14,7 @@ from peft import PeftModel
 from transformers import Qwen2ForCausalLM
 
 from tests.conftest import REPO_ROOT
+from tests.readme import run_main
 from train.config import parse_args
 from train.generate import generate_reports
 from train.llm import load_llm
@@ -107,11 +108,10 @@ def test_generation_on_held_out_fold_only_and_sampling(overfit, tmp_path):
     inputs, out, _ = overfit
     split = write_split(tmp_path / "split.csv", {"PT0000": 0, "PT0001": 1, "PT0002": 1, "PT0003": 0})
     generated = tmp_path / "held_out.jsonl"
-    run = subprocess.run([sys.executable, "-m", "train.generate", "--checkpoint", str(out), "--store", inputs.store,
-                          "--meta_path", str(inputs.meta), "--split", str(split), "--fold", "0", "--do_sample",
-                          "--max_new_tokens", "8", "--batch_size", "2", "--out", str(generated)],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = run_main("train.generate", ["--checkpoint", str(out), "--store", inputs.store, "--meta_path", str(inputs.meta),
+                                      "--split", str(split), "--fold", "0", "--do_sample", "--max_new_tokens", "8",
+                                      "--batch_size", "2", "--out", str(generated)], REPO_ROOT)
+    assert run.code == 0, run.stderr[-2000:]
     assert sorted(json.loads(line)["slide"] for line in generated.read_text().splitlines()) == ["PT0000-S0", "PT0003-S0"]
     manifest = json.loads((tmp_path / "held_out_manifest.json").read_text())
     assert manifest["config"]["do_sample"] is True and manifest["config"]["fold"] == 0 and manifest["packages"]
