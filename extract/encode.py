@@ -41,11 +41,12 @@ def _fingerprint_part(encoder: TileEncoder, precision: str, compiled: bool) -> d
     return {**encoder.describe(), "dtype": STORE_DTYPE, "compute_precision": precision, **marked}
 
 
-def expected_encoder_spec(cfg: ExtractConfig, device_type: str) -> dict[str, Any]:
-    """What BatchEncoder(cfg).describe() gives on a device of this type, without building the model or
+def expected_encoder(cfg: ExtractConfig, device_type: str) -> tuple[dict[str, Any], tuple[int, int] | None]:
+    """BatchEncoder(cfg).describe() and .token_shape on a device of this type, without building the model or
     reading its weights (build_encoder(meta=True); a weights file is hashed)."""
     encoder = build_encoder(cfg.encoder, cfg.weights, meta=True)
-    return _fingerprint_part(encoder, resolve_precision(cfg.precision, torch.device(device_type)), cfg.compile)
+    spec = _fingerprint_part(encoder, resolve_precision(cfg.precision, torch.device(device_type)), cfg.compile)
+    return spec, (cfg.token_grid**2, encoder.width) if cfg.token_grid else None
 
 
 class BatchEncoder:

@@ -21,7 +21,7 @@ import numpy as np
 from extract.config import ExtractConfig
 from extract.dynamic_tiling import dynamic_tiles
 from store import EmbeddingStore
-from store.errors import AnnotationError, SlideBusy
+from store.errors import AnnotationError, SlideBusy, StoreNotFound
 from store.ids import image_key
 from store.jsonl import read_jsonl
 from store.meta import read_meta
@@ -168,13 +168,15 @@ class ImageExtraction:
         started = time.perf_counter()
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         self.cfg = self.cfg.for_device("cuda" if gpus else "cpu")
+        complete = self._all_complete("cuda" if gpus else "cpu")
+        if complete is not None:
+            return complete
         n_actors = self.cfg.num_encoders or max(1, int(ray.cluster_resources().get("GPU", 0))) or 1
         actor_cls = _actor_class(self.cfg, self.tiling, gpus)
         actors = [actor_cls.remote() for _ in range(n_actors)]
         info = ray.get(actors[0].describe.remote())
-        spec = {"encoder": info["encoder"], "tiling": self.tiling.describe(),
-                "tokens": {"grid_shape": list(info["token_shape"]), "prefix_tokens_dropped": True}}
-        store = EmbeddingStore.create_or_open(self.store_url, kind="images", spec=spec, config=self.cfg.to_dict())
+        store = EmbeddingStore.create_or_open(self.store_url, kind="images", spec=self._spec(info["encoder"], info["token_shape"]),
+                                              config=self.cfg.to_dict())
         summary = ImageSummary()
         todo = []
         for entry in self.entries:
@@ -204,6 +206,26 @@ class ImageExtraction:
             self.log(f"[images] {done}/{len(todo)} images ({len(summary.failed)} failed), {summary.tiles} tiles, "
                      f"{summary.tiles / elapsed:.1f} tiles/s, ETA {eta:.0f} s")
         summary.seconds = time.perf_counter() - started
+        return summary
+
+    def _spec(self, encoder: dict[str, Any], token_shape: Any) -> dict[str, Any]:
+        return {"encoder": encoder, "tiling": self.tiling.describe(),
+                "tokens": {"grid_shape": list(token_shape), "prefix_tokens_dropped": True}}
+
+    def _all_complete(self, device: str) -> ImageSummary | None:
+        """When the store already holds every image: the summary, with no encoder started (the fingerprint
+        checked from the config, as extract/job.py does); else None."""
+        from extract.encode import expected_encoder
+
+        try:
+            store = EmbeddingStore.open(self.store_url)
+        except StoreNotFound:
+            return None
+        if store.kind != "images" or not all(store.is_complete(entry.key) for entry in self.entries):
+            return None  # create_or_open refuses another kind; what is missing is encoded
+        store.check_fingerprint(self._spec(*expected_encoder(self.cfg, device)))
+        summary = ImageSummary(skipped=[entry.key for entry in self.entries])
+        self.log(f"[images] {len(summary.skipped)} images already in the store: skipped (no encoder started)")
         return summary
 
     def _write(self, store: EmbeddingStore, entry: ImageEntry, result: ImageResult, token_shape: Any,

@@ -206,12 +206,12 @@ class Extraction:
         """Every slide is complete or failed before: no encoder starts (10-30 s of process start and model
         build saved on a rerun), but the store's fingerprint is still checked, from the config, so a complete
         store of another encoder or tiling is refused as a run that had work would be."""
-        from extract.encode import expected_encoder_spec
+        from extract.encode import expected_encoder
 
         device = "cuda" if self.ex.resources().gpus else "cpu"
         self.cfg = self.cfg.for_device(device)
         tiling = self.cfg.tiling_spec(tissue_params(self.cfg).describe())
-        store.check_fingerprint({"encoder": expected_encoder_spec(self.cfg, device), "tiling": tiling})
+        store.check_fingerprint({"encoder": expected_encoder(self.cfg, device)[0], "tiling": tiling})
 
     def run(self) -> ExtractionSummary:
         started = time.perf_counter()

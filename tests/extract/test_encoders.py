@@ -110,11 +110,12 @@ def test_the_fingerprint_without_building_is_the_built_encoders(tmp_path):
     """A rerun over a complete store checks its fingerprint from expected_encoder_spec (no model built): it
     must equal what the encoder actor would have described, random or from a weights file, with tokens."""
     from extract.config import ExtractConfig
-    from extract.encode import BatchEncoder, expected_encoder_spec
+    from extract.encode import BatchEncoder, expected_encoder
 
     save_file(build_encoder("virchow2-tiny").model.state_dict(), tmp_path / "model.safetensors")
     for cfg in (ExtractConfig(encoder="virchow2-tiny"), ExtractConfig(encoder="virchow2-tiny", tokens="4x4"),
                 ExtractConfig(encoder="virchow2-tiny", weights=str(tmp_path / "model.safetensors"), precision="bf16")):
-        assert expected_encoder_spec(cfg, "cpu") == BatchEncoder(cfg, torch.device("cpu")).describe(), cfg
-    assert expected_encoder_spec(ExtractConfig(encoder="virchow2-random"), "cuda")["compute_precision"] == "bf16"
+        built = BatchEncoder(cfg, torch.device("cpu"))
+        assert expected_encoder(cfg, "cpu") == (built.describe(), built.token_shape), cfg
+    assert expected_encoder(ExtractConfig(encoder="virchow2-random"), "cuda")[0]["compute_precision"] == "bf16"
 

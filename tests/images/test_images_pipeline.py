@@ -79,6 +79,7 @@ def test_extract_images_records_bad_images_and_reruns_skip(cached):
         assert view.tokens().shape == (layout.n_tiles, 256, 64) and view.attrs["image_size"] == [width, height]
     again = extract_images(root / "clean" / "meta.json", store)
     assert again.returncode == 0 and "0 images encoded" in again.stdout and "6 already complete" in again.stdout
+    assert "no encoder started" in again.stdout  # the fingerprint checked from the config alone
 
 
 def flags(meta, store, out, *extra):
