@@ -41,12 +41,16 @@ def _fingerprint_part(encoder: TileEncoder, precision: str, compiled: bool) -> d
     return {**encoder.describe(), "dtype": STORE_DTYPE, "compute_precision": precision, **marked}
 
 
+def _token_shape(token_grid: int | None, encoder: TileEncoder) -> tuple[int, int] | None:
+    return (token_grid**2, encoder.width) if token_grid else None
+
+
 def expected_encoder(cfg: ExtractConfig, device_type: str) -> tuple[dict[str, Any], tuple[int, int] | None]:
     """BatchEncoder(cfg).describe() and .token_shape on a device of this type, without building the model or
     reading its weights (build_encoder(meta=True); a weights file is hashed)."""
     encoder = build_encoder(cfg.encoder, cfg.weights, meta=True)
     spec = _fingerprint_part(encoder, resolve_precision(cfg.precision, torch.device(device_type)), cfg.compile)
-    return spec, (cfg.token_grid**2, encoder.width) if cfg.token_grid else None
+    return spec, _token_shape(cfg.token_grid, encoder)
 
 
 class BatchEncoder:
@@ -89,7 +93,7 @@ class BatchEncoder:
 
     @property
     def token_shape(self) -> tuple[int, int] | None:
-        return (self.token_grid**2, self.encoder.width) if self.token_grid else None
+        return _token_shape(self.token_grid, self.encoder)
 
     def _preprocess(self, tiles: np.ndarray) -> torch.Tensor:
         """uint8 (B, H, W, 3) → normalised (B, 3, H, W) in the compute dtype: channels made planar on the

@@ -199,11 +199,13 @@ def _load_safetensors(model: torch.nn.Module, path: Path) -> None:
     # fp32 as the initialised model was (a bf16 file would otherwise make a bf16 model); .float() of fp32 is free
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    left_empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    left_empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+                  if t.is_meta and name not in missing]  # e.g. a buffer no state dict holds
     if missing or unexpected or left_empty:
         raise EncoderError(
             f"{path} does not match the architecture: {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            + (f", {len(left_empty)} tensors left unfilled (e.g. {left_empty[:3]})" if left_empty else "")
         )
 
 

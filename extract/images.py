@@ -167,16 +167,17 @@ class ImageExtraction:
 
         started = time.perf_counter()
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        self.cfg = self.cfg.for_device("cuda" if gpus else "cpu")
-        complete = self._all_complete("cuda" if gpus else "cpu")
+        device = "cuda" if gpus else "cpu"
+        self.cfg = self.cfg.for_device(device)
+        complete = self._all_complete(device)
         if complete is not None:
             return complete
         n_actors = self.cfg.num_encoders or max(1, int(ray.cluster_resources().get("GPU", 0))) or 1
         actor_cls = _actor_class(self.cfg, self.tiling, gpus)
         actors = [actor_cls.remote() for _ in range(n_actors)]
         info = ray.get(actors[0].describe.remote())
-        store = EmbeddingStore.create_or_open(self.store_url, kind="images", spec=self._spec(info["encoder"], info["token_shape"]),
-                                              config=self.cfg.to_dict())
+        spec = self._spec(info["encoder"], info["token_shape"])
+        store = EmbeddingStore.create_or_open(self.store_url, kind="images", spec=spec, config=self.cfg.to_dict())
         summary = ImageSummary()
         todo = []
         for entry in self.entries:

@@ -178,10 +178,12 @@ class Extraction:
         except StoreNotFound:
             return None
 
+    def _store_spec(self, encoder_spec: dict[str, Any]) -> dict[str, Any]:
+        return {"encoder": encoder_spec, "tiling": self.cfg.tiling_spec(tissue_params(self.cfg).describe())}
+
     def _open_store(self) -> EmbeddingStore:
-        spec = {"encoder": self.encoder_spec, "tiling": self.cfg.tiling_spec(tissue_params(self.cfg).describe())}
-        return EmbeddingStore.create_or_open(self.store_url, kind="slides", spec=spec, config=self.cfg.to_dict(),
-                                             storage_options=self.storage_options)
+        return EmbeddingStore.create_or_open(self.store_url, kind="slides", spec=self._store_spec(self.encoder_spec),
+                                             config=self.cfg.to_dict(), storage_options=self.storage_options)
 
     def _todo(self, store: EmbeddingStore | None) -> list[SlideEntry]:
         complete, failed = (set(store.slide_ids()), store.failures()) if store is not None else (set(), {})
@@ -209,9 +211,11 @@ class Extraction:
         from extract.encode import expected_encoder
 
         device = "cuda" if self.ex.resources().gpus else "cpu"
-        self.cfg = self.cfg.for_device(device)
-        tiling = self.cfg.tiling_spec(tissue_params(self.cfg).describe())
-        store.check_fingerprint({"encoder": expected_encoder(self.cfg, device)[0], "tiling": tiling})
+        store.check_fingerprint(self._store_spec(expected_encoder(self.cfg, device)[0]))
+
+    def _log_todo(self, todo: list[SlideEntry], note: str = "") -> None:
+        self.log(f"[extract] {len(todo)} slides to extract; {self.summary.count('skipped')} already complete (nothing "
+                 f"re-encoded), {self.summary.count('failed-before')} failed before (retry with --retry-failed){note}")
 
     def run(self) -> ExtractionSummary:
         started = time.perf_counter()
@@ -219,14 +223,11 @@ class Extraction:
         todo = self._todo(existing)
         if existing is not None and not todo:
             self._nothing_to_encode(existing)
-            self.log(f"[extract] 0 slides to extract; {self.summary.count('skipped')} already complete (nothing "
-                     f"re-encoded), {self.summary.count('failed-before')} failed before (retry with --retry-failed); "
-                     "no encoder started")
+            self._log_todo(todo, "; no encoder started")
             self.summary.seconds = time.perf_counter() - started
             return self.summary
         self._start_encoders()
-        self.log(f"[extract] {len(todo)} slides to extract; {self.summary.count('skipped')} already complete (nothing "
-                 f"re-encoded), {self.summary.count('failed-before')} failed before (retry with --retry-failed)")
+        self._log_todo(todo)
         max_active = 2 + len(self.actors)
         self._max_inflight = 4 * len(self.actors) + 2
         waiting = deque(todo)

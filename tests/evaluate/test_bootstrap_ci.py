@@ -8,25 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sksurv.metrics import concordance_index_censored
 
+from bench.bootstrap_bench import by_calls  # the definition: one scikit-survival call per resample
 from evaluate import survival_metrics as sm
-
-
-def _bootstrap_by_calls(times, events, risk, n, seed, level=0.95):
-    """The definition: one scikit-survival call per resample, the same resamples."""
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        idx = rng.integers(0, len(times), len(times))
-        t, e = times[idx], events[idx]
-        if not sm.has_comparable_pair(t, e):
-            continue
-        values.append(concordance_index_censored(e, t, risk[idx])[0])
-    if not values:
-        return None
-    alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha)), n - len(values)
 
 
 @st.composite
@@ -49,7 +33,7 @@ def folds(draw):
 @given(fold=folds(), seed=st.integers(0, 1000))
 def test_bootstrap_from_pair_counts_equals_one_sksurv_call_per_resample(fold, seed):
     times, events, risk = fold
-    expected = _bootstrap_by_calls(times, events, risk, 50, seed)
+    expected = by_calls(times, events, risk, 50, seed)
     if expected is None:
         with pytest.raises(sm.NotComputed, match="none of the 50 bootstrap resamples"):
             sm.bootstrap_ci(times, events, risk, 50, seed)
