@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -249,11 +250,19 @@ def cmd_import_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_labels(stores: Sequence[EmbeddingStore]) -> list[str]:
+    """Each store's encoder name; a name given twice is numbered (the same store twice compares to itself)."""
+    names = [str(s.spec.get("encoder", {}).get("name") or Path(s.url).stem) for s in stores]
+    return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from evaluate.sweep import best_by_task, format_table, run_sweep
+    from evaluate.sweep import best_by_task, format_differences, format_table, paired_differences, run_sweeps
 
     already = set(encoder_modules_loaded())  # a process that ran extraction before (a test, a notebook)
-    store = EmbeddingStore.open(args.store)
+    opened = [EmbeddingStore.open(url) for url in args.store]
+    labels = _store_labels(opened) if len(opened) > 1 else [""]
+    stores = dict(zip(labels, opened))
     clinical = load_clinical_tables(args.clinical)
     if args.cancer_type:
         clinical = clinical.filter_cancer_type(args.cancer_type)
@@ -264,14 +273,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return _folds(args, data, None if task == "grade" else task)
 
     def progress(row) -> None:
-        print(f"  {row.task} {row.head} {row.pooling}: " + (f"error: {row.error}" if row.error else f"{row.seconds:.1f} s"),
+        where = f"{row.encoder} " if row.encoder else ""
+        print(f"  {where}{row.task} {row.head} {row.pooling}: " + (f"error: {row.error}" if row.error else f"{row.seconds:.1f} s"),
               flush=True)
 
-    rows = run_sweep(store, clinical, args.tasks, args.heads, args.grade_heads, args.poolings, folds_for, args.seed,
-                     _settings(args), args.max_tiles, progress)
-    table = format_table(rows)
+    rows, dropped = run_sweeps(stores, clinical, args.tasks, args.heads, args.grade_heads, args.poolings, folds_for,
+                               args.seed, _settings(args), args.max_tiles, progress)
+    for label, n in dropped.items():
+        if n:
+            print(f"warning: {n} patients of {label} are not in every store: left out, so that every encoder is "
+                  "scored on the same patients", file=sys.stderr)
+    differences = paired_differences(rows, args.seed) if len(stores) > 1 else []
     loaded = sorted(set(encoder_modules_loaded()) - already)  # imported by this sweep
-    report = {"rows": [r.as_dict() for r in rows], "best": best_by_task(rows), "store_fingerprint": store.fingerprint,
+    report = {"rows": [r.as_dict() for r in rows], "best": best_by_task(rows),
+              "paired_differences": [d.as_dict() for d in differences],
+              "store_fingerprint": (opened[0].fingerprint if len(opened) == 1
+                                    else {label: s.fingerprint for label, s in stores.items()}),
+              "stores": {label or "store": s.url for label, s in stores.items()},
+              "patients_left_out": dropped if len(stores) > 1 else {},
               "re_encoded_tiles": 0, "encoder_modules_loaded": loaded,
               "provenance": provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})}
     (out / "sweep.json").write_text(json.dumps(report, indent=2, default=str))
@@ -280,7 +299,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(r.as_dict() for r in rows)
-    print(table)
+    with open(out / "sweep_predictions.csv", "w", newline="") as f:  # held-out risks: for the user's own statistics
+        writer = csv.writer(f)
+        writer.writerow(["encoder", "task", "head", "pooling", "patient_id", "fold", "time", "event", "risk"])
+        writer.writerows([r.encoder, r.task, r.head, r.pooling, p["patient_id"], p["fold"], p["time"], int(p["event"]),
+                          repr(p["risk"])] for r in rows for p in r.predictions)
+    print(format_table(rows))
+    if differences:
+        print("\npaired differences of Harrell's C (b - a) on the same held-out patients, "
+              "bootstrap resampling them jointly across stores:")
+        print(format_differences(differences))
     for task, best in report["best"].items():
         print(f"best {task}: {best}")
     if loaded:
@@ -288,21 +316,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if rows and all(r.error for r in rows):
         raise EvaluationError(f"no head of the sweep could be fitted (every row's reason is in {out}/sweep.json); "
                               f"the first: {rows[0].error}")
-    print(f"wrote {out}/sweep.json, sweep.csv; re-encoded nothing: {len(rows)} fits from the store, "
-          "the encoder was never imported")
+    print(f"wrote {out}/sweep.json, sweep.csv, sweep_predictions.csv; re-encoded nothing: {len(rows)} fits from "
+          f"{'the store' if len(stores) == 1 else f'{len(stores)} stores'}, the encoder was never imported")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m evaluate", description="Heads and metrics from the cache.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = argparse.ArgumentParser(add_help=False)
+    cohort = argparse.ArgumentParser(add_help=False)  # what every command but `sweep` (several stores) shares
+    cohort.add_argument("--clinical", required=True, nargs="+", help="clinical table(s): TCGA-CDR, SurvPath, slidecache")
+    cohort.add_argument("--endpoint", default="OS", choices=ENDPOINTS)
+    cohort.add_argument("--cancer-type", help="keep only this cancer type (pan-cancer tables)")
+    cohort.add_argument("--folds", type=int, default=5)
+    cohort.add_argument("--seed", type=int, default=0)
+    common = argparse.ArgumentParser(add_help=False, parents=[cohort])
     common.add_argument("--store", required=True)
-    common.add_argument("--clinical", required=True, nargs="+", help="clinical table(s): TCGA-CDR, SurvPath, slidecache")
-    common.add_argument("--endpoint", default="OS", choices=ENDPOINTS)
-    common.add_argument("--cancer-type", help="keep only this cancer type (pan-cancer tables)")
-    common.add_argument("--folds", type=int, default=5)
-    common.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("split", parents=[common], help="write a patient-level split file (patient_id,fold)")
     p.add_bool("--site-preserving", help="keep each tissue source site in one fold")
@@ -347,7 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_grade)
 
-    p = sub.add_parser("sweep", parents=[common, abmil], help="many heads x poolings x endpoints, one table")
+    p = sub.add_parser("sweep", parents=[cohort, abmil], help="many heads x poolings x endpoints (x encoders), one table")
+    p.add_argument("--store", required=True, nargs="+",
+                   help="one store, or one per encoder (e.g. tcga-virchow2.zarr tcga-uni2-h.zarr): every store is fitted "
+                        "on the patients all of them hold, on the same folds, with C-index differences between "
+                        "encoders and their paired bootstrap intervals")
     p.add_argument("--tasks", nargs="+", default=["OS"], choices=[*ENDPOINTS, "grade"])
     p.add_argument("--heads", nargs="+", default=["coxnet", "coxph", "rsf", "abmil-cox"], choices=list(HEADS),
                    help="survival heads")

@@ -14,7 +14,7 @@ that still cannot be computed for a fold is None with its reason in `not_compute
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from sksurv.exceptions import NoComparablePairException
@@ -160,33 +160,105 @@ def _harrell_pairs(times: np.ndarray, events: np.ndarray, risk: np.ndarray,
     return comparable.astype(float), comparable * score
 
 
-def bootstrap_ci(times: np.ndarray, events: np.ndarray, risk: np.ndarray, n: int = BOOTSTRAP_RESAMPLES,
-                 seed: int = 0, level: float = 0.95) -> tuple[float, float, int]:
-    """Percentile bootstrap CI of Harrell's C over patients, and how many resamples were skipped because
-    they held no comparable pair.
+def _resample_counts(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
+    """(n, size): how often each patient is drawn in each of n resamples of `size` patients with replacement."""
+    draws = rng.integers(0, size, (n, size))  # the same stream as n draws of `size` one after another
+    counts = np.zeros((n, size))
+    np.add.at(counts, (np.arange(n)[:, None], draws), 1.0)
+    return counts
+
+
+def _resampled_c(counts: np.ndarray, times: np.ndarray, events: np.ndarray,
+                 *risks: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Harrell's C of each resample for each risk vector (NaN where not kept), and which resamples were kept.
 
     A resample drawing patient i c_i times has Harrell's C = Σ c_i c_j score_ij / Σ c_i c_j comparable_ij
     (copies of one patient share a time, so they are never a comparable pair): every resample from one
     matrix product instead of one scikit-survival call each (200 calls per fold were half of a head's
     cross-validation time). tests/evaluate/test_bootstrap_ci.py checks it against concordance_index_censored
-    on the resampled patients."""
-    rng = np.random.default_rng(seed)
-    times, events, risk = np.asarray(times, float), np.asarray(events, bool), np.asarray(risk, float)
-    size = len(times)
-    draws = rng.integers(0, size, (n, size))  # the same stream as n draws of `size` one after another
-    counts = np.zeros((n, size))
-    np.add.at(counts, (np.arange(n)[:, None], draws), 1.0)
-    comparable, score = _harrell_pairs(times, events, risk)
-    numerator = np.einsum("bi,ij,bj->b", counts, score, counts)
-    denominator = np.einsum("bi,ij,bj->b", counts, comparable, counts)
-    drawn = counts > 0  # has_comparable_pair on each resample: an event before the resample's last time
+    on the resampled patients. Kept: the resample has a comparable pair (has_comparable_pair)."""
+    values, denominator = [], None
+    for risk in risks:
+        comparable, score = _harrell_pairs(times, events, risk)
+        numerator = np.einsum("bi,ij,bj->b", counts, score, counts)
+        if denominator is None:  # comparability depends on times and events only: the same for every risk
+            denominator = np.einsum("bi,ij,bj->b", counts, comparable, counts)
+        values.append(numerator)
+    drawn = counts > 0
     first_event = np.where(drawn & events, times, np.inf).min(axis=1)
     kept = (first_event < np.where(drawn, times, -np.inf).max(axis=1)) & (denominator > 0)
-    values = numerator[kept] / denominator[kept]
+    safe = np.where(kept, denominator, 1.0)
+    return [np.where(kept, v / safe, np.nan) for v in values], kept
+
+
+def _interval(values: np.ndarray, level: float) -> list[float]:
+    alpha = (1 - level) / 2
+    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
+
+
+def bootstrap_ci(times: np.ndarray, events: np.ndarray, risk: np.ndarray, n: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float, int]:
+    """Percentile bootstrap CI of Harrell's C over patients, and how many resamples were skipped because
+    they held no comparable pair."""
+    times, events, risk = np.asarray(times, float), np.asarray(events, bool), np.asarray(risk, float)
+    counts = _resample_counts(np.random.default_rng(seed), len(times), n)
+    (c,), kept = _resampled_c(counts, times, events, risk)
+    values = c[kept]
     if not len(values):
         raise NotComputed(f"none of the {n} bootstrap resamples held a comparable pair of patients")
-    alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha)), n - len(values)
+    low, high = _interval(values, level)
+    return low, high, n - len(values)
+
+
+def fold_bootstrap(times: np.ndarray, events: np.ndarray, folds: np.ndarray, risks: Sequence[np.ndarray],
+                   n: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+    """Harrell's C as the mean over the held-out folds, for several risk vectors of the same patients: the
+    point estimates (k,), the same mean on each of n bootstrap resamples (k, n), and the folds scored.
+
+    Each fold's patients are resampled once for all risk vectors (jointly: one draw, every risk), folds in
+    sorted order from one generator seeded `seed`. A fold without a comparable pair is left out (as in the
+    C-index table); a resample is NaN when a scored fold's draw held no comparable pair."""
+    times, events, folds = np.asarray(times, float), np.asarray(events, bool), np.asarray(folds)
+    risks = [np.asarray(r, float) for r in risks]
+    rng = np.random.default_rng(seed)
+    points, resampled, scored = [], [], []
+    for fold in sorted(set(folds.tolist())):
+        test = folds == fold
+        if not has_comparable_pair(times[test], events[test]):
+            continue
+        scored.append(fold)
+        points.append([harrell_c(times[test], events[test], r[test]) for r in risks])
+        counts = _resample_counts(rng, int(test.sum()), n)
+        values, _ = _resampled_c(counts, times[test], events[test], *(r[test] for r in risks))
+        resampled.append(values)
+    if not scored:
+        raise NotComputed("no held-out fold has a comparable pair of patients")
+    return np.mean(points, axis=0), np.mean(resampled, axis=0), scored
+
+
+def c_index_ci(times: np.ndarray, events: np.ndarray, folds: np.ndarray, risk: np.ndarray,
+               n: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """The mean-over-folds Harrell's C of held-out predictions with its percentile bootstrap interval."""
+    point, resampled, scored = fold_bootstrap(times, events, folds, [risk], n, seed)
+    values = resampled[0][np.isfinite(resampled[0])]
+    if not len(values):
+        raise NotComputed(f"none of the {n} bootstrap resamples held a comparable pair in every fold")
+    return {"harrell_c": float(point[0]), "ci95": _interval(values, level), "folds": scored, "resamples": n,
+            "skipped": int(n - len(values)), "seed": seed}
+
+
+def paired_c_difference(times: np.ndarray, events: np.ndarray, folds: np.ndarray, risk_a: np.ndarray,
+                        risk_b: np.ndarray, n: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                        level: float = 0.95) -> dict[str, Any]:
+    """C_b − C_a on the same held-out patients (mean over folds), its interval from resampling patients
+    jointly for both: the same store given twice gives exactly 0 and [0, 0]."""
+    point, resampled, scored = fold_bootstrap(times, events, folds, [risk_a, risk_b], n, seed)
+    delta = resampled[1] - resampled[0]
+    values = delta[np.isfinite(delta)]
+    if not len(values):
+        raise NotComputed(f"none of the {n} joint bootstrap resamples held a comparable pair in every fold")
+    return {"difference": float(point[1] - point[0]), "ci95": _interval(values, level), "folds": scored,
+            "resamples": n, "skipped": int(n - len(values)), "seed": seed}
 
 
 def fold_metrics(train: np.ndarray, test: np.ndarray, risk: np.ndarray, survival_at: SurvivalAt | None,

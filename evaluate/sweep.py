@@ -1,15 +1,20 @@
-"""Many heads × poolings × endpoints from one store, one table: the re-fitting users do dozens of times.
+"""Many heads × poolings × endpoints from one store or several (one per encoder), one table: the
+re-fitting users do dozens of times.
 
-Slide vectors are read once per pooling and tile bags once per sweep; every (task, head, pooling) uses
-the same patient folds for its task, so rows of one task are directly comparable.
+Slide vectors are read once per store and pooling, tile bags once per store; every (store, task, head,
+pooling) uses the same patients and the same folds for its task, so rows of one task compare heads and
+encoders directly, and the difference of two encoders' C-index comes with a paired bootstrap interval.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
+from evaluate import survival_metrics as sm
 from evaluate.abmil import TrainSettings, load_bags
 from evaluate.features import PatientData, patient_features
 from evaluate.grade import GRADE_HEADS, cross_validate_grade
@@ -32,18 +37,19 @@ class SweepRow:
     metrics: dict[str, dict[str, float]]
     seconds: float
     error: str | None = None
+    encoder: str = ""  # the store's label when several stores are swept
+    c_index: dict[str, Any] | None = None  # survival: mean-over-folds C with its bootstrap interval
+    predictions: list[dict[str, Any]] = field(default_factory=list, repr=False)  # survival: held-out risks
 
     def as_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "head": self.head, "pooling": self.pooling, "patients": self.patients,
-                "seconds": round(self.seconds, 2), "error": self.error,
-                **{f"{k}_{stat}": v[stat] for k, v in self.metrics.items() for stat in ("mean", "std")}}
+        ci = (self.c_index or {}).get("ci95") or [None, None]
+        return {"encoder": self.encoder, "task": self.task, "head": self.head, "pooling": self.pooling,
+                "patients": self.patients, "seconds": round(self.seconds, 2), "error": self.error,
+                **{f"{k}_{stat}": v[stat] for k, v in self.metrics.items() for stat in ("mean", "std")},
+                **({"harrell_c_ci95_low": ci[0], "harrell_c_ci95_high": ci[1]} if self.c_index else {})}
 
 
-def run_sweep(store: EmbeddingStore, clinical: ClinicalTable, tasks: Sequence[str], survival_heads: Sequence[str],
-              grade_heads: Sequence[str], poolings: Sequence[str], folds_for: Callable[[str, PatientData], dict[str, int]],
-              seed: int = 0, settings: TrainSettings | None = None, max_tiles: int = 512,
-              progress: Callable[[SweepRow], None] | None = None) -> list[SweepRow]:
-    """Fit every applicable (task, head, pooling); a failing combination is a row with its error, not a crash."""
+def _check_names(tasks: Sequence[str], survival_heads: Sequence[str], grade_heads: Sequence[str]) -> None:
     for task in tasks:
         if task != "grade" and task not in ENDPOINTS:
             raise EvaluationError(f"unknown task {task!r}: an endpoint ({', '.join(ENDPOINTS)}) or grade")
@@ -51,48 +57,167 @@ def run_sweep(store: EmbeddingStore, clinical: ClinicalTable, tasks: Sequence[st
     if unknown:
         raise EvaluationError(f"unknown heads {unknown}: survival heads are {', '.join(HEADS)}; "
                               f"grade heads are {', '.join(GRADE_HEADS)}")
-    by_pooling = {p: patient_features(store, clinical, p) for p in poolings}
-    reference = by_pooling[poolings[0]]
+
+
+def shared_patients(by_store: Mapping[str, PatientData]) -> tuple[list[str], dict[str, int]]:
+    """The patients every store holds (so encoders are compared on the same people), and how many each
+    store's own join had beyond them."""
+    common = set.intersection(*(set(d.patient_ids) for d in by_store.values()))
+    if not common:
+        raise EvaluationError("the stores share no patient joined with the clinical table: "
+                              + "; ".join(f"{label}: {len(d)} patients, e.g. {d.patient_ids[:2]}" for label, d in by_store.items()))
+    return sorted(common), {label: len(d) - len(common) for label, d in by_store.items()}
+
+
+def run_sweep(store: EmbeddingStore, clinical: ClinicalTable, tasks: Sequence[str], survival_heads: Sequence[str],
+              grade_heads: Sequence[str], poolings: Sequence[str], folds_for: Callable[[str, PatientData], dict[str, int]],
+              seed: int = 0, settings: TrainSettings | None = None, max_tiles: int = 512,
+              progress: Callable[[SweepRow], None] | None = None) -> list[SweepRow]:
+    """Fit every applicable (task, head, pooling) on one store; a failing combination is a row with its
+    error, not a crash."""
+    return run_sweeps({"": store}, clinical, tasks, survival_heads, grade_heads, poolings, folds_for, seed,
+                      settings, max_tiles, progress)[0]
+
+
+def run_sweeps(stores: Mapping[str, EmbeddingStore], clinical: ClinicalTable, tasks: Sequence[str],
+               survival_heads: Sequence[str], grade_heads: Sequence[str], poolings: Sequence[str],
+               folds_for: Callable[[str, PatientData], dict[str, int]], seed: int = 0,
+               settings: TrainSettings | None = None, max_tiles: int = 512,
+               progress: Callable[[SweepRow], None] | None = None) -> tuple[list[SweepRow], dict[str, int]]:
+    """Every (store, task, head, pooling) on the same patients and the same folds per task (made once, from
+    the first store's patients): rows of one task compare encoders directly. Also returns how many patients
+    each store had that the others lack (left out)."""
+    _check_names(tasks, survival_heads, grade_heads)
+    features = {label: {p: patient_features(store, clinical, p) for p in poolings} for label, store in stores.items()}
+    common, dropped = shared_patients({label: f[poolings[0]] for label, f in features.items()})
+    for by_pooling in features.values():
+        for pooling, data in by_pooling.items():
+            by_pooling[pooling] = data.subset(np.isin(data.patient_ids, common))
+    first = next(iter(features.values()))[poolings[0]]
+    folds = {task: folds_for(task, first) for task in tasks}
     needs_bags = any(h in BAG_HEADS for h in survival_heads) or any(h in BAG_GRADE_HEADS for h in grade_heads)
-    bags = load_bags(store, reference.slides, max_tiles, seed) if needs_bags else None
     rows: list[SweepRow] = []
-    for task in tasks:
-        folds = folds_for(task, reference)
-        heads = survival_heads if task != "grade" else grade_heads
-        for head in heads:
-            tile_head = head in BAG_HEADS or head in BAG_GRADE_HEADS
-            for pooling in (["tiles"] if tile_head else poolings):
-                data = reference if tile_head else by_pooling[pooling]
-                started = time.perf_counter()
+    for label, store in stores.items():
+        by_pooling = features[label]
+        reference = by_pooling[poolings[0]]
+        bags = load_bags(store, reference.slides, max_tiles, seed) if needs_bags else None
+        for task in tasks:
+            heads = survival_heads if task != "grade" else grade_heads
+            for head in heads:
+                tile_head = head in BAG_HEADS or head in BAG_GRADE_HEADS
+                for pooling in (["tiles"] if tile_head else poolings):
+                    data = reference if tile_head else by_pooling[pooling]
+                    row = _fit(label, task, head, pooling, data, folds[task], seed, bags if tile_head else None, settings)
+                    rows.append(row)
+                    if progress:
+                        progress(row)
+    return rows, dropped
+
+
+def _fit(label: str, task: str, head: str, pooling: str, data: PatientData, folds: dict[str, int], seed: int,
+         bags: Any, settings: TrainSettings | None) -> SweepRow:
+    started = time.perf_counter()
+    c_index, predictions = None, []
+    try:
+        if task == "grade":
+            g = cross_validate_grade(data, folds, seed, head=head, features=bags, settings=settings)
+            metrics = {k: v for k, v in g.summary.items() if k in GRADE_COLUMNS}
+            n = len(g.predictions)
+        else:
+            s = cross_validate(data, task, head, folds, seed, bags, settings)
+            metrics = {k: v for k, v in s.summary.items() if k in SURVIVAL_COLUMNS}
+            n, predictions = len(s.predictions), s.predictions
+            c_index = _c_index_ci(predictions, seed)
+    except EvaluationError as e:
+        return SweepRow(task, head, pooling, 0, {}, time.perf_counter() - started, str(e), label)
+    return SweepRow(task, head, pooling, n, metrics, time.perf_counter() - started, None, label, c_index, predictions)
+
+
+def _columns(predictions: Sequence[dict[str, Any]], *risk_of: dict[str, float]) -> tuple[np.ndarray, ...]:
+    times = np.array([p["time"] for p in predictions])
+    events = np.array([p["event"] for p in predictions])
+    folds = np.array([p["fold"] for p in predictions])
+    return (times, events, folds, *(np.array([r[p["patient_id"]] for p in predictions]) for r in risk_of))
+
+
+def _c_index_ci(predictions: Sequence[dict[str, Any]], seed: int) -> dict[str, Any] | None:
+    times, events, folds, risk = _columns(predictions, {p["patient_id"]: p["risk"] for p in predictions})
+    try:
+        return sm.c_index_ci(times, events, folds, risk, seed=seed)
+    except sm.NotComputed as e:
+        return {"harrell_c": None, "ci95": None, "not_computed": str(e)}
+
+
+@dataclass
+class PairedDifference:
+    task: str
+    head: str
+    pooling: str
+    a: str
+    b: str
+    patients: int
+    result: dict[str, Any] | None  # sm.paired_c_difference's, or None with `error`
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "head": self.head, "pooling": self.pooling, "a": self.a, "b": self.b,
+                "patients": self.patients, "error": self.error, **(self.result or {})}
+
+
+def paired_differences(rows: Sequence[SweepRow], seed: int = 0) -> list[PairedDifference]:
+    """Harrell's C of encoder b minus encoder a for every pair of stores and every survival (task, head,
+    pooling) both fitted: on the same held-out patients, the bootstrap resampling them jointly."""
+    fitted = [r for r in rows if r.task != "grade" and r.predictions]
+    encoders = list(dict.fromkeys(r.encoder for r in rows))
+    by_key = {(r.encoder, r.task, r.head, r.pooling): r for r in fitted}
+    out = []
+    for key in dict.fromkeys((r.task, r.head, r.pooling) for r in fitted):
+        for i, a in enumerate(encoders):
+            for b in encoders[i + 1:]:
+                ra, rb = by_key.get((a, *key)), by_key.get((b, *key))
+                if ra is None or rb is None:
+                    continue
+                risk_b = {p["patient_id"]: p["risk"] for p in rb.predictions}
+                both = [p for p in ra.predictions if p["patient_id"] in risk_b]
+                times, events, folds, risk_a, risk_b_ = _columns(both, {p["patient_id"]: p["risk"] for p in both}, risk_b)
                 try:
-                    if task == "grade":
-                        g = cross_validate_grade(data, folds, seed, head=head, features=bags if tile_head else None,
-                                                 settings=settings)
-                        metrics = {k: v for k, v in g.summary.items() if k in GRADE_COLUMNS}
-                        n, error = len(g.predictions), None
-                    else:
-                        s = cross_validate(data, task, head, folds, seed, bags if tile_head else None, settings)
-                        metrics = {k: v for k, v in s.summary.items() if k in SURVIVAL_COLUMNS}
-                        n, error = len(s.predictions), None
-                except EvaluationError as e:
-                    metrics, n, error = {}, 0, str(e)
-                row = SweepRow(task, head, pooling, n, metrics, time.perf_counter() - started, error)
-                rows.append(row)
-                if progress:
-                    progress(row)
-    return rows
+                    result, error = sm.paired_c_difference(times, events, folds, risk_a, risk_b_, seed=seed), None
+                except sm.NotComputed as e:
+                    result, error = None, str(e)
+                out.append(PairedDifference(*key, a, b, len(both), result, error))
+    return out
+
+
+def format_differences(differences: Sequence[PairedDifference]) -> str:
+    header = f"{'task':<6} {'head':<10} {'pooling':<7} {'C(b) - C(a)':>12} {'95% CI':>18}  b vs a"
+    lines = [header, "-" * len(header)]
+    for d in differences:
+        if d.result is None:
+            lines.append(f"{d.task:<6} {d.head:<10} {d.pooling:<7} {'n/a':>12} {'':>18}  {d.b} vs {d.a}: {d.error}")
+            continue
+        lo, hi = d.result["ci95"]
+        lines.append(f"{d.task:<6} {d.head:<10} {d.pooling:<7} {d.result['difference']:>+12.3f} "
+                     f"{f'[{lo:+.3f}, {hi:+.3f}]':>18}  {d.b} vs {d.a} ({d.patients} patients)")
+    return "\n".join(lines)
 
 
 def format_table(rows: Sequence[SweepRow]) -> str:
     columns = [c for c in (*SURVIVAL_COLUMNS, *GRADE_COLUMNS) if any(c in r.metrics for r in rows)]
-    header = f"{'task':<6} {'head':<10} {'pooling':<7} {'n':>5} " + " ".join(f"{c:>15}" for c in columns) + f" {'s':>7}"
+    width = max([len(r.encoder) for r in rows] + [7]) if any(r.encoder for r in rows) else 0
+    lead = (lambda r: f"{r.encoder:<{width}} ") if width else (lambda r: "")
+    with_ci = any(r.c_index for r in rows)
+    header = (f"{'encoder':<{width}} " if width else "") + f"{'task':<6} {'head':<10} {'pooling':<7} {'n':>5} " \
+        + " ".join(f"{c:>15}" for c in columns) + (f" {'C 95% CI':>16}" if with_ci else "") + f" {'s':>7}"
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.error:
-            lines.append(f"{r.task:<6} {r.head:<10} {r.pooling:<7} {'-':>5} error: {r.error}")
+            lines.append(f"{lead(r)}{r.task:<6} {r.head:<10} {r.pooling:<7} {'-':>5} error: {r.error}")
             continue
         cells = [_cell(r.metrics.get(c)) for c in columns]
-        lines.append(f"{r.task:<6} {r.head:<10} {r.pooling:<7} {r.patients:>5} " + " ".join(cells) + f" {r.seconds:>7.1f}")
+        ci = (r.c_index or {}).get("ci95")
+        ci_cell = (f" {f'[{ci[0]:.3f}, {ci[1]:.3f}]':>16}" if ci else f" {'':>16}") if with_ci else ""
+        lines.append(f"{lead(r)}{r.task:<6} {r.head:<10} {r.pooling:<7} {r.patients:>5} " + " ".join(cells)
+                     + ci_cell + f" {r.seconds:>7.1f}")
     return "\n".join(lines)
 
 
@@ -112,5 +237,6 @@ def best_by_task(rows: Sequence[SweepRow]) -> dict[str, str]:
         scored = [r for r in rows if r.task == task and (r.metrics.get(key) or {}).get("mean") is not None]
         if scored:
             top = max(scored, key=lambda r: r.metrics[key]["mean"])
-            best[task] = f"{top.head} ({top.pooling}) {key} {top.metrics[key]['mean']:.3f}"
+            where = f"{top.encoder}: " if top.encoder else ""
+            best[task] = f"{where}{top.head} ({top.pooling}) {key} {top.metrics[key]['mean']:.3f}"
     return best

@@ -1,11 +1,14 @@
-"""Tile encoders: a small registry of frozen ViTs of the Virchow-2 family.
+"""Tile encoders: a registry of the frozen pathology foundation models users compare, built with timm or
+transformers (never `trust_remote_code`), random-init variants of the same architectures for tests and speed.
 
-This module needs only torch, timm, safetensors and huggingface_hub, so GPU benchmarks can import it
-from a bare source tree. Preprocessing travels with the model (timm's pretrained_cfg), never retyped.
+This module needs only torch, timm, safetensors and huggingface_hub (transformers for Phikon-v2), so GPU
+benchmarks can import it from a bare source tree. Every encoder sees the same 224 px tiles at 0.5 µm/px.
 
-Tile embedding (what the store keeps) = class token ‖ mean of the patch tokens, registers excluded:
-    tokens (B, 1 + R + P, C) → concat(tokens[:, 0], tokens[:, 1 + R:].mean(1)) → (B, 2C)
-Several public tools get this wrong (class token only, or registers averaged in).
+The tile embedding is each model card's own output (the registry says which):
+    cls+mean_patch(no_registers)  tokens (B, 1 + R + P, C) → concat(tokens[:, 0], tokens[:, 1 + R:].mean(1)): 2C
+                                  (Virchow-2; several public tools get it wrong: class token only, or
+                                  registers averaged in)
+    cls                           tokens[:, 0]: C (UNI2-h, H-optimus-0/1, Prov-GigaPath, Phikon-v2)
 """
 
 from __future__ import annotations
@@ -13,50 +16,67 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from dataclasses import dataclass, field
+import zipfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from timm.data import resolve_model_data_config
 from timm.layers import SwiGLUPacked
 
 from store.errors import EncoderError  # pure Python: importable without zarr
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# H-optimus-0 and -1's model cards: their own normalisation, not ImageNet's.
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+INPUT_PX = 224  # every encoder's input: the 224 px tile at 0.5 µm/px, as it is
 
-# Virchow-2's own pretrained_cfg (bicubic resize to 224, ImageNet mean/std, no crop).
-_VIRCHOW2_PRETRAINED_CFG = dict(
-    input_size=(3, 224, 224),
-    interpolation="bicubic",
-    crop_pct=1.0,
-    crop_mode="center",
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    license="CC-BY-NC-ND-4.0",
-)
+CLS_MEAN_PATCH = "cls+mean_patch(no_registers)"  # the string older stores' fingerprints hold
+CLS = "cls"
+_POOLINGS = (CLS_MEAN_PATCH, CLS)
 
+_SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
 # The architecture as published with the weights (paige-ai/Virchow2 config.json), plus the two
 # callables that config cannot carry.
 VIRCHOW2_ARCH: dict[str, Any] = dict(
-    img_size=224,
+    img_size=INPUT_PX,
     init_values=1e-5,
     num_classes=0,
     reg_tokens=4,
     mlp_ratio=5.3375,
     global_pool="",
     dynamic_img_size=True,
+    **_SWIGLU,
 )
 # Same family at test size. 5.3375 * 64 is odd, which fails timm's even-hidden assert for SwiGLU.
 TINY_ARCH: dict[str, Any] = dict(VIRCHOW2_ARCH, embed_dim=64, depth=2, num_heads=2, mlp_ratio=5.3125)
 # ViT-S width and depth (~26M parameters, ~14 GFLOP per tile): heavy enough to dominate a CPU pipeline
 # in benchmarks while still running at a few tiles/s on one core.
 SMALL_ARCH: dict[str, Any] = dict(VIRCHOW2_ARCH, embed_dim=384, depth=12, num_heads=6, mlp_ratio=5.3334)
+# UNI2-h's model card (MahmoodLab/UNI2-h: timm_kwargs for vit_giant_patch14_224).
+UNI2H_ARCH: dict[str, Any] = dict(
+    img_size=INPUT_PX, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+    mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8, dynamic_img_size=True,
+    global_pool="", **_SWIGLU,
+)
+# H-optimus-0/1 (bioptimus): timm's vit_giant_patch14_reg4_dinov2 (ViT-g/14, 4 registers, SwiGLU) at 224 px.
+HOPTIMUS_ARCH: dict[str, Any] = dict(img_size=INPUT_PX, init_values=1e-5, num_classes=0, global_pool="",
+                                     dynamic_img_size=True)
+# Prov-GigaPath's tile encoder (its hub config.json): vit_giant_patch14_dinov2 with 16 px patches at 224 px.
+GIGAPATH_ARCH: dict[str, Any] = dict(img_size=INPUT_PX, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
+                                     mlp_ratio=5.33334, num_classes=0, global_pool="", dynamic_img_size=True)
+# Phikon-v2 (owkin/phikon-v2 config.json): a transformers Dinov2Model, ViT-L/16, no registers.
+PHIKON2_ARCH: dict[str, Any] = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=16,
+                                    image_size=INPUT_PX, mlp_ratio=4, layerscale_value=1e-5, layer_norm_eps=1e-6,
+                                    use_swiglu_ffn=False, qkv_bias=True, hidden_act="gelu")
 
 VIRCHOW2_HUB_ID = "paige-ai/Virchow2"
 WEIGHTS_FILENAME = "model.safetensors"
+STATE_DICT_FILENAME = "pytorch_model.bin"  # a plain state dict: read with torch.load(weights_only=True)
+HF_CONFIG = "config.json"
 
 
 @dataclass(frozen=True)
@@ -68,11 +88,43 @@ class EncoderSpec:
     weights: str | None = None
     description: str = ""
     seed: int = 0
+    timm_model: str = "vit_huge_patch14_224"  # "" for a transformers Dinov2Model
+    pooling: str = CLS_MEAN_PATCH
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    patch_px: int = 14
+    # The files its hub repository ships, in the order tried (a hub id downloads the first that exists).
+    weights_files: tuple[str, ...] = (WEIGHTS_FILENAME,)
+    # What the model card prescribes that feeding the 224 px tile as it is leaves out ("" where nothing).
+    input_deviation: str = ""
 
     @property
-    def timm_name(self) -> str:
-        return "vit_huge_patch14_224"
+    def library(self) -> str:
+        return "timm" if self.timm_model else "transformers"
 
+    @property
+    def grid(self) -> int:
+        """Patches per side at the 224 px input."""
+        return INPUT_PX // self.patch_px
+
+    def variant(self, name: str, weights: str | None = None, seed: int | None = None, **arch: Any) -> EncoderSpec:
+        """The same family with some architecture fields changed (e.g. depth=1), random-init unless weights."""
+        depth_key = "depth" if self.library == "timm" else "num_hidden_layers"
+        changes = {depth_key if k == "depth" else k: v for k, v in arch.items()}
+        return replace(self, name=name, arch={**self.arch, **changes}, weights=weights,
+                       seed=self.seed if seed is None else seed)
+
+
+def _entries(name: str, hub_id: str, card: str, **kw: Any) -> dict[str, EncoderSpec]:
+    """A gated hub model and its random-init twin (same architecture: shapes, speed and GPU benchmarks)."""
+    return {
+        name: EncoderSpec(name, weights=hub_id, description=f"{card}; gated weights: hub id {hub_id} with "
+                          "HF_TOKEN, or a local file", **kw),
+        f"{name}-random": EncoderSpec(f"{name}-random", description=f"{card}, random weights (seed 0)", **kw),
+    }
+
+
+_TIMM_FILES = (WEIGHTS_FILENAME, STATE_DICT_FILENAME)
 
 REGISTRY: dict[str, EncoderSpec] = {
     "virchow2": EncoderSpec(
@@ -91,7 +143,41 @@ REGISTRY: dict[str, EncoderSpec] = {
         "virchow2-tiny", TINY_ARCH, None,
         "Virchow-2 family at test size (width 64, depth 2), random weights (seed 0)",
     ),
+    **_entries("uni2-h", "MahmoodLab/UNI2-h", "UNI2-h ViT-H/14 (681M, 8 registers), class token 1536-d",
+               arch=UNI2H_ARCH, timm_model="vit_giant_patch14_224", pooling=CLS, weights_files=_TIMM_FILES),
+    **_entries("h-optimus-1", "bioptimus/H-optimus-1", "H-optimus-1 ViT-g/14 (1.1B, 4 registers), class token 1536-d",
+               arch=HOPTIMUS_ARCH, timm_model="vit_giant_patch14_reg4_dinov2", pooling=CLS, mean=HOPTIMUS_MEAN,
+               std=HOPTIMUS_STD, weights_files=_TIMM_FILES),
+    **_entries("h-optimus-0", "bioptimus/H-optimus-0", "H-optimus-0 ViT-g/14 (1.1B, 4 registers), class token 1536-d",
+               arch=HOPTIMUS_ARCH, timm_model="vit_giant_patch14_reg4_dinov2", pooling=CLS, mean=HOPTIMUS_MEAN,
+               std=HOPTIMUS_STD, weights_files=_TIMM_FILES),
+    **_entries("prov-gigapath", "prov-gigapath/prov-gigapath",
+               "Prov-GigaPath tile encoder ViT-g/16 (1.1B), class token 1536-d",
+               arch=GIGAPATH_ARCH, timm_model="vit_giant_patch14_dinov2", pooling=CLS, patch_px=16,
+               weights_files=_TIMM_FILES,
+               input_deviation="model card: resize to 256 px (bicubic), centre-crop 224; fed the 224 px tile as it is"),
+    **_entries("phikon-v2", "owkin/phikon-v2", "Phikon-v2 ViT-L/16 (307M, transformers Dinov2), class token 1024-d",
+               arch=PHIKON2_ARCH, timm_model="", pooling=CLS, patch_px=16, weights_files=(WEIGHTS_FILENAME,)),
 }
+
+# Encoders whose only published loading path runs code from their hub repository: refused, never run.
+REMOTE_CODE_ONLY: dict[str, str] = {
+    "titan": "TITAN (MahmoodLab/TITAN) loads only with trust_remote_code: its model class ships in the hub repository",
+    "conch": "CONCH v1.5 loads only through TITAN's trust_remote_code, and CONCH v1 only through MahmoodLab's own "
+             "conch package's model code",
+    "prism": "PRISM (paige-ai/Prism) loads only with trust_remote_code: its model class ships in the hub repository",
+}
+
+
+def registered(name: str) -> EncoderSpec:
+    """The registry entry, or an error naming what is registered (and why a remote-code model is not)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    key = name.lower().split("-v")[0].split("_")[0]
+    if key in REMOTE_CODE_ONLY:
+        raise EncoderError(f"encoder {name!r} is not supported: {REMOTE_CODE_ONLY[key]}, and slidecache never "
+                           "runs a repository's code (trust_remote_code). Registered: " + ", ".join(sorted(REGISTRY)))
+    raise EncoderError(f"unknown encoder {name!r}; registered: {', '.join(sorted(REGISTRY))}")
 
 
 @dataclass
@@ -106,25 +192,29 @@ class TileEncoder:
     num_prefix_tokens: int  # class + registers
     width: int  # C, the token width
     grid: int  # patches per side at the native input size
+    pooling: str = CLS_MEAN_PATCH
+    input_deviation: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def embedding_dim(self) -> int:
-        return 2 * self.width
+        return embedding_width(self.pooling, self.width)
 
     def describe(self) -> dict[str, Any]:
         """The encoder part of a store fingerprint: everything that changes the numbers."""
         cfg = self.data_config
+        deviation = {"input_deviation": self.input_deviation} if self.input_deviation else {}
         return {
             "name": self.name,
             "weights_id": self.weights_id,
             "weights_sha256": self.weights_sha256,
-            "pooling": "cls+mean_patch(no_registers)",
+            "pooling": self.pooling,
             "preprocessing": {
                 "input_size": list(cfg["input_size"]),
                 "interpolation": cfg["interpolation"],
                 "mean": [float(v) for v in cfg["mean"]],
                 "std": [float(v) for v in cfg["std"]],
+                **deviation,
             },
             "dim": self.embedding_dim,
         }
@@ -134,13 +224,22 @@ class TileEncoder:
         return self.model(pixels)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised pixels → (B, 2C) class ‖ mean(patch tokens, registers excluded)."""
-        return pool_tile_embedding(self.tokens(pixels), self.num_prefix_tokens)
+        """(B, 3, H, W) normalised pixels → (B, D), the tile embedding of the encoder's pooling."""
+        return pool_tile_embedding(self.tokens(pixels), self.num_prefix_tokens, self.pooling)
 
 
-def pool_tile_embedding(tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """(B, 1 + R + P, C) → (B, 2C). Index 0 is the class token; 1..R are registers, skipped."""
+def embedding_width(pooling: str, width: int) -> int:
+    return 2 * width if pooling == CLS_MEAN_PATCH else width
+
+
+def pool_tile_embedding(tokens: torch.Tensor, num_prefix_tokens: int, pooling: str = CLS_MEAN_PATCH) -> torch.Tensor:
+    """(B, 1 + R + P, C) → (B, 2C) class ‖ mean(patch tokens) or (B, C) class token. Index 0 is the class
+    token; 1..R are registers, never averaged in."""
+    if pooling not in _POOLINGS:
+        raise EncoderError(f"unknown pooling {pooling!r}: {', '.join(_POOLINGS)}")
     cls = tokens[:, 0]  # (B, C)
+    if pooling == CLS:
+        return cls
     patch_mean = tokens[:, num_prefix_tokens:].mean(dim=1)  # (B, C)
     return torch.cat([cls, patch_mean], dim=-1)
 
@@ -165,41 +264,81 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _resolve_weights_file(weights: str) -> Path:
-    """A local .safetensors file, a directory holding model.safetensors, or a hub id (HF_TOKEN)."""
-    local = Path(weights).expanduser()
-    if local.is_file():
-        return local
-    if local.is_dir():
-        candidate = local / WEIGHTS_FILENAME
-        if candidate.is_file():
-            return candidate
-        raise EncoderError(f"{local} holds no {WEIGHTS_FILENAME}: point --weights at the .safetensors file")
-    if weights.startswith((".", "/", "~")) or weights.count("/") != 1:
-        raise EncoderError(f"weights {weights!r}: no such file, and not a hub id of the form owner/name")
+def _hub_download(repo: str, filenames: tuple[str, ...]) -> Path:
+    """The first of `filenames` the hub repository has (HF_TOKEN from the environment; never read by us)."""
     from huggingface_hub import hf_hub_download  # imported late: no network probe at import time
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
-        # huggingface_hub reads HF_TOKEN from the environment itself; we never touch the value.
-        return Path(hf_hub_download(weights, WEIGHTS_FILENAME))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise EncoderError(
-            f"could not fetch {WEIGHTS_FILENAME} of {weights!r} ({type(e).__name__}). The weights are gated: "
-            "accept the licence on the hub and set HF_TOKEN, or pass a local .safetensors path"
-        ) from e
+    last: Exception | None = None
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo, filename))
+        except EntryNotFoundError as e:  # the repository exists but ships another file name: try the next
+            last = e
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+            last = e
+            break
+    raise EncoderError(
+        f"could not fetch {' or '.join(filenames)} of {repo!r} ({type(last).__name__}). The weights are gated: "
+        "accept the licence on the hub and set HF_TOKEN, or pass a local weights file"
+    ) from last
 
 
-def _load_safetensors(model: torch.nn.Module, path: Path) -> None:
+def _resolve_weights_file(weights: str, spec: EncoderSpec) -> Path:
+    """A local weights file, a directory holding one of the entry's weights files, or a hub id (HF_TOKEN).
+    A transformers model (Phikon-v2) also needs its config.json beside the file."""
+    names = spec.weights_files
+    local = Path(weights).expanduser()
+    if local.is_dir():
+        found = [local / n for n in names if (local / n).is_file()]
+        if not found:
+            raise EncoderError(f"{local} holds no {' or '.join(names)}: point --weights at the weights file")
+        local = found[0]
+    if local.is_file():
+        path = local
+    elif weights.startswith((".", "/", "~")) or weights.count("/") != 1:
+        raise EncoderError(f"weights {weights!r}: no such file, and not a hub id of the form owner/name")
+    else:
+        path = _hub_download(weights, names)
+        if spec.library == "transformers":
+            _hub_download(weights, (HF_CONFIG,))  # lands beside the weights in the same snapshot folder
+    if spec.library == "transformers" and not (path.parent / HF_CONFIG).is_file():
+        raise EncoderError(f"{path}: a {spec.name} checkpoint needs its {HF_CONFIG} in the same folder")
+    return path
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors, or a plain state dict read with weights_only=True (a pickle that would run code is refused)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix in (".bin", ".pt", ".pth"):
+        try:
+            # mmap for the zip format torch.save writes; a legacy-format file is read whole (still weights_only)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except Exception as e:  # weights_only's refusal is an UnpicklingError; a torn file another error
+            raise EncoderError(f"{path}: not a state dict torch.load(weights_only=True) can read "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); checkpoints that need "
+                               "arbitrary unpickling are never loaded") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise EncoderError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+        return state
+    raise EncoderError(f"{path}: weights must be .safetensors or a state dict (.bin/.pt/.pth, read with "
+                       "weights_only=True)")
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
     """Fill `model` (built on the meta device: no memory, no random init) with the file's tensors."""
-    from safetensors.torch import load_file
-
-    if path.suffix != ".safetensors":
-        raise EncoderError(f"{path}: only .safetensors weights are loaded (pickled checkpoints can run code)")
     # fp32 as the initialised model was (a bf16 file would otherwise make a bf16 model); .float() of fp32 is free
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    left_empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+    state = {k: v.float() if v.is_floating_point() else v for k, v in _read_state_dict(path).items()}
+    target = model.backbone if isinstance(model, _Dinov2Tokens) else model
+    try:
+        missing, unexpected = target.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # a tensor of another shape: another size of the family
+        shapes = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
+        raise EncoderError(f"{path} does not match the architecture: {shapes}") from e
+    left_empty = [name for name, t in [*target.named_parameters(), *target.named_buffers()]
                   if t.is_meta and name not in missing]  # e.g. a buffer no state dict holds
     if missing or unexpected or left_empty:
         raise EncoderError(
@@ -209,28 +348,62 @@ def _load_safetensors(model: torch.nn.Module, path: Path) -> None:
         )
 
 
-PATCH_PX = 14  # every registered encoder is a ViT-H/14-family model (vit_huge_patch14_224 below)
-
-
 def patch_grid(name: str) -> int:
     """Patches per side at the encoder's input size, without building it (16 for Virchow-2 at 224 px)."""
-    if name not in REGISTRY:
-        raise EncoderError(f"unknown encoder {name!r}; registered: {', '.join(sorted(REGISTRY))}")
-    return int(REGISTRY[name].arch["img_size"]) // PATCH_PX
+    return registered(name).grid
+
+
+class _Dinov2Tokens(torch.nn.Module):
+    """A transformers Dinov2Model as a tokens-out module like a timm ViT's (final layer norm applied)."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_prefix_tokens = 1
+        self.embed_dim = int(backbone.config.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.backbone(pixel_values=pixels).last_hidden_state
+
+
+def _dinov2_config(spec: EncoderSpec, weights_file: Path | None) -> Any:
+    """The registry's Dinov2 config; with a checkpoint, its own config.json, checked against the registry."""
+    from transformers import Dinov2Config
+
+    if weights_file is None:
+        return Dinov2Config(**spec.arch)
+    config = Dinov2Config.from_json_file(str(weights_file.parent / HF_CONFIG))
+    differs = {k: (getattr(config, k, None), v) for k, v in spec.arch.items()
+               if k not in ("image_size",) and getattr(config, k, None) != v}
+    if differs:
+        raise EncoderError(f"{weights_file.parent / HF_CONFIG} is not {spec.name}'s architecture: "
+                           + "; ".join(f"{k}: file {a!r}, {spec.name} {b!r}" for k, (a, b) in differs.items()))
+    config.image_size = INPUT_PX  # position embeddings are interpolated to the tile; the file's grid is kept
+    return config
+
+
+def build_model(spec: EncoderSpec, weights_file: Path | None = None) -> torch.nn.Module:
+    """The model of a registry entry, random-initialised from its fixed seed (or on the meta device when the
+    caller's context says so). Tokens out: (B, 1 + R + P, C) with the final norm applied."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        if spec.library == "timm":
+            return timm.create_model(spec.timm_model, pretrained=False, pretrained_cfg_overlay=_pretrained_cfg(spec),
+                                     **spec.arch)
+        from transformers import Dinov2Model
+
+        return _Dinov2Tokens(Dinov2Model(_dinov2_config(spec, weights_file)))
 
 
 def build_vit(arch: dict[str, Any], seed: int = 0) -> torch.nn.Module:
-    """The timm ViT for an architecture dict, random-initialised from a fixed seed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return timm.create_model(
-            "vit_huge_patch14_224",
-            pretrained=False,
-            mlp_layer=SwiGLUPacked,
-            act_layer=torch.nn.SiLU,
-            pretrained_cfg_overlay=_VIRCHOW2_PRETRAINED_CFG,
-            **arch,
-        )
+    """The Virchow-2-family timm ViT for an architecture dict (kept for callers that build by arch)."""
+    return build_model(EncoderSpec("custom", arch, seed=seed))
+
+
+def _pretrained_cfg(spec: EncoderSpec) -> dict[str, Any]:
+    """The preprocessing of the model card: bicubic to 224, the card's mean/std, no crop."""
+    return dict(input_size=(3, INPUT_PX, INPUT_PX), interpolation="bicubic", crop_pct=1.0, crop_mode="center",
+                mean=spec.mean, std=spec.std)
 
 
 def build_encoder(
@@ -240,37 +413,38 @@ def build_encoder(
     dtype: torch.dtype | None = None,
     *,
     meta: bool = False,
+    spec: EncoderSpec | None = None,
 ) -> TileEncoder:
-    """Build a registered encoder, frozen and in eval mode. `weights` overrides the registry's source.
-    `meta=True`: the model stays on the meta device and a weights file is hashed but not read: describe()
-    and the widths without building it (a rerun over a complete store checks its fingerprint so)."""
-    if name not in REGISTRY:
-        raise EncoderError(f"unknown encoder {name!r}; registered: {', '.join(sorted(REGISTRY))}")
-    spec = REGISTRY[name]
+    """Build a registered encoder (or `spec`, e.g. a depth-1 variant), frozen and in eval mode. `weights`
+    overrides the registry's source. `meta=True`: the model stays on the meta device and a weights file is
+    hashed but not read: describe() and the widths without building it (a rerun over a complete store checks
+    its fingerprint so)."""
+    spec = spec or registered(name)
     source = weights if weights is not None else spec.weights
-    path = None if source is None else _resolve_weights_file(source)
+    path = None if source is None else _resolve_weights_file(source, spec)
     # Weights from a file: built without initialising (the full ViT-H's random init takes 13 s on 2 cores,
     # for 2.5 GB that the file's tensors replace at once).
     with torch.device("meta") if meta or path is not None else contextlib.nullcontext():
-        model = build_vit(spec.arch, spec.seed)
+        model = build_model(spec, path)
     if path is None:
         weights_id, digest = f"random-init:seed={spec.seed}", None
     else:
         if not meta:
-            _load_safetensors(model, path)
+            _load_weights(model, path)
         is_local = Path(source).expanduser().exists()
         weights_id, digest = (path.name if is_local else source), sha256_file(path)
     model.eval().requires_grad_(False)
     if not meta:
         model.to(device=device, dtype=dtype)
-    grid = model.patch_embed.grid_size[0]
     return TileEncoder(
-        name=name,
+        name=spec.name,
         model=model,
-        data_config=resolve_model_data_config(model),
+        data_config=_pretrained_cfg(spec),
         weights_id=weights_id,
         weights_sha256=digest,
-        num_prefix_tokens=model.num_prefix_tokens,
-        width=model.embed_dim,
-        grid=grid,
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        width=int(model.embed_dim),
+        grid=spec.grid,
+        pooling=spec.pooling,
+        input_deviation=spec.input_deviation,
     )

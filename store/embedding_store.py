@@ -206,6 +206,13 @@ class EmbeddingStore:
         return int(self.spec["encoder"]["dim"])
 
     @property
+    def _class_token_width(self) -> int:
+        """The leading values of a tile embedding that are the class token: all of a class-token encoder's
+        (UNI2-h, H-optimus, Prov-GigaPath, Phikon-v2), half of a class ‖ mean-patch one's (Virchow-2)."""
+        encoder = self.spec["encoder"]
+        return self.embedding_dim if encoder.get("pooling") == "cls" else self.embedding_dim // 2
+
+    @property
     def compression(self) -> str:
         return str(self._attrs.get("layout", {}).get("compression", DEFAULT_COMPRESSION))
 
@@ -251,7 +258,7 @@ class EmbeddingStore:
         group = self.slide_group(slide_id)
         if not group.attrs.get(COMPLETE, False):
             raise SlideNotFound(f"slide {slide_id!r} in {display_url(self.url)} is not complete (interrupted write)")
-        return SlideView(slide_id, group)
+        return SlideView(slide_id, group, self._class_token_width)
 
     def slides(self) -> Iterator[SlideView]:
         for slide_id in self.slide_ids():
@@ -678,8 +685,9 @@ def data_group(marker: zarr.Group, attrs: Mapping[str, Any] | None = None) -> za
 class SlideView:
     """One complete slide, read lazily: arrays are read only for the rows asked."""
 
-    def __init__(self, slide_id: str, group: zarr.Group) -> None:
+    def __init__(self, slide_id: str, group: zarr.Group, class_token_width: int | None = None) -> None:
         self.slide_id = slide_id
+        self._cls_width = class_token_width  # None: the first half (class ‖ mean patch embeddings)
         self.attrs: dict[str, Any] = dict(group.attrs)
         self._group = data_group(group, self.attrs)
 
@@ -742,7 +750,7 @@ class SlideView:
         if self.n_tiles == 0:
             raise SlideNotFound(f"slide {self.slide_id!r} has no tiles ({self.attrs.get('empty_reason')})")
         if kind == "cls":
-            return self._group["pooled_mean"][: self.embedding_dim // 2]  # type: ignore[index]
+            return self._group["pooled_mean"][: self._cls_width or self.embedding_dim // 2]  # type: ignore[index]
         if kind not in ("mean", "max"):
             raise ValueError(f"pooling must be mean, max or cls, got {kind!r}")
         return self._group[f"pooled_{kind}"][...]  # type: ignore[index]

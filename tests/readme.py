@@ -52,7 +52,7 @@ EXEMPT = {
     "ray job submit": "a mention in the prose; the whole command is in the extraction block and is run",
     "python -m store failures": "a mention in the prose; `python -m store failures STORE [--json]` is run",
 }
-PLACEHOLDERS = {"STORE", "TABLE", "DIR", "ID", "SRC", "DST", "NAME", "SLIDES_OR_TABLE", "OUT", "HUB_ID_OR_FILE",
+PLACEHOLDERS = {"STORE", "STORE_A", "STORE_B", "TABLE", "DIR", "ID", "SRC", "DST", "NAME", "SLIDES_OR_TABLE", "OUT", "HUB_ID_OR_FILE",
                 "SLIDE_ID", "SLIDE", "X", "N"}  # the README's placeholders; other upper-case words (OS, TCGA) are literal
 INLINE = re.compile(r"^(python -m |make |bash |ray job submit)")
 REWRITES = (("GPUS=8", "GPUS=2"), ("--ray_workers 16", "--ray_workers 2"))  # the table's plain rewrites

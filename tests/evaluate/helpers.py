@@ -16,19 +16,23 @@ THUMB_DOWNSAMPLE = 16.0
 
 
 def planted_cohort(root: Path, patients: int = 120, seed: int = 0, signal: float = 2.5, slides_per_patient: int = 1,
-                   permute: bool = False, thumbnails: bool = False) -> tuple[str, Path]:
-    """Embeddings carry a known risk direction; survival times follow exp(signal * risk) hazards.
-    Tiles lie on a grid COLUMNS wide; `thumbnails` stores a plain pink picture per slide."""
+                   permute: bool = False, thumbnails: bool = False, noise: float = 0.8, name: str = "store",
+                   encoder: str = "test-encoder") -> tuple[str, Path]:
+    """Embeddings carry a known risk direction under `noise`; survival times follow exp(signal * risk)
+    hazards. Tiles lie on a grid COLUMNS wide; `thumbnails` stores a plain pink picture per slide. The same
+    seed with another noise (and name) is the same cohort seen by a better or worse encoder."""
     rng = np.random.default_rng(seed)
     direction = rng.normal(size=DIM)
     direction /= np.linalg.norm(direction)
     risk = rng.normal(size=patients)
-    url = str(root / "store")
-    store = EmbeddingStore.create_or_open(url, kind="slides", spec=spec(dim=DIM))
+    url = str(root / name)
+    store_spec = spec(dim=DIM)
+    store_spec["encoder"]["name"] = encoder
+    store = EmbeddingStore.create_or_open(url, kind="slides", spec=store_spec)
     for p in range(patients):
         for s in range(slides_per_patient):
             n = int(rng.integers(8, 30))
-            emb = risk[p] * direction + 0.8 * rng.normal(size=(n, DIM))
+            emb = risk[p] * direction + noise * rng.normal(size=(n, DIM))
             coords = np.stack([np.arange(n) % COLUMNS, np.arange(n) // COLUMNS], 1).astype(np.int64) * TILE
             size = [COLUMNS * TILE, (coords[:, 1].max() + TILE)]
             attrs = {"patient_id": f"PT{p:04d}", "tile_px_level0": TILE, "level0_size": [int(v) for v in size]}

@@ -68,8 +68,11 @@ def test_local_safetensors_weights_load_and_are_hashed(tmp_path):
 
 def test_bad_weights_are_refused(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(EncoderError, match="only .safetensors"):
+    with pytest.raises(EncoderError, match=r"not a state dict torch.load\(weights_only=True\) can read"):
         build_encoder("virchow2-tiny", weights=str(tmp_path / "w.bin"))
+    (tmp_path / "w.ckpt").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(EncoderError, match="must be .safetensors or a state dict"):
+        build_encoder("virchow2-tiny", weights=str(tmp_path / "w.ckpt"))
     save_file({"unrelated": torch.zeros(1)}, tmp_path / "w.safetensors")
     with pytest.raises(EncoderError, match="does not match the architecture"):
         build_encoder("virchow2-tiny", weights=str(tmp_path / "w.safetensors"))
@@ -77,7 +80,7 @@ def test_bad_weights_are_refused(tmp_path):
     save_file(partial, tmp_path / "partial.safetensors")
     with pytest.raises(EncoderError, match="1 missing keys"):
         build_encoder("virchow2-tiny", weights=str(tmp_path / "partial.safetensors"))
-    with pytest.raises(EncoderError, match="holds no model.safetensors"):
+    with pytest.raises(EncoderError, match="holds no model.safetensors"):  # the registry's file for virchow2
         build_encoder("virchow2-tiny", weights=str(tmp_path))
     with pytest.raises(EncoderError, match="gated"):
         build_encoder("virchow2", weights="paige-ai/Virchow2")  # offline here: a clear message, not a stack

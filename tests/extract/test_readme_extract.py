@@ -19,7 +19,7 @@ from tests.ray_head import RAY, head_env, ray_head
 from tests.readme import run_subprocess, to_argv
 
 EXTRACT = ("python -m extract --cohort SLIDES_OR_TABLE --store STORE [--config configs/extract/virchow2.yaml] "
-           "[--encoder virchow2|virchow2-random|virchow2-small|virchow2-tiny] [--weights HUB_ID_OR_FILE] "
+           "[--encoder NAME] [--weights HUB_ID_OR_FILE] "
            "[--mpp-override X] [--tokens 4x4] [--retry-failed] [--limit N] [--qc-dir DIR] [--encoder-threads N] "
            "[--executor auto|ray|local] [--compile]")
 SUBMIT = "ray job submit --working-dir . -- python -m extract --cohort TCGA --store s3://bucket/tcga.zarr"
