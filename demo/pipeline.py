@@ -17,6 +17,7 @@ LoRA recipe), with the demo's epochs and tile budget.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterator
 from demo.cohort import SEED, DemoSize, plan_patients, write_clinical, write_report_texts, write_slides
 from demo.summary import write_summary
 from extract.config import CONFIG_DIR, ExtractConfig
-from extract.executors import ray_session
+from extract.executors import lazy_ray_session
 from extract.job import Extraction
 from extract.qc import write_qc
 from store import EmbeddingStore
@@ -85,8 +86,8 @@ def extract(out: Path, cohort: Path, settings: DemoSettings, log: Callable[[str]
     cfg = settings.extract_config()
     store_url = str(out / "store.zarr")
     entries = load_cohort(cohort)
-    with ray_session(cfg):
-        summary = Extraction(entries, store_url, cfg, log=log).run()
+    with lazy_ray_session(cfg) as executor:  # a rerun with every slide in the store starts no Ray
+        summary = Extraction(entries, store_url, cfg, log=log, executor=executor).run()
     log(summary.table())
     store = EmbeddingStore.open(store_url)
     if not {e.slide_id for e in entries} & set(store.slide_ids()):
@@ -152,9 +153,11 @@ def train_and_generate(out: Path, store_url: str, clinical: Path, texts: Path, s
             "generated": str(generated)}
 
 
-def evaluate_all(out: Path, data: Any, split: Path, clinical: Path, annotations: str, generated: str) -> dict[str, Any]:
+def evaluate_all(out: Path, data: Any, split: Path, clinical: Path, annotations: str, generated: str,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Survival and grade heads and report metrics; a head that cannot be estimated on this cohort (too few
-    patients or events, e.g. `--patients 10`) is recorded with the reason instead of stopping the run."""
+    patients or events, e.g. `--patients 10`) is recorded with the reason instead of stopping the run. An
+    earlier run's metrics of exactly the same inputs are reused (a rerun changes nothing)."""
     from evaluate.grade import confusion_plot, cross_validate_grade
     from evaluate.report_metrics import score_reports
     from evaluate.splits import read_split
@@ -162,8 +165,13 @@ def evaluate_all(out: Path, data: Any, split: Path, clinical: Path, annotations:
     from store.clinical import load_clinical
     from store.errors import EvaluationError
 
-    folds = read_split(split)
     folder = out / "evaluation"
+    inputs = _evaluation_inputs(out, split, clinical, annotations, generated)
+    previous = _reusable_evaluation(folder, inputs)
+    if previous is not None:
+        log(f"[demo] evaluation: {folder} holds the metrics of these very inputs: reused")
+        return previous
+    folds = read_split(split)
     folder.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {}
     try:
@@ -182,8 +190,33 @@ def evaluate_all(out: Path, data: Any, split: Path, clinical: Path, annotations:
     reports = score_reports(generated, annotations, load_clinical(clinical), "OS")
     result["reports"] = {"n": reports.n, "caption": reports.caption, "clinical": reports.clinical,
                          "notes": reports.notes, "fold": HELD_OUT_FOLD}
-    (folder / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    (folder / "metrics.json").write_text(json.dumps({**result, "inputs_sha256": inputs}, indent=2, default=str))
     return result
+
+
+def _evaluation_inputs(out: Path, *files: Path | str) -> str:
+    """One digest of everything the evaluation reads: the store's slides (each one's commit), the split,
+    the clinical table, the annotations and the generated reports, and the seed."""
+    store = EmbeddingStore.open(str(out / "store.zarr"))
+    digest = hashlib.sha256(f"seed={SEED};{store.fingerprint}".encode())
+    for slide_id in store.slide_ids():
+        digest.update(f"{slide_id}@{store.slide(slide_id).attrs.get('committed_at')};".encode())
+    for path in files:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+def _reusable_evaluation(folder: Path, inputs: str) -> dict[str, Any] | None:
+    """The metrics of an earlier run on exactly these inputs (and its pictures), else None."""
+    try:
+        previous = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    pictures = [folder / name for name, part in (("km.png", "survival"), ("confusion.png", "grade"))
+                if "error" not in previous.get(part, {})]
+    if previous.pop("inputs_sha256", None) != inputs or not all(p.is_file() for p in pictures):
+        return None
+    return previous
 
 
 class _Stages:
@@ -217,7 +250,8 @@ def run(out: Path, settings: DemoSettings = DemoSettings(), log: Callable[[str],
             result |= {"llm": settings.llm_label(),
                        **train_and_generate(out, result["store"], clinical, texts, split, settings, log)}
         with stage("evaluation"):
-            result["evaluation"] = evaluate_all(out, data, split, clinical, result["annotations"], result["generated"])
+            result["evaluation"] = evaluate_all(out, data, split, clinical, result["annotations"], result["generated"],
+                                                log)
     result["stage_seconds"] = stage.seconds
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["summary_html"] = str(write_summary(out, result))

@@ -83,6 +83,7 @@ class Executor(Protocol):
     name: str
 
     def resources(self) -> Resources: ...
+    def gpus(self) -> int: ...  # what resources() would say, without starting anything
     def start_encoders(self, cfg: ExtractConfig, store_url: str, storage_options: dict[str, Any],
                        count: int, gpus: int, nodes: list[str]) -> list[Any]: ...
     def prepare(self, entry: SlideEntry, cfg: ExtractConfig) -> Any: ...
@@ -120,6 +121,20 @@ def connect_ray(cfg: ExtractConfig) -> bool:
 
 
 @contextmanager
+def lazy_ray_session(cfg: ExtractConfig) -> Iterator[RayExecutor]:
+    """A Ray executor that joins or starts Ray (connect_ray) only when it first has work, and stops a Ray
+    it started when the block ends: a rerun over a complete store starts none (5-6 s on 2 cores)."""
+    executor = RayExecutor(cfg, connect=lambda: connect_ray(cfg))
+    try:
+        yield executor
+    finally:
+        if executor.started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+@contextmanager
 def ray_session(cfg: ExtractConfig) -> Iterator[None]:
     """Ray for the length of a `with` block: the cluster joined or the local Ray started by connect_ray,
     shut down afterwards only if this process started it."""
@@ -134,16 +149,21 @@ def ray_session(cfg: ExtractConfig) -> Iterator[None]:
 
 
 class RayExecutor:
-    """Ray must be initialised (ray_session). Tasks' tiles reach the actors through Ray's object store.
-    The stages may be replaced (bench/scale_bench.py runs stand-ins to measure the coordination alone)."""
+    """Ray initialised by the caller (ray_session), or by this executor when it first has work (`connect`:
+    lazy_ray_session), so that a rerun with nothing to encode starts no Ray. Tasks' tiles reach the actors
+    through Ray's object store. The stages may be replaced (bench/scale_bench.py runs stand-ins to measure
+    the coordination alone)."""
 
     name = "ray"
 
     def __init__(self, cfg: ExtractConfig, worker: type[EncoderWorker] = EncoderWorker,
-                 prepare: Callable[..., PreparedSlide] = _prepare, read: Callable[..., np.ndarray] = _read) -> None:
+                 prepare: Callable[..., PreparedSlide] = _prepare, read: Callable[..., np.ndarray] = _read,
+                 connect: Callable[[], bool] | None = None) -> None:
         import ray
 
         self._ray = ray
+        self._connect = connect
+        self.started_ray = False  # whether this executor started Ray (and its session should stop it)
         self._worker = worker
         self._prepare = ray.remote(num_cpus=cfg.reader_cpus, max_retries=READ_RETRIES, retry_exceptions=False,
                                    num_returns=2)(_apart(prepare))
@@ -151,7 +171,19 @@ class RayExecutor:
         self._read = ray.remote(num_cpus=cfg.reader_cpus, max_retries=READ_RETRIES, retry_exceptions=False)(read)
         self._node_readers: dict[str, Any] = {}
 
+    def _ensure_ray(self) -> None:
+        if self._connect is not None and not self._ray.is_initialized():
+            self.started_ray = self._connect()
+
+    def gpus(self) -> int:
+        """GPUs the encoders would run on; a local Ray not started yet would be this machine's (not started
+        for the answer: a rerun with nothing to encode checks its fingerprint's precision with it)."""
+        if self._connect is not None and not self._ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+            return visible_gpus()
+        return self.resources().gpus
+
     def resources(self) -> Resources:
+        self._ensure_ray()
         ray = self._ray
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU"))
         res = ray.cluster_resources()
@@ -159,6 +191,7 @@ class RayExecutor:
 
     def start_encoders(self, cfg: ExtractConfig, store_url: str, storage_options: dict[str, Any],
                        count: int, gpus: int, nodes: list[str]) -> list[Any]:
+        self._ensure_ray()
         ray = self._ray
 
         # No CPU reserved for the encoder even without a GPU: reserving one left a single reader task on a
@@ -189,6 +222,7 @@ class RayExecutor:
         return {"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=False)}
 
     def prepare(self, entry: SlideEntry, cfg: ExtractConfig) -> Any:
+        self._ensure_ray()
         plan, pictures = self._prepare.remote(entry, cfg)
         self._pictures[plan] = pictures
         return plan
@@ -281,6 +315,9 @@ class LocalExecutor:
 
     def resources(self) -> Resources:
         return Resources(visible_gpus(), self.cores, ["local"])
+
+    def gpus(self) -> int:
+        return visible_gpus()
 
     def start_encoders(self, cfg: ExtractConfig, store_url: str, storage_options: dict[str, Any],
                        count: int, gpus: int, nodes: list[str]) -> list[Any]:
@@ -407,8 +444,8 @@ def resolve_executor(name: str) -> str:
 def executor_session(cfg: ExtractConfig) -> Iterator[Executor]:
     """The executor `cfg.executor` names, started for a `with` block and stopped after it."""
     if resolve_executor(cfg.executor) == "ray":
-        with ray_session(cfg):
-            yield RayExecutor(cfg)
+        with lazy_ray_session(cfg) as ray_executor:
+            yield ray_executor
         return
     executor = LocalExecutor(cfg)
     try:

@@ -210,7 +210,7 @@ class Extraction:
         store of another encoder or tiling is refused as a run that had work would be."""
         from extract.encode import expected_encoder
 
-        device = "cuda" if self.ex.resources().gpus else "cpu"
+        device = "cuda" if self.ex.gpus() else "cpu"
         store.check_fingerprint(self._store_spec(expected_encoder(self.cfg, device)[0]))
 
     def _log_todo(self, todo: list[SlideEntry], note: str = "") -> None:

@@ -53,7 +53,20 @@ def tiles_geojson(store: EmbeddingStore, slide_id: str) -> dict[str, Any]:
         ring = [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
         features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
                          "properties": {"objectType": "tile", "index": i, "tissue": t}})
-    return {"type": "FeatureCollection", "features": features}
+    # the commit it was drawn from: a rerun redraws only slides committed since (QuPath ignores the member)
+    return {"type": "FeatureCollection", "features": features, "slidecache": {"committed_at": _committed_at(slide)}}
+
+
+def _committed_at(slide: Any) -> str | None:
+    return slide.attrs.get("committed_at")
+
+
+def _drawn_from(geojson: Path) -> str | None:
+    """The commit time a slide's QC files were drawn from, None when absent or unreadable (redraw)."""
+    try:
+        return json.loads(geojson.read_text()).get("slidecache", {}).get("committed_at")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def write_qc(store_url: str, qc_dir: str | Path, summary: Any = None, storage_options: dict | None = None) -> Path:
@@ -63,11 +76,19 @@ def write_qc(store_url: str, qc_dir: str | Path, summary: Any = None, storage_op
     store = EmbeddingStore.open(store_url, storage_options=storage_options)
     tiles = {}
     for slide_id in store.slide_ids():
+        slide = store.slide(slide_id)
+        tiles[slide_id] = slide.n_tiles
+        geojson = out / "slides" / f"{slide_id}.geojson"
+        committed = _committed_at(slide)
+        png = out / "slides" / f"{slide_id}.png"
+        if committed is not None and png.is_file() and _drawn_from(geojson) == committed:  # drawn from this commit
+            continue
         picture = slide_picture(store, slide_id)
         if picture is not None:
-            picture.save(out / "slides" / f"{slide_id}.png", compress_level=PNG_COMPRESS_LEVEL)
-        (out / "slides" / f"{slide_id}.geojson").write_text(json.dumps(tiles_geojson(store, slide_id)))
-        tiles[slide_id] = store.slide(slide_id).n_tiles
+            picture.save(png, compress_level=PNG_COMPRESS_LEVEL)
+        else:
+            png.unlink(missing_ok=True)  # an earlier commit's picture would show tiles the slide no longer has
+        geojson.write_text(json.dumps(tiles_geojson(store, slide_id)))  # last: it marks the slide drawn
     failures = store.failures()
     _tiles_histogram(tiles, out / "tiles_per_slide.png")
     lines = [f"# Extraction QC: {display_url(store_url)}", "",
