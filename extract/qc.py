@@ -3,6 +3,7 @@ grid (PNG) plus the tiles as GeoJSON for QuPath; per cohort a Markdown summary a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,12 @@ def tiles_geojson(store: EmbeddingStore, slide_id: str) -> dict[str, Any]:
 
 
 def _committed_at(slide: Any) -> str | None:
-    return slide.attrs.get("committed_at")
+    """The commit's identity: its time has only second resolution (a slide deleted and written again within
+    the second kept it), so with every attribute the commit wrote (rows, timings, writer)."""
+    if "committed_at" not in slide.attrs:
+        return None
+    digest = hashlib.sha256(json.dumps(slide.attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{slide.attrs['committed_at']}#{digest}"
 
 
 def _drawn_from(geojson: Path) -> str | None:
