@@ -200,7 +200,7 @@ def _evaluation_inputs(out: Path, *files: Path | str) -> str:
     store = EmbeddingStore.open(str(out / "store.zarr"))
     digest = hashlib.sha256(f"seed={SEED};{store.fingerprint}".encode())
     for slide_id in store.slide_ids():
-        digest.update(f"{slide_id}@{store.slide(slide_id).attrs.get('committed_at')};".encode())
+        digest.update(f"{slide_id}@{store.slide(slide_id).commit_id};".encode())
     for path in files:
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()

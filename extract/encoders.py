@@ -395,11 +395,6 @@ def build_model(spec: EncoderSpec, weights_file: Path | None = None) -> torch.nn
         return _Dinov2Tokens(Dinov2Model(_dinov2_config(spec, weights_file)))
 
 
-def build_vit(arch: dict[str, Any], seed: int = 0) -> torch.nn.Module:
-    """The Virchow-2-family timm ViT for an architecture dict (kept for callers that build by arch)."""
-    return build_model(EncoderSpec("custom", arch, seed=seed))
-
-
 def _pretrained_cfg(spec: EncoderSpec) -> dict[str, Any]:
     """The preprocessing of the model card: bicubic to 224, the card's mean/std, no crop."""
     return dict(input_size=(3, INPUT_PX, INPUT_PX), interpolation="bicubic", crop_pct=1.0, crop_mode="center",

@@ -3,7 +3,6 @@ grid (PNG) plus the tiles as GeoJSON for QuPath; per cohort a Markdown summary a
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -55,22 +54,13 @@ def tiles_geojson(store: EmbeddingStore, slide_id: str) -> dict[str, Any]:
         features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
                          "properties": {"objectType": "tile", "index": i, "tissue": t}})
     # the commit it was drawn from: a rerun redraws only slides committed since (QuPath ignores the member)
-    return {"type": "FeatureCollection", "features": features, "slidecache": {"committed_at": _committed_at(slide)}}
-
-
-def _committed_at(slide: Any) -> str | None:
-    """The commit's identity: its time has only second resolution (a slide deleted and written again within
-    the second kept it), so with every attribute the commit wrote (rows, timings, writer)."""
-    if "committed_at" not in slide.attrs:
-        return None
-    digest = hashlib.sha256(json.dumps(slide.attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return f"{slide.attrs['committed_at']}#{digest}"
+    return {"type": "FeatureCollection", "features": features, "slidecache": {"commit": slide.commit_id}}
 
 
 def _drawn_from(geojson: Path) -> str | None:
-    """The commit time a slide's QC files were drawn from, None when absent or unreadable (redraw)."""
+    """The commit a slide's QC files were drawn from, None when absent or unreadable (redraw)."""
     try:
-        return json.loads(geojson.read_text()).get("slidecache", {}).get("committed_at")
+        return json.loads(geojson.read_text()).get("slidecache", {}).get("commit")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -85,7 +75,7 @@ def write_qc(store_url: str, qc_dir: str | Path, summary: Any = None, storage_op
         slide = store.slide(slide_id)
         tiles[slide_id] = slide.n_tiles
         geojson = out / "slides" / f"{slide_id}.geojson"
-        committed = _committed_at(slide)
+        committed = slide.commit_id
         png = out / "slides" / f"{slide_id}.png"
         if committed is not None and png.is_file() and _drawn_from(geojson) == committed:  # drawn from this commit
             continue

@@ -27,6 +27,7 @@ slides never touch the same object, so processes can write a store concurrently.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -705,6 +706,16 @@ class SlideView:
     @property
     def patient_id(self) -> str:
         return str(self.attrs.get("patient_id") or self.slide_id)
+
+    @property
+    def commit_id(self) -> str | None:
+        """Which commit of the slide this is: every commit writes its own data group, so it differs for a slide
+        deleted and written again within the second `committed_at` resolves. Hashed, so that what copies it
+        (QC files, digests) holds nothing of the writer's lease token the group is named after."""
+        if "committed_at" not in self.attrs:
+            return None
+        identity = f"{self.attrs['committed_at']}/{self.attrs.get(DATA, '')}"
+        return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
     @property
     def has_tokens(self) -> bool:

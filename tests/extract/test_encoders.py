@@ -91,10 +91,10 @@ def test_full_virchow2_architecture_shapes_and_pooling():
     card gives 632M parameters, 261 tokens (1 class + 4 registers + 16x16 patches) of width 1280, and the
     2560-d tile embedding class ‖ mean of the patch tokens. The full model runs for real in the slow
     tests/demo/test_real_model_path.py; the pooling's numbers are checked on the tiny one above."""
-    from extract.encoders import REGISTRY, build_vit
+    from extract.encoders import REGISTRY, build_model
 
     with torch.device("meta"):
-        model = build_vit(REGISTRY["virchow2-random"].arch)
+        model = build_model(REGISTRY["virchow2-random"])
         tokens = model.forward_features(torch.empty(2, 3, 224, 224))
         emb = pool_tile_embedding(tokens, model.num_prefix_tokens)
     assert 625e6 < sum(p.numel() for p in model.parameters()) < 640e6
