@@ -18,7 +18,10 @@ CONFIG_HELP = (f"extraction YAML (default: configs/extract/ENCODER.yaml when --e
                f"{DEFAULT_CONFIG.relative_to(CONFIG_DIR.parent)}; settings it leaves out follow the device: batch / "
                f"read chunk {DEVICE_DEFAULTS['cuda']['batch_size']} / {DEVICE_DEFAULTS['cuda']['read_chunk']} with GPUs, "
                f"{DEVICE_DEFAULTS['cpu']['batch_size']} / {DEVICE_DEFAULTS['cpu']['read_chunk']} on CPU)")
-ENCODER_HELP = "registry name: virchow2, virchow2-random, virchow2-small, virchow2-tiny"
+ENCODER_HELP = ("registry name (extract/encoders.py: virchow2, uni2-h, h-optimus-1, h-optimus-0, prov-gigapath, "
+                "phikon-v2, each with a NAME-random twin; virchow2-small, virchow2-tiny)")
+ENCODERS_HELP = (ENCODER_HELP + "; several, comma-separated (virchow2,uni2-h), fill one store each from one read of "
+                 "every slide: --store then holds {encoder} or lists one store per encoder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,10 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", required=True,
                    help="named cohort (configs/cohorts/NAME.yaml), a slide folder, a CSV or a GDC manifest; relative "
                         "paths inside a table are relative to the table's folder, not to the working directory")
-    p.add_argument("--store", required=True, help="store path or URL (file://, s3://)")
+    p.add_argument("--store", required=True, nargs="+",
+                   help="store path or URL (file://, s3://); with several encoders, one holding {encoder} "
+                        "(tcga-{encoder}.zarr) or one per encoder, in their order")
     p.add_argument("--config", type=Path, help=CONFIG_HELP)
-    p.add_argument("--encoder", help=ENCODER_HELP)
-    p.add_argument("--weights", help="hub id or local .safetensors for the encoder")
+    p.add_argument("--encoder", help=ENCODERS_HELP)
+    p.add_argument("--weights", help="hub id or local .safetensors for the encoder (several encoders: comma-separated, "
+                                     "in their order)")
     p.add_argument("--mpp-override", type=float, help="µm/px for every slide, overriding metadata")
     p.add_argument("--tokens", help="also store pooled patch-token grids, e.g. 4x4")
     p.add_argument("--batch-size", type=int, help="tiles per encoder batch (default: the config's, else by device)")
@@ -94,6 +100,27 @@ def images_main(argv: Sequence[str]) -> int:
         return 2
 
 
+def encoder_stores(encoders: str | None, stores: list[str], weights: str | None) -> list[tuple[str, str | None, str | None]]:
+    """(store, encoder, weights) per encoder of `--encoder a,b,c` (None: the config's encoder), from
+    `--store` holding {encoder} or listing one store per encoder."""
+    names: list[str | None] = [n.strip() for n in encoders.split(",")] if encoders else [None]
+    if encoders and any(not n for n in names):
+        raise ConfigError(f"--encoder {encoders!r}: an empty name; give registry names separated by commas")
+    per_weights: list[str | None] = [w.strip() for w in weights.split(",")] if weights else [None] * len(names)
+    if len(per_weights) != len(names):
+        raise ConfigError(f"--weights gives {len(per_weights)} value(s) for {len(names)} encoders; give one per encoder, "
+                          "comma-separated, in the order of --encoder")
+    if len(stores) == 1 and len(names) > 1:
+        if "{encoder}" not in stores[0]:
+            raise ConfigError(f"--store {stores[0]}: {len(names)} encoders need one store each; put {{encoder}} in the "
+                              "store's name (tcga-{encoder}.zarr) or list one store per encoder")
+        stores = [stores[0].replace("{encoder}", str(name)) for name in names]
+    elif len(stores) != len(names):
+        raise ConfigError(f"--store lists {len(stores)} stores for {len(names)} encoder(s); give one per encoder, "
+                          "or one holding {encoder}")
+    return list(zip(stores, names, per_weights))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["images"]:
@@ -104,26 +131,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         from extract.job import Extraction
         from extract.qc import default_qc_dir, write_qc
 
-        overrides = {"encoder": args.encoder, "weights": args.weights, "mpp_override": args.mpp_override,
+        overrides = {"mpp_override": args.mpp_override,
                      "tokens": args.tokens, "batch_size": args.batch_size, "retry_failed": args.retry_failed,
                      "encoder_threads": args.encoder_threads,
                      "limit": args.limit, "num_encoders": args.num_encoders, "qc_dir": args.qc_dir,
                      "executor": args.executor, "compile": args.compile}
-        cfg = ExtractConfig.for_command(args.config, overrides)
+        stores = [(store, ExtractConfig.for_command(args.config, {**overrides, "encoder": name, "weights": weights}))
+                  for store, name, weights in encoder_stores(args.encoder, args.store, args.weights)]
+        cfg = stores[0][1]
         try:
             options = json.loads(args.storage_options) if args.storage_options else {}
         except json.JSONDecodeError as e:
             raise ConfigError(f"--storage-options must be JSON: {e}") from e
         entries = resolve_cohort(args.cohort)
-        print(f"[extract] cohort {args.cohort}: {len(entries)} slides; store {display_url(args.store)}", flush=True)
+        shown = ", ".join(display_url(url) for url, _ in stores)
+        print(f"[extract] cohort {args.cohort}: {len(entries)} slides; store{'s' * (len(stores) > 1)} {shown}", flush=True)
         with executor_session(cfg) as executor:
-            summary = Extraction(entries, args.store, cfg, options, log=lambda m: print(m, flush=True),
-                                 executor=executor).run()
+            extraction = Extraction.for_stores(entries, stores, options, log=lambda m: print(m, flush=True),
+                                               executor=executor)
+            summary = extraction.run()
         print(summary.table(), flush=True)
-        qc_dir = cfg.qc_dir or default_qc_dir(args.store)
-        if not args.no_qc and qc_dir:
-            report = write_qc(args.store, qc_dir, summary, storage_options=options)
-            print(f"[extract] QC pictures and cohort summary: {report}", flush=True)
+        if not args.no_qc:
+            for target in extraction.targets:
+                qc_dir = default_qc_dir(target.url) if not cfg.qc_dir else (
+                    str(Path(cfg.qc_dir) / target.label) if target.label else cfg.qc_dir)
+                report = write_qc(target.url, qc_dir, summary.for_store(target.label), storage_options=options)
+                print(f"[extract] QC pictures and cohort summary{f' ({target.label})' * bool(target.label)}: {report}",
+                      flush=True)
         return 1 if summary.failed else 0
     except SlidecacheError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -27,6 +27,10 @@ EXECUTORS = ("auto", "ray", "local")  # extract/executors.py
 # every reader busy on small slides and slide tails, and a small batch keeps activations in cache.
 DEVICE_DEFAULTS: dict[str, dict[str, int]] = {"cuda": {"batch_size": 256, "read_chunk": 256},
                                               "cpu": {"batch_size": 32, "read_chunk": 64}}
+# What may differ between the stores of one run (one read feeds them all): the encoder and how it runs. The
+# run reads in the first store's read chunks (how many tiles a reader task reads changes no number).
+PER_ENCODER_FIELDS = ("encoder", "weights", "tokens", "batch_size", "read_chunk", "precision", "compile",
+                      "encoder_threads", "num_encoders", "extra")
 
 
 @dataclass
@@ -121,3 +125,18 @@ class ExtractConfig:
         return {"target_mpp": self.target_mpp, "tile_px": self.tile_px, "stride_px": self.stride_px or self.tile_px,
                 "resample": "box average for integer factors, else bicubic", "tissue": dict(tissue_description),
                 "tokens": self.tokens}
+
+
+def check_one_read(configs: Mapping[str, ExtractConfig]) -> None:
+    """Several stores filled from one read of each slide must agree on everything but the encoder (and how it
+    runs): a different tiling, tissue rule or reader would need its own read. Raises ConfigError naming the
+    first setting that differs, with each store's value."""
+    for name in (f.name for f in dataclasses.fields(ExtractConfig)):
+        if name in PER_ENCODER_FIELDS:
+            continue
+        values = {label: getattr(cfg, name) for label, cfg in configs.items()}
+        if len({repr(v) for v in values.values()}) > 1:
+            shown = ", ".join(f"{label}: {value!r}" for label, value in values.items())
+            raise ConfigError(f"the encoders of one run must share one read of each slide, and their configs differ in "
+                              f"{name} ({shown}); give them the same {name} (one --config, or the same value in each "
+                              f"configs/extract/ENCODER.yaml), or extract them in separate runs")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -125,6 +126,7 @@ def _entries(name: str, hub_id: str, card: str, **kw: Any) -> dict[str, EncoderS
 
 
 _TIMM_FILES = (WEIGHTS_FILENAME, STATE_DICT_FILENAME)
+_BUILD_LOCK = threading.Lock()  # build_model: random init from the global generator, one build at a time
 
 REGISTRY: dict[str, EncoderSpec] = {
     "virchow2": EncoderSpec(
@@ -384,8 +386,10 @@ def _dinov2_config(spec: EncoderSpec, weights_file: Path | None) -> Any:
 
 def build_model(spec: EncoderSpec, weights_file: Path | None = None) -> torch.nn.Module:
     """The model of a registry entry, random-initialised from its fixed seed (or on the meta device when the
-    caller's context says so). Tokens out: (B, 1 + R + P, C) with the final norm applied."""
-    with torch.random.fork_rng(devices=[]):
+    caller's context says so). Tokens out: (B, 1 + R + P, C) with the final norm applied. One build at a
+    time: the seed is torch's global generator, and encoders built on threads at once (the local executor
+    with several stores) drew from it in turn, so each got other weights than its seed's."""
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         if spec.library == "timm":
             return timm.create_model(spec.timm_model, pretrained=False, pretrained_cfg_overlay=_pretrained_cfg(spec),

@@ -20,6 +20,10 @@ is charged the death (an actor runs its calls in the order sent): a chunk that k
 1 + MAX_CHUNK_RETRIES times fails its slide instead of retrying forever.
 One bad slide is recorded as a failure and never stops the cohort. A slide another live job is writing
 is skipped here and reported as "owned", not as a failure.
+
+Several stores, one read (`Extraction.for_stores`): each store has its own encoder actors and writers (its
+own fingerprint), and a slide is planned and read once for all the stores that lack it: each chunk's tiles
+go, as one object, to every store's encoder. A store whose writer must start again reads its own chunks.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from extract.config import ExtractConfig
+from extract.config import ExtractConfig, check_one_read
 from extract.executors import Executor, RayExecutor
 from extract.slide_prep import PreparedSlide, tissue_params
 from store.cohort import SlideEntry
@@ -54,6 +58,7 @@ class SlideOutcome:
     mpp: float | None = None
     error: str = ""
     node: str = ""  # the Ray node whose encoder wrote it
+    store: str = ""  # which store, when the run fills several ("" for one)
 
 
 @dataclass
@@ -61,6 +66,11 @@ class ExtractionSummary:
     outcomes: list[SlideOutcome] = field(default_factory=list)
     seconds: float = 0.0  # the whole run
     pipeline_seconds: float = 0.0  # from the encoders being ready to the last commit (no model loading)
+    chunk_reads: dict[str, int] = field(default_factory=dict)  # slide → reader tasks run for it (all stores)
+
+    def for_store(self, label: str) -> ExtractionSummary:
+        """The outcomes of one store of a several-store run."""
+        return dataclasses.replace(self, outcomes=[o for o in self.outcomes if o.store == label])
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -75,10 +85,18 @@ class ExtractionSummary:
         return [o for o in self.outcomes if o.status in ("failed", "failed-before")]
 
     def table(self) -> str:
-        rows = [f"{'slide':<40} {'status':<8} {'tiles':>7} {'reader':<10} {'mpp':>7} {'s':>7}  error"]
+        several = any(o.store for o in self.outcomes)
+        store = f"{'store':<16} " if several else ""
+        rows = [f"{'slide':<40} {store}{'status':<8} {'tiles':>7} {'reader':<10} {'mpp':>7} {'s':>7}  error"]
         for o in self.outcomes:
             mpp = f"{o.mpp:.3f}" if o.mpp else "-"
-            rows.append(f"{o.slide_id[:40]:<40} {o.status:<8} {o.tiles:>7} {o.reader:<10} {mpp:>7} {o.seconds:>7.1f}  {o.error[:120]}")
+            store = f"{o.store[:16]:<16} " if several else ""
+            rows.append(f"{o.slide_id[:40]:<40} {store}{o.status:<8} {o.tiles:>7} {o.reader:<10} {mpp:>7} "
+                        f"{o.seconds:>7.1f}  {o.error[:120]}")
+        if several:
+            reads = sum(self.chunk_reads.values())
+            rows.append(f"{len(self.chunk_reads)} slides read once for every store that lacked them: {reads} reader "
+                        "tasks")
         rows.append(f"{self.count('done')} done, {self.count('empty')} without tiles, {self.count('skipped')} already "
                     f"complete, {self.count('owned')} being written by another job, {self.count('failed')} failed, "
                     f"{self.count('failed-before')} failed before and not retried; "
@@ -95,11 +113,28 @@ def _error_text(error: BaseException) -> tuple[BaseException, str]:
     return original, f"{type(original).__name__}: {original}"
 
 
+@dataclass(eq=False)  # identity: one store of a run
+class _Target:
+    """A store the run fills: its config, its encoder actors and, once they are ready, the store itself."""
+
+    url: str
+    cfg: ExtractConfig
+    label: str  # "" when the run fills one store
+    actors: list[int] = field(default_factory=list)  # indices into Extraction.actors
+    described: list[Any] = field(default_factory=list)  # refs of the actors' describe calls
+    existing: EmbeddingStore | None = None  # the store as it was before the run, if it existed
+    store: EmbeddingStore | None = None  # open for writing (once the encoders are ready)
+    encoder_spec: dict[str, Any] = field(default_factory=dict)
+    token_shape: Any = None
+
+
 @dataclass(eq=False)  # identity: a slide in flight is one object
 class _ActiveSlide:
-    """A slide in flight, pinned to one encoder actor that writes it."""
+    """A slide in flight for one store, pinned to one encoder actor of that store, which writes it. The
+    stores that lack a slide share its chunk queue (`group`): each chunk is read once and sent to all."""
 
     prepared: PreparedSlide
+    target: _Target
     actor: int  # index into Extraction.actors
     started: float
     token: str = ""  # the lease token of this attempt's writer ("" until opened)
@@ -111,6 +146,7 @@ class _ActiveSlide:
     opened: Any = None  # ref of open_slide, until its answer is read
     committing: Any = None  # ref of commit_slide
     deaths: dict[str, int] = field(default_factory=dict)  # call label → times its actor died running it
+    group: list[_ActiveSlide] = field(default_factory=list)  # the slides sharing `chunks` (itself included)
 
     def calls(self) -> list[tuple[Any, str]]:
         """The slide's outstanding actor calls with their labels, in the order they were sent."""
@@ -123,8 +159,15 @@ class _ActiveSlide:
         return self.prepared.entry.slide_id
 
     def reset_chunks(self, read_chunk: int) -> None:
+        """Read the slide from its first tile, alone (a store that starts again does not hold up the others)."""
         n = self.prepared.n_tiles
         self.chunks = deque((s, min(s + read_chunk, n)) for s in range(0, n, read_chunk))
+        self.leave_group()
+
+    def leave_group(self) -> None:
+        if self in self.group:
+            self.group.remove(self)
+        self.group = [self]
 
 
 class Extraction:
@@ -133,132 +176,210 @@ class Extraction:
     def __init__(self, entries: list[SlideEntry], store_url: str, cfg: ExtractConfig,
                  storage_options: dict[str, Any] | None = None, log: Callable[[str], None] = print,
                  executor: Executor | None = None) -> None:
-        if store_url.startswith("memory://"):
-            raise ConfigError(f"{store_url}: a memory:// store lives in one process, and extraction writes from its "
-                              "encoder processes; use a folder or an s3:// URL")
-        self.entries, self.store_url, self.cfg = entries, store_url, cfg
-        self.ex: Executor = executor or RayExecutor(cfg)  # None: Ray, initialised by the caller (ray_session)
-        self.cfg = dataclasses.replace(cfg, executor=self.ex.name)  # the store records what ran, not "auto"
+        self._init(entries, [(store_url, cfg, "")], storage_options, log, executor)
+
+    @classmethod
+    def for_stores(cls, entries: list[SlideEntry], stores: list[tuple[str, ExtractConfig]],
+                   storage_options: dict[str, Any] | None = None, log: Callable[[str], None] = print,
+                   executor: Executor | None = None) -> Extraction:
+        """One run that fills several stores (one encoder each) from one read of each slide. Their configs
+        must agree on everything but the encoder (extract.config.check_one_read). Stores are labelled by
+        their encoder's name (#2, #3 ... for repeats)."""
+        if len(stores) == 1:
+            return cls(entries, stores[0][0], stores[0][1], storage_options, log, executor)
+        labels: list[str] = []
+        for _, cfg in stores:
+            repeats = sum(label.split("#")[0] == cfg.encoder for label in labels)
+            labels.append(cfg.encoder if not repeats else f"{cfg.encoder}#{repeats + 1}")
+        urls = [url for url, _ in stores]
+        if len(set(urls)) < len(urls):
+            raise ConfigError(f"the stores of one run must differ; given {urls}")
+        check_one_read(dict(zip(labels, (cfg for _, cfg in stores))))
+        extraction = cls.__new__(cls)
+        extraction._init(entries, [(url, cfg, label) for (url, cfg), label in zip(stores, labels)],
+                         storage_options, log, executor)
+        return extraction
+
+    def _init(self, entries: list[SlideEntry], stores: list[tuple[str, ExtractConfig, str]],
+              storage_options: dict[str, Any] | None, log: Callable[[str], None], executor: Executor | None) -> None:
+        for url, _, _ in stores:
+            if url.startswith("memory://"):
+                raise ConfigError(f"{url}: a memory:// store lives in one process, and extraction writes from its "
+                                  "encoder processes; use a folder or an s3:// URL")
+        self.entries = entries
+        self.ex: Executor = executor or RayExecutor(stores[0][1])  # None: Ray, initialised by the caller
+        # The stores record what ran, not "auto".
+        self.targets = [_Target(url, dataclasses.replace(cfg, executor=self.ex.name), label) for url, cfg, label in stores]
+        self.cfg = self.targets[0].cfg  # the reading (tiling, tissue, readers, read chunk) is the same for all
+        self.store_url = self.targets[0].url
         self.storage_options = storage_options or {}
         self.log = log
         self.summary = ExtractionSummary()
+        self.actors: list[Any] = []
+
+    @property
+    def store(self) -> EmbeddingStore | None:
+        """The (first) store, open for writing once its encoders are ready."""
+        return self.targets[0].store
+
+    def _named(self, target: _Target, text: str) -> str:
+        return f"{target.label}: {text}" if target.label else text
 
     # ---- setup ---------------------------------------------------------------------------------
 
-    def _start_encoders(self) -> None:
-        """Start the encoders without waiting for their models: reading starts meanwhile (see run)."""
+    def _start_encoders(self, targets: list[_Target]) -> None:
+        """Start the encoders without waiting for their models: reading starts meanwhile (see run). Stores
+        sharing a machine share its GPUs (each encoder a 1/N share) and its cores (by turns on one process,
+        else CPU threads split N ways)."""
         res = self.ex.resources()
-        self.cfg = self.cfg.for_device("cuda" if res.gpus else "cpu")
-        count = self.cfg.num_encoders or res.gpus or max(1, len(res.nodes))  # one per GPU, else one per node
-        self.actors = self.ex.start_encoders(self.cfg, self.store_url, self.storage_options, count, res.gpus, res.nodes)
+        device = "cuda" if res.gpus else "cpu"
+        self.cfg = self.cfg.for_device(device)
+        share = len(targets)
+        cores_per_node = max(1, res.cpus // max(1, len(res.nodes)))
+        for target in targets:
+            cfg = target.cfg.for_device(device)
+            if share > 1 and device == "cpu" and cfg.encoder_threads is None and not self.ex.encoders_take_turns:
+                cfg = dataclasses.replace(cfg, encoder_threads=max(1, cores_per_node // share))
+            target.cfg = cfg
+            count = cfg.num_encoders or res.gpus or max(1, len(res.nodes))  # one per GPU, else one per node
+            started = self.ex.start_encoders(cfg, target.url, self.storage_options, count, res.gpus, res.nodes,
+                                             share=share)
+            target.actors = list(range(len(self.actors), len(self.actors) + len(started)))
+            self.actors += started
+            target.described = [self.ex.call(actor, "describe") for actor in started]  # spec, and where to read
+        self.actor_target = [t for t in targets for _ in t.actors]
+        self.actor_nodes: list[str] = [""] * len(self.actors)
         self._max_prepare = max(2, res.cpus)
-        self._described = [self.ex.call(actor, "describe") for actor in self.actors]  # spec, and where to read
 
-    def _await_encoders(self) -> None:
-        described = [self.ex.get(ref) for ref in self._described]
+    def _await_encoders(self, target: _Target) -> None:
+        described = [self.ex.get(ref) for ref in target.described]
         info = described[0]
-        self.encoder_spec, self.token_shape = info["encoder"], info["token_shape"]
-        self.actor_nodes = [d["node"] for d in described]
+        target.encoder_spec, target.token_shape = info["encoder"], info["token_shape"]
+        for actor, d in zip(target.actors, described):
+            self.actor_nodes[actor] = d["node"]
         threads = f", {info['threads']} threads" if info["device"] == "cpu" else ""
-        self.log(f"[extract] {len(self.actors)} encoder actor(s) on {info['device']} ({self.cfg.encoder}, "
-                 f"{self.encoder_spec['compute_precision']}, batch {self.cfg.batch_size}, read chunk "
-                 f"{self.cfg.read_chunk}{threads}); store embeddings {self.encoder_spec['dim']}-d")
+        cfg = target.cfg
+        self.log(f"[extract] {self._named(target, '')}{len(target.actors)} encoder actor(s) on {info['device']} "
+                 f"({cfg.encoder}, {target.encoder_spec['compute_precision']}, batch {cfg.batch_size}, read chunk "
+                 f"{self.cfg.read_chunk}{threads}); store embeddings {target.encoder_spec['dim']}-d")
 
-    def _open_store_for_writing(self) -> None:
-        """Once the encoders are ready: create or open the store, record the failures seen before."""
-        self._await_encoders()
-        self.store = self._open_store()
-        for entry, error, started in self._deferred_failures:
-            self._fail(entry, error, started)
-        self._deferred_failures.clear()
+    def _open_store_for_writing(self, target: _Target) -> None:
+        """Once the store's encoders are ready: create or open it, record the failures seen before."""
+        self._await_encoders(target)
+        target.store = EmbeddingStore.create_or_open(
+            target.url, kind="slides", spec=self._store_spec(target.cfg, target.encoder_spec),
+            config=target.cfg.to_dict(), storage_options=self.storage_options)
+        deferred = [item for item in self._deferred_failures if item[1] is target]
+        for entry, _, error, started in deferred:
+            self._fail(entry, [target], error, started)
+            self._deferred_failures.remove((entry, target, error, started))
 
-    def _existing_store(self) -> EmbeddingStore | None:
+    def _existing_store(self, target: _Target) -> EmbeddingStore | None:
         try:
-            return EmbeddingStore.open(self.store_url, storage_options=self.storage_options)
+            return EmbeddingStore.open(target.url, storage_options=self.storage_options)
         except StoreNotFound:
             return None
 
-    def _store_spec(self, encoder_spec: dict[str, Any]) -> dict[str, Any]:
-        return {"encoder": encoder_spec, "tiling": self.cfg.tiling_spec(tissue_params(self.cfg).describe())}
+    def _store_spec(self, cfg: ExtractConfig, encoder_spec: dict[str, Any]) -> dict[str, Any]:
+        return {"encoder": encoder_spec, "tiling": cfg.tiling_spec(tissue_params(cfg).describe())}
 
-    def _open_store(self) -> EmbeddingStore:
-        return EmbeddingStore.create_or_open(self.store_url, kind="slides", spec=self._store_spec(self.encoder_spec),
-                                             config=self.cfg.to_dict(), storage_options=self.storage_options)
-
-    def _todo(self, store: EmbeddingStore | None) -> list[SlideEntry]:
-        complete, failed = (set(store.slide_ids()), store.failures()) if store is not None else (set(), {})
+    def _todo(self) -> list[tuple[SlideEntry, list[_Target]]]:
+        """Each slide some store lacks, with the stores that lack it (complete elsewhere: skipped there)."""
+        books = []
+        for target in self.targets:
+            store = target.existing
+            books.append((target, *((set(store.slide_ids()), store.failures()) if store is not None else (set(), {}))))
         todo = []
         for entry in self.entries:
-            if entry.slide_id in complete:
-                self.summary.outcomes.append(SlideOutcome(entry.slide_id, "skipped", error="complete"))
-            elif entry.slide_id in failed and not self.cfg.retry_failed:
-                record = failed[entry.slide_id]
-                self.summary.outcomes.append(SlideOutcome(
-                    entry.slide_id, "failed-before",
-                    error=f"{record.get('error_class')}: {record.get('message')} (retry with --retry-failed)"))
-            else:
-                todo.append(entry)
+            lacking = []
+            for target, complete, failed in books:
+                if entry.slide_id in complete:
+                    self.summary.outcomes.append(SlideOutcome(entry.slide_id, "skipped", error="complete",
+                                                              store=target.label))
+                elif entry.slide_id in failed and not target.cfg.retry_failed:
+                    record = failed[entry.slide_id]
+                    self.summary.outcomes.append(SlideOutcome(
+                        entry.slide_id, "failed-before", store=target.label,
+                        error=f"{record.get('error_class')}: {record.get('message')} (retry with --retry-failed)"))
+                else:
+                    lacking.append(target)
+            if lacking:
+                todo.append((entry, lacking))
         if self.cfg.limit is not None:
             todo = todo[: self.cfg.limit]
         return todo
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def _nothing_to_encode(self, store: EmbeddingStore) -> None:
-        """Every slide is complete or failed before: no encoder starts (10-30 s of process start and model
-        build saved on a rerun), but the store's fingerprint is still checked, from the config, so a complete
-        store of another encoder or tiling is refused as a run that had work would be."""
+    def _nothing_to_encode(self, target: _Target) -> None:
+        """A store with every slide complete or failed before: no encoder starts for it (10-30 s of process
+        start and model build saved on a rerun), but its fingerprint is still checked, from the config, so a
+        complete store of another encoder or tiling is refused as a run that had work would be."""
         from extract.encode import expected_encoder
 
+        assert target.existing is not None
         device = "cuda" if self.ex.gpus() else "cpu"
-        store.check_fingerprint(self._store_spec(expected_encoder(self.cfg, device)[0]))
+        target.existing.check_fingerprint(self._store_spec(target.cfg, expected_encoder(target.cfg, device)[0]))
 
-    def _log_todo(self, todo: list[SlideEntry], note: str = "") -> None:
-        self.log(f"[extract] {len(todo)} slides to extract; {self.summary.count('skipped')} already complete (nothing "
-                 f"re-encoded), {self.summary.count('failed-before')} failed before (retry with --retry-failed){note}")
+    def _log_todo(self, todo: list[tuple[SlideEntry, list[_Target]]], note: str = "") -> None:
+        per_store = ""
+        if len(self.targets) > 1:
+            per_store = " (" + ", ".join(f"{t.label} {sum(t in lacking for _, lacking in todo)}"
+                                         for t in self.targets) + ")"
+        self.log(f"[extract] {len(todo)} slides to extract{per_store}; {self.summary.count('skipped')} already complete "
+                 f"(nothing re-encoded), {self.summary.count('failed-before')} failed before (retry with "
+                 f"--retry-failed){note}")
 
     def run(self) -> ExtractionSummary:
         started = time.perf_counter()
-        existing = self._existing_store()
-        todo = self._todo(existing)
-        if existing is not None and not todo:
-            self._nothing_to_encode(existing)
+        for target in self.targets:
+            target.existing = self._existing_store(target)
+        todo = self._todo()
+        working = [t for t in self.targets if any(t in lacking for _, lacking in todo)]
+        for target in self.targets:
+            if target not in working and target.existing is not None:
+                self._nothing_to_encode(target)
+        if not working:
             self._log_todo(todo, "; no encoder started")
             self.summary.seconds = time.perf_counter() - started
             return self.summary
-        self._start_encoders()
+        self._start_encoders(working)
         self._log_todo(todo)
-        max_active = 2 + len(self.actors)
-        self._max_inflight = 4 * len(self.actors) + 2
+        max_active = 2 * len(working) + len(self.actors)
+        self._max_inflight = 4 * len(self.actors) + 2 * len(working)
         waiting = deque(todo)
-        preparing: dict[Any, SlideEntry] = {}
-        prepared: deque[PreparedSlide] = deque()
+        preparing: dict[Any, tuple[SlideEntry, list[_Target]]] = {}
+        prepared: deque[tuple[PreparedSlide, list[_Target]]] = deque()
         self.active: list[_ActiveSlide] = []
-        self.store = None
-        self._deferred_failures: list[tuple[SlideEntry, BaseException, float]] = []
+        self._deferred_failures: list[tuple[SlideEntry, _Target, BaseException, float]] = []
         self._inflight = 0
         self._ready: set[Any] = set()  # what the loop's last wait found ready
         self._sequence, self._order = 0, {}
         self._suspect: dict[int, Any] = {}  # actor index → its probe, while it restarts: nothing new is sent to it
-        self._total, self._done_tiles, self._t0, self._last_report = len(todo), 0, time.perf_counter(), 0.0
+        # Progress counts a slide once per store that lacks it (each is encoded and written once per store).
+        self._total = sum(len(lacking) for _, lacking in todo)
+        self._done_tiles, self._t0, self._last_report = 0, time.perf_counter(), 0.0
         self._planned_tiles = self._planned_slides = 0
         pipeline_started = time.perf_counter()
-        while waiting or preparing or prepared or self.active or self.store is None:
+        unopened = list(working)
+        while waiting or preparing or prepared or self.active or unopened:
             while waiting and len(preparing) + len(prepared) < self._max_prepare:
-                entry = waiting.popleft()
-                preparing[self.ex.prepare(entry, self.cfg)] = entry
-            if self.store is None and self.ex.done(self._described[0]):
-                self._open_store_for_writing()
-                pipeline_started = time.perf_counter()
+                entry, lacking = waiting.popleft()
+                preparing[self.ex.prepare(entry, self.cfg)] = (entry, lacking)
+            for target in [t for t in unopened if self.ex.done(t.described[0])]:
+                self._open_store_for_writing(target)
+                unopened.remove(target)
+                if not unopened:
+                    pipeline_started = time.perf_counter()
             while prepared and len(self.active) < max_active:
-                self.active.append(self._schedule(prepared.popleft()))
+                self.active += self._schedule(*prepared.popleft())
             self._probe_suspects()
             for slide in list(self.active):
-                if self.store is not None and not slide.token and self._pin_to_a_live_actor(slide):
+                if slide.target.store is not None and not slide.token and self._pin_to_a_live_actor(slide):
                     self._open(slide)
             for slide in self.active:  # oldest slide first (it commits soonest), bounded in flight
                 self._submit_chunks(slide)
-            refs = list(preparing) + self._described[:1] * (self.store is None)
+            refs = list(preparing) + [t.described[0] for t in unopened]
             refs += [probe[0] for probe in self._suspect.values() if probe is not None]
             for slide in self.active:
                 refs += [r for r in (slide.opened, slide.committing) if r is not None]
@@ -269,13 +390,13 @@ class Extraction:
             self._ready = set(ready)
             for ref in ready:
                 if ref in preparing:
-                    entry = preparing.pop(ref)
+                    entry, lacking = preparing.pop(ref)
                     try:
-                        prepared.append(self.ex.get(ref))
-                        self._planned_tiles += prepared[-1].n_tiles
+                        prepared.append((self.ex.get(ref), lacking))
+                        self._planned_tiles += prepared[-1][0].n_tiles * len(lacking)
                     except Exception as e:  # noqa: BLE001 - any per-slide error is recorded, the cohort goes on
-                        self._fail(entry, e, time.perf_counter())
-                    self._planned_slides += 1
+                        self._fail(entry, lacking, e, time.perf_counter())
+                    self._planned_slides += len(lacking)
             for slide in list(self.active):
                 self._collect(slide)
             self._report()
@@ -286,11 +407,15 @@ class Extraction:
 
     # ---- one slide -----------------------------------------------------------------------------
 
-    def _schedule(self, prepared: PreparedSlide) -> _ActiveSlide:
-        """Pin a prepared slide to the actor with the fewest slides; its chunks may be read at once."""
-        slide = _ActiveSlide(prepared, actor=self._least_loaded(range(len(self.actors))), started=time.perf_counter())
-        slide.reset_chunks(self.cfg.read_chunk)
-        return slide
+    def _schedule(self, prepared: PreparedSlide, lacking: list[_Target]) -> list[_ActiveSlide]:
+        """Pin a prepared slide, for each store that lacks it, to that store's actor with the fewest slides;
+        they share one chunk queue (one read each), and the chunks may be read at once."""
+        now = time.perf_counter()
+        slides = [_ActiveSlide(prepared, target, self._least_loaded(target.actors), now) for target in lacking]
+        slides[0].reset_chunks(self.cfg.read_chunk)
+        for slide in slides:
+            slide.chunks, slide.group = slides[0].chunks, slides
+        return slides
 
     def _open(self, slide: _ActiveSlide) -> None:
         """Send the slide's writer to its actor (chunks and commit follow it there, in order)."""
@@ -305,19 +430,22 @@ class Extraction:
             self._send_commit(slide)
 
     def _submit_chunks(self, slide: _ActiveSlide) -> None:
+        """Read the slide's next chunks (bounded in flight), each once for every store sharing its queue."""
         p = slide.prepared
         while slide.chunks and self._inflight < self._max_inflight:
             start, stop = slide.chunks.popleft()
             tiles = self.ex.read(p, start, stop, self._read_near(slide))
-            self._inflight += 1
-            if slide.token:
-                self._send_chunk(slide, start, stop, tiles)
-            else:
-                slide.reads.append((start, stop, tiles))
+            self.summary.chunk_reads[slide.slide_id] = self.summary.chunk_reads.get(slide.slide_id, 0) + 1
+            for member in slide.group:
+                self._inflight += 1
+                if member.token:
+                    self._send_chunk(member, start, stop, tiles)
+                else:
+                    member.reads.append((start, stop, tiles))
 
     def _read_near(self, slide: _ActiveSlide) -> str | None:
         """The node of the slide's encoder, when known and there are several (its tiles then stay there)."""
-        if self.store is None or len(set(self.actor_nodes)) < 2:
+        if slide.target.store is None or len(set(self.actor_nodes)) < 2:
             return None
         return self.actor_nodes[slide.actor]
 
@@ -356,7 +484,8 @@ class Extraction:
                 slide.opened = None
                 if status == "complete":
                     self._finish(slide)
-                    self.summary.outcomes.append(SlideOutcome(slide.slide_id, "skipped", error="complete"))
+                    self.summary.outcomes.append(SlideOutcome(slide.slide_id, "skipped", error="complete",
+                                                              store=slide.target.label))
                     return
             while slide.pending and slide.pending[0][2] in self._ready:
                 start, stop, ref = slide.pending[0]
@@ -414,7 +543,7 @@ class Extraction:
         False when every actor is restarting (the slide waits)."""
         if slide.actor not in self._suspect:
             return True
-        live = [i for i in range(len(self.actors)) if i not in self._suspect]
+        live = [i for i in slide.target.actors if i not in self._suspect]
         if not live:
             return False
         slide.actor = self._least_loaded(live)
@@ -433,11 +562,11 @@ class Extraction:
             writer_died = True
         self._finish(slide, abort=not writer_died)
         if writer_died:  # its writer cannot clean up: remove what it left, by our own lease tokens
-            self.store.abandon_slide(slide.slide_id, [slide.token, *slide.own_tokens])
+            slide.target.store.abandon_slide(slide.slide_id, [slide.token, *slide.own_tokens])
         if isinstance(original, SlideBusy):
-            self._owned(slide.slide_id, original, slide.started)
+            self._owned(slide, original)
         else:
-            self._fail(slide.prepared.entry, original, slide.started)
+            self._fail(slide.prepared.entry, [slide.target], original, slide.started)
 
     def _restart(self, slide: _ActiveSlide, why: BaseException | str) -> None:
         """Write the slide again from its first tile: its writer died with its actor."""
@@ -446,13 +575,14 @@ class Extraction:
         slide.token, slide.opened, slide.committing = "", None, None
         slide.restarts += 1
         slide.reset_chunks(self.cfg.read_chunk)
-        self.log(f"[extract] {slide.slide_id}: writing it again from its first tile ({why})")
+        self.log(f"[extract] {self._named(slide.target, slide.slide_id)}: writing it again from its first tile ({why})")
 
     def _finish(self, slide: _ActiveSlide, abort: bool = False) -> None:
         """The slide leaves the run; with abort its writer removes what it wrote (its rows only)."""
         self._release(slide)
         if abort and slide.token:
             self.ex.call(self.actors[slide.actor], "abort_slide", slide.slide_id)
+        slide.leave_group()  # the other stores' reads go on without it
         self.active.remove(slide)
 
     def _release(self, slide: _ActiveSlide) -> None:
@@ -468,25 +598,29 @@ class Extraction:
         status = "done" if p.n_tiles else "empty"
         self.summary.outcomes.append(SlideOutcome(p.entry.slide_id, status, result["rows"],
                                                   time.perf_counter() - slide.started + p.attrs["timings"]["prepare_s"],
-                                                  p.reader, p.mpp.value, p.empty_reason or "", node=result["node"]))
-        self.log(f"[extract] {status}: {p.entry.slide_id} ({p.n_tiles} tiles, {p.reader}, {p.mpp.value:.3f} µm/px)"
-                 + (f": {p.empty_reason}" if p.empty_reason else ""))
+                                                  p.reader, p.mpp.value, p.empty_reason or "", node=result["node"],
+                                                  store=slide.target.label))
+        self.log(f"[extract] {self._named(slide.target, status)}: {p.entry.slide_id} ({p.n_tiles} tiles, {p.reader}, "
+                 f"{p.mpp.value:.3f} µm/px)" + (f": {p.empty_reason}" if p.empty_reason else ""))
 
-    def _owned(self, slide_id: str, error: BaseException, started: float) -> None:
+    def _owned(self, slide: _ActiveSlide, error: BaseException) -> None:
         """Another live job owns the slide and will commit it: not a failure of this run."""
-        self.summary.outcomes.append(SlideOutcome(slide_id, "owned", seconds=time.perf_counter() - started,
-                                                  error=str(error)))
-        self.log(f"[extract] skipped: {slide_id}: {error}")
+        self.summary.outcomes.append(SlideOutcome(slide.slide_id, "owned", seconds=time.perf_counter() - slide.started,
+                                                  error=str(error), store=slide.target.label))
+        self.log(f"[extract] {self._named(slide.target, 'skipped')}: {slide.slide_id}: {error}")
 
-    def _fail(self, entry: SlideEntry, error: BaseException, started: float) -> None:
-        if self.store is None:  # the store opens once the encoders are ready; recorded then
-            self._deferred_failures.append((entry, error, started))
-            return
+    def _fail(self, entry: SlideEntry, targets: list[_Target], error: BaseException, started: float) -> None:
+        """Record the slide as failed in these stores (a store not open yet records it when it opens)."""
         original, text = _error_text(error)
-        self.store.record_failure(entry.slide_id, original)
-        self.summary.outcomes.append(SlideOutcome(entry.slide_id, "failed", seconds=time.perf_counter() - started, error=text))
         kind = "" if isinstance(original, SlidecacheError) else " (unexpected: please report)"
-        self.log(f"[extract] FAILED: {entry.slide_id}: {text}{kind}")
+        for target in targets:
+            if target.store is None:  # the store opens once its encoders are ready; recorded then
+                self._deferred_failures.append((entry, target, error, started))
+                continue
+            target.store.record_failure(entry.slide_id, original)
+            self.summary.outcomes.append(SlideOutcome(entry.slide_id, "failed", seconds=time.perf_counter() - started,
+                                                      error=text, store=target.label))
+            self.log(f"[extract] {self._named(target, 'FAILED')}: {entry.slide_id}: {text}{kind}")
 
     def _report(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -502,6 +636,7 @@ class Extraction:
         remaining = planned - self._done_tiles + mean_tiles * (self._total - self._planned_slides)
         eta = remaining / rate if rate > 0 and remaining == remaining else float("nan")
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
-        self.log(f"[extract] progress: {finished}/{self._total} slides ({self.summary.count('failed')} failed), "
+        unit = "slides" if len(self.targets) == 1 else "slide-stores"
+        self.log(f"[extract] progress: {finished}/{self._total} {unit} ({self.summary.count('failed')} failed), "
                  f"{self._done_tiles} tiles, {rate:.1f} tiles/s, ETA {eta_text}")
 

@@ -24,6 +24,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # spin-wait between torch ops would burn the core another process needs (two processes of small ops ran 25x
 # slower than one; passive waiting: 1.7x). Set before anything imports torch; every child inherits it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# And one thread per process by default (an encoder still sets its own count: extract.encode.cpu_threads): the
+# suite runs two workers and their subprocesses on the cores, so torch's and OpenBLAS's pools of one thread per
+# core oversubscribed them (tests ran 2.3x slower in the suite than alone, on 2 workers).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SLIDECACHE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

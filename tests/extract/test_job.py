@@ -13,6 +13,7 @@ import pytest
 
 from extract.config import ExtractConfig
 from extract.encode import BatchEncoder
+from extract.faults import PAUSE_AFTER_FIRST_APPEND, RESUME_WHEN
 from extract.job import Extraction
 from extract.readers import READERS
 from extract.slide_prep import prepare_slide, read_tiles
@@ -45,7 +46,10 @@ def test_bad_inputs_are_recorded_and_good_slides_complete(local_ray, synthetic_s
     (tmp_path / "cohort.csv").write_text("slide_id,path\n" + "".join(f"{s},{p}\n" for s, p in rows))
     entries = load_cohort(tmp_path / "cohort.csv")
     url = str(tmp_path / "store")
-    summary = Extraction(entries, url, ExtractConfig(**TINY), log=quiet).run()
+    extraction = Extraction(entries, url, ExtractConfig(**TINY), log=quiet)
+    summary = extraction.run()
+    # the actor runs torch on every core, not on the one thread Ray's OMP_NUM_THREADS=1 would give it
+    assert local_ray.get(extraction.actors[0].describe.remote())["threads"] == len(os.sched_getaffinity(0))
     status = {o.slide_id: o.status for o in summary.outcomes}
     assert status == {"syn0": "done", "syn1": "done", "not_an_image": "failed", "unknown_compression": "failed",
                       "undecodable_tiles": "failed", "tile_bigger_than_image": "empty", "bogus_mpp": "failed",
@@ -86,19 +90,29 @@ def _describe_once_back(ray, actor, within_s: float = 60.0) -> dict:
             time.sleep(0.5)
 
 
-def test_killed_encoder_actor_loses_and_duplicates_nothing(local_ray, synthetic_slides, tmp_path):
+def test_one_stores_killed_encoder_rereads_its_slides_alone(local_ray, synthetic_slides, tmp_path, monkeypatch):
+    """Two stores from one read; the second store's encoder actor is killed (SIGKILL) while it holds a slide: it
+    restarts, that slide is read again for it alone (the first store's reads go on), and both stores hold every
+    slide once, nothing lost or written twice."""
+    resume = tmp_path / "resume"
+    monkeypatch.setenv(PAUSE_AFTER_FIRST_APPEND, "60")  # every encoder holds its first slide until `resume`
+    monkeypatch.setenv(RESUME_WHEN, str(resume))
     entries = load_cohort(synthetic_slides)
-    cfg = ExtractConfig(**TINY)
-    extraction = Extraction(entries, str(tmp_path / "store"), cfg, log=quiet)
+    configs = [ExtractConfig(**TINY), ExtractConfig(**TINY, tokens="2x2")]
+    urls = [str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")]
+    extraction = Extraction.for_stores(entries, list(zip(urls, configs)), log=quiet)
     killed = {}
 
     def killer() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            if getattr(extraction, "actors", None) and getattr(extraction, "_done_tiles", 0) > 0:
-                pid = local_ray.get(extraction.actors[0].describe.remote())["pid"]
+            held = [s for s in getattr(extraction, "active", []) if s.target is extraction.targets[1] and s.pending]
+            if held:
+                time.sleep(1.0)  # its first append has run: the actor pauses inside it, holding the slide
+                pid = local_ray.get(extraction.targets[1].described[0])["pid"]  # a new call would wait for the pause
                 os.kill(pid, signal.SIGKILL)
                 killed["pid"] = pid
+                resume.touch()
             time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)
@@ -106,11 +120,16 @@ def test_killed_encoder_actor_loses_and_duplicates_nothing(local_ray, synthetic_
     summary = extraction.run()
     thread.join(timeout=5)
     assert killed, "the actor was never killed: the test did not test anything"
-    assert [o.status for o in summary.outcomes] == ["done"] * 3
-    restarted = _describe_once_back(local_ray, extraction.actors[0])
+    assert sorted((o.store, o.status) for o in summary.outcomes) == sorted(
+        [("virchow2-tiny", "done")] * 3 + [("virchow2-tiny#2", "done")] * 3)
+    stores = [EmbeddingStore.open(url) for url in urls]
+    once = sum(-(-stores[0].slide(e.slide_id).n_tiles // TINY["read_chunk"]) for e in entries)
+    assert sum(summary.chunk_reads.values()) > once  # the killed store's slide was read again, for it alone
+    restarted = _describe_once_back(local_ray, extraction.actors[extraction.targets[1].actors[0]])
     assert restarted["pid"] != killed["pid"]  # it really restarted
-    assert restarted["threads"] == len(os.sched_getaffinity(0))  # every core, not Ray's OMP_NUM_THREADS=1
-    assert_store_holds_each_slide_once(EmbeddingStore.open(str(tmp_path / "store")), entries, cfg)
+    assert restarted["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)  # two stores' actors split the cores
+    for store, cfg in zip(stores, configs):
+        assert_store_holds_each_slide_once(store, entries, cfg)
 
 
 def test_store_of_another_fingerprint_is_refused(local_ray, synthetic_slides, tmp_path):
@@ -127,7 +146,7 @@ def test_a_complete_store_checks_its_fingerprint_without_starting_an_encoder(loc
     lines: list[str] = []
     rerun = Extraction(entries, url, ExtractConfig(**TINY), log=lines.append)
     summary = rerun.run()
-    assert [o.status for o in summary.outcomes] == ["skipped"] and not hasattr(rerun, "actors")
+    assert [o.status for o in summary.outcomes] == ["skipped"] and rerun.actors == []
     assert "0 slides to extract; 1 already complete" in lines[0] and "no encoder started" in lines[0]
     # another encoder or tiling over the same complete store: refused, from the config alone
     with pytest.raises(FingerprintMismatch, match="encoder.name: store has 'virchow2-tiny', this run has 'virchow2-small'"):
