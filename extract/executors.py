@@ -30,7 +30,7 @@ import numpy as np
 
 from extract.config import ExtractConfig
 from extract.encoder_worker import EncoderWorker
-from extract.faults import forwarded_faults
+from extract.faults import forwarded_faults, set_faults
 from extract.slide_prep import PreparedSlide, prepare_slide, read_tiles
 from store.cohort import SlideEntry
 from store.devices import usable_cores, visible_gpus
@@ -66,10 +66,6 @@ def _apart(prepare: Callable[..., PreparedSlide]) -> Callable[..., tuple[Prepare
 def _read(reader: str, path: str, plan: Any, coords: np.ndarray) -> np.ndarray:
     yield_to_encoders()
     return read_tiles(reader, path, plan, coords)
-
-
-def _set_environment(values: dict[str, str]) -> None:
-    os.environ.update(values)
 
 
 @dataclass(frozen=True)
@@ -388,9 +384,10 @@ class LocalExecutor:
         return outer
 
     def _new_pool(self, workers: int) -> ProcessPoolExecutor:
-        # The fork server keeps the environment it started with: a job's fault hooks reach its readers
-        # through the initializer instead, as Ray's runtime_env hands them to its workers.
-        return ProcessPoolExecutor(max_workers=workers, mp_context=self._context, initializer=_set_environment,
+        # The fork server keeps the environment it started with (one per process, perhaps an earlier job's):
+        # this job's fault hooks, exactly, reach its readers through the initializer, as Ray's runtime_env
+        # hands them to its workers (a test's poisoned slide once failed in the next test of the process).
+        return ProcessPoolExecutor(max_workers=workers, mp_context=self._context, initializer=set_faults,
                                    initargs=(forwarded_faults(),))
 
     def _solo_pool(self) -> ProcessPoolExecutor:

@@ -27,10 +27,19 @@ PAUSE_AFTER_FIRST_APPEND = "SLIDECACHE_FAULT_PAUSE_AFTER_FIRST_APPEND"
 RESUME_WHEN = "SLIDECACHE_FAULT_RESUME_WHEN"
 
 
+FAULT_VARIABLES = (KILL_ENCODER_ON, KILL_READER_ON, PAUSE_AFTER_FIRST_APPEND, RESUME_WHEN)
+
+
 def forwarded_faults() -> dict[str, str]:
     """The fault variables set in this process, to hand to the job's actors as their environment."""
-    names = (KILL_ENCODER_ON, KILL_READER_ON, PAUSE_AFTER_FIRST_APPEND, RESUME_WHEN)
-    return {name: os.environ[name] for name in names if os.environ.get(name)}
+    return {name: os.environ[name] for name in FAULT_VARIABLES if os.environ.get(name)}
+
+
+def set_faults(values: dict[str, str]) -> None:
+    """Make this process's fault variables exactly `values` (a reused process may hold an earlier job's)."""
+    for name in FAULT_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ.update(values)
 
 
 def maybe_kill_encoder(tiles: np.ndarray) -> None:

@@ -46,6 +46,7 @@ PROGRESS_EVERY_S = 10.0
 MAX_CHUNK_RETRIES = 2  # a chunk runs at most 3 times on encoder actors that die under it
 MAX_SLIDE_RESTARTS = 5  # a slide written again this often (its writer's actor died each time) fails
 PROBE_EVERY_S = 0.5  # how often a restarting encoder actor is pinged
+ABORT_WAIT_S = 60.0  # how long the end of a run waits for writers to remove abandoned slides' rows
 
 
 @dataclass
@@ -356,6 +357,7 @@ class Extraction:
         self._ready: set[Any] = set()  # what the loop's last wait found ready
         self._sequence, self._order = 0, {}
         self._suspect: dict[int, Any] = {}  # actor index → its probe, while it restarts: nothing new is sent to it
+        self._aborts: list[Any] = []  # writers told to remove an abandoned slide's rows
         # Progress counts a slide once per store that lacks it (each is encoded and written once per store).
         self._total = sum(len(lacking) for _, lacking in todo)
         self._done_tiles, self._t0, self._last_report = 0, time.perf_counter(), 0.0
@@ -400,6 +402,7 @@ class Extraction:
             for slide in list(self.active):
                 self._collect(slide)
             self._report()
+        self._await_aborts()
         self._report(force=True)
         self.summary.seconds = time.perf_counter() - started
         self.summary.pipeline_seconds = time.perf_counter() - pipeline_started
@@ -581,9 +584,21 @@ class Extraction:
         """The slide leaves the run; with abort its writer removes what it wrote (its rows only)."""
         self._release(slide)
         if abort and slide.token:
-            self.ex.call(self.actors[slide.actor], "abort_slide", slide.slide_id)
+            self._aborts.append(self.ex.call(self.actors[slide.actor], "abort_slide", slide.slide_id))
         slide.leave_group()  # the other stores' reads go on without it
         self.active.remove(slide)
+
+    def _await_aborts(self) -> None:
+        """Wait until the writers of abandoned slides have removed their rows, so that nothing half written
+        outlives the run (a slide failing last ended the loop while its abort was still queued). An actor that
+        died meanwhile removes nothing: its lease lapses and the next extraction replaces what it left."""
+        pending, deadline = list(self._aborts), time.perf_counter() + ABORT_WAIT_S
+        while pending and time.perf_counter() < deadline:
+            ready = set(self.ex.wait(pending, timeout=1.0))
+            pending = [ref for ref in pending if ref not in ready]
+        if pending:
+            self.log(f"[extract] {len(pending)} abandoned slides' writers did not answer within {ABORT_WAIT_S:.0f} s; "
+                     "their rows stay invisible and are replaced by the next extraction")
 
     def _release(self, slide: _ActiveSlide) -> None:
         """Drop the slide's outstanding reads and calls from the books (their answers are not needed)."""

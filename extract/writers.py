@@ -152,9 +152,12 @@ class PinnedWriters:
             raise error
 
     def abort(self, slide_id: str) -> None:
+        """Remove the slide's rows; returns once they are removed (after any append still queued)."""
         with self._lock:
-            self._drop(slide_id)
+            removing = self._drop(slide_id)
             self._refused.add(slide_id)
+        if removing is not None:
+            removing.result()
 
     def _writer(self, slide_id: str) -> SlideWriter:
         if slide_id in self._lost:
@@ -165,17 +168,21 @@ class PinnedWriters:
                                   "after the slide was opened here)")
         return writer
 
-    def _drop(self, slide_id: str) -> None:
+    def _drop(self, slide_id: str) -> Future | None:
+        """Forget the slide's writer, which removes its rows: at once, or (returned) on the writing thread after
+        the appends still queued there."""
+        removing = None
         writer = self._writers.pop(slide_id, None)
         queued = self._queued.pop(slide_id, None)
         self._rows.pop(slide_id, None)
         self._failed.pop(slide_id, None)
         if writer is not None:
             if queued is not None and not queued.done():  # abort after its queued rows, on the writing thread
-                self._writing.submit(self._locked, writer.abort)
+                removing = self._writing.submit(self._locked, writer.abort)
             else:
                 writer.abort()
         self._lost.pop(slide_id, None)
+        return removing
 
     def _heartbeats(self) -> None:
         while True:

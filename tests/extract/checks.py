@@ -22,4 +22,5 @@ def assert_store_holds_each_slide_once(store: EmbeddingStore, entries: list[Slid
         np.testing.assert_array_equal(slide.coords(), prepared.coords)
         expected, _ = encoder(read_tiles(prepared.reader, entry.path, prepared.plan, prepared.coords))
         np.testing.assert_allclose(slide.embeddings().astype(np.float32), expected.astype(np.float32), atol=2e-3)
-    assert verify_store(store) == []
+    problems = verify_store(store)
+    assert problems == [], problems

@@ -6,16 +6,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from extract.config import ExtractConfig
+from extract.encoder_worker import EncoderWorker
 from extract.executors import LocalExecutor, executor_session, resolve_executor
 from extract.job import Extraction
 from store import EmbeddingStore
 from store.cohort import load_cohort
 from store.errors import ConfigError, EncoderError
+from store.verify import verify_store
 from tests.extract.checks import assert_store_holds_each_slide_once
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,14 +100,35 @@ def test_a_slide_whose_reading_kills_its_process_fails_alone(synthetic_slides, t
     slide that kills its reader every time fails, with an error that says so."""
     from extract.faults import KILL_READER_ON
 
-    monkeypatch.setenv(KILL_READER_ON, "syn1")
+    monkeypatch.setenv(KILL_READER_ON, "syn2")  # the last slide: its failure ends the run
+    # The failed slide's writer removes its rows on the encoder's thread, slowed here as under load, where the
+    # run once returned first and closing the executor cancelled the queued removal: a half-written slide was left.
+    real_abort, aborts = EncoderWorker.abort_slide, {"called": [], "done": []}
+
+    def slow_abort(worker: EncoderWorker, slide_id: str) -> None:
+        aborts["called"].append(slide_id)
+        time.sleep(1.5)
+        real_abort(worker, slide_id)
+        aborts["done"].append(slide_id)
+
+    monkeypatch.setattr(EncoderWorker, "abort_slide", slow_abort)
     cfg = ExtractConfig(**TINY, executor="local")
     entries = load_cohort(synthetic_slides)
     url = str(tmp_path / "store")
     with executor_session(cfg) as executor:
         summary = Extraction(entries, url, cfg, log=lambda _: None, executor=executor).run()
+        assert aborts["done"] == aborts["called"], aborts  # the run returns once its writers have cleaned up
+        assert verify_store(EmbeddingStore.open(url)) == []
     status = {o.slide_id: o.status for o in summary.outcomes}
-    assert status == {"syn0": "done", "syn1": "failed", "syn2": "done"}, summary.table()
-    failure = EmbeddingStore.open(url).failures()["syn1"]
+    assert status == {"syn0": "done", "syn1": "done", "syn2": "failed"}, summary.table()
+    failure = EmbeddingStore.open(url).failures()["syn2"]
     assert failure["error_class"] == "ReaderDied" and "died 3 times" in failure["message"]
-    assert_store_holds_each_slide_once(EmbeddingStore.open(url), [e for e in entries if e.slide_id != "syn1"], cfg)
+    assert_store_holds_each_slide_once(EmbeddingStore.open(url), [e for e in entries if e.slide_id != "syn2"], cfg)
+
+    # The next job of this process has no fault set: its readers (forked by the server the first job started,
+    # with that job's environment) must read syn2.
+    monkeypatch.delenv(KILL_READER_ON)
+    with executor_session(cfg) as executor:
+        again = Extraction([e for e in entries if e.slide_id == "syn2"], str(tmp_path / "next"), cfg,
+                           log=lambda _: None, executor=executor).run()
+    assert [o.status for o in again.outcomes] == ["done"], again.table()
