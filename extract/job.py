@@ -344,13 +344,17 @@ class Extraction:
             self._log_todo(todo, "; no encoder started")
             self.summary.seconds = time.perf_counter() - started
             return self.summary
+        waiting = deque(todo)
+        preparing: dict[Any, tuple[SlideEntry, list[_Target]]] = {}
+        prepared: deque[tuple[PreparedSlide, list[_Target]]] = deque()
+        # The first two slides are masked while the encoders start: counting the GPUs imports torch (1.4 s
+        # here), and the reader processes start meanwhile (prepare needs no device setting).
+        self._max_prepare = 2
+        self._submit_prepares(waiting, preparing, prepared)
         self._start_encoders(working)
         self._log_todo(todo)
         max_active = 2 * len(working) + len(self.actors)
         self._max_inflight = 4 * len(self.actors) + 2 * len(working)
-        waiting = deque(todo)
-        preparing: dict[Any, tuple[SlideEntry, list[_Target]]] = {}
-        prepared: deque[tuple[PreparedSlide, list[_Target]]] = deque()
         self.active: list[_ActiveSlide] = []
         self._deferred_failures: list[tuple[SlideEntry, _Target, BaseException, float]] = []
         self._inflight = 0
@@ -365,9 +369,7 @@ class Extraction:
         pipeline_started = time.perf_counter()
         unopened = list(working)
         while waiting or preparing or prepared or self.active or unopened:
-            while waiting and len(preparing) + len(prepared) < self._max_prepare:
-                entry, lacking = waiting.popleft()
-                preparing[self.ex.prepare(entry, self.cfg)] = (entry, lacking)
+            self._submit_prepares(waiting, preparing, prepared)
             for target in [t for t in unopened if self.ex.done(t.described[0])]:
                 self._open_store_for_writing(target)
                 unopened.remove(target)
@@ -407,6 +409,14 @@ class Extraction:
         self.summary.seconds = time.perf_counter() - started
         self.summary.pipeline_seconds = time.perf_counter() - pipeline_started
         return self.summary
+
+    def _submit_prepares(self, waiting: deque[tuple[SlideEntry, list[_Target]]],
+                         preparing: dict[Any, tuple[SlideEntry, list[_Target]]],
+                         prepared: deque[tuple[PreparedSlide, list[_Target]]]) -> None:
+        """Mask and plan the next slides, at most _max_prepare prepared or preparing at once."""
+        while waiting and len(preparing) + len(prepared) < self._max_prepare:
+            entry, lacking = waiting.popleft()
+            preparing[self.ex.prepare(entry, self.cfg)] = (entry, lacking)
 
     # ---- one slide -----------------------------------------------------------------------------
 
