@@ -33,10 +33,24 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto`: one worker more than the cores. Many test-seconds are waits (on Ray starting, on
-    subprocesses, on a shared fixture: 2,238 test-s ran in 792 s on 2 cores), which a spare worker fills:
-    the whole suite took 1,149 s with 2 workers, 792 s with 3 and 803 s with 4 (17.7 of 24 GiB in use)."""
-    return len(os.sched_getaffinity(0)) + 1
+    """`-n auto`: one worker more than the cores, and at most one per 5 GiB of memory. Many test-seconds are
+    waits (on Ray starting, on subprocesses, on a shared fixture: 2,238 test-s ran in 792 s on 2 cores), which
+    a spare worker fills: the whole suite took 1,149 s with 2 workers, 792 s with 3 and 803 s with 4; its peak
+    memory in use was 13.7 GiB with 3 workers and 17.7 GiB with 4 (a wider machine must not start 9)."""
+    return max(1, min(len(os.sched_getaffinity(0)) + 1, int(_memory_bytes() // (5 * 2**30))))
+
+
+def _memory_bytes() -> float:
+    """This machine's memory, or its cgroup's limit when lower."""
+    total = float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, float(text))
+    return total
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
