@@ -37,20 +37,20 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     waits (on Ray starting, on subprocesses, on a shared fixture: 2,238 test-s ran in 792 s on 2 cores), which
     a spare worker fills: the whole suite took 1,149 s with 2 workers, 792 s with 3 and 803 s with 4; its peak
     memory in use was 13.7 GiB with 3 workers and 17.7 GiB with 4 (a wider machine must not start 9)."""
-    return max(1, min(len(os.sched_getaffinity(0)) + 1, int(_memory_bytes() // (5 * 2**30))))
+    from store.devices import usable_cores
+
+    return max(1, min(usable_cores() + 1, _memory_bytes() // (5 * 2**30)))
 
 
-def _memory_bytes() -> float:
-    """This machine's memory, or its cgroup's limit when lower."""
-    total = float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, float(text))
-    return total
+def _memory_bytes() -> int:
+    """This machine's memory, or its cgroup's limit (a container's) when lower."""
+    import psutil
+
+    limits = [psutil.virtual_memory().total]
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        text = Path(path).read_text().strip() if Path(path).is_file() else ""
+        limits += [int(text)] if text.isdigit() else []
+    return min(limits)
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
