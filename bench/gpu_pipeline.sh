@@ -15,21 +15,13 @@ PY=${PYTHON:-python3}
 # The project's pins (pyproject.toml), for Python 3.12 on x86-64 Linux, and what they need that the GPU image lacks.
 WHEELS="zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 tiffslide==3.0.1 imagecodecs==2026.3.6 tifffile==2026.3.3"
 
+SCRIPT=gpu_pipeline.sh
+source bench/gpu_wheels.sh
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
-  rm -rf .whl && mkdir .whl
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl $WHEELS
-  du -sh .whl
+  rm -rf .whl
+  fetch_wheels $WHEELS
   exit 0
 fi
-
-if ! "$PY" -c 'import zarr, numcodecs, tiffslide, imagecodecs' 2>/dev/null; then
-  [[ -d .whl ]] || { echo "gpu_pipeline.sh: zarr/tiffslide/imagecodecs missing and no .whl/ here: run" \
-                          "'bash bench/gpu_pipeline.sh --fetch-wheels' on a machine with a registry, then carry .whl" >&2; exit 2; }
-  SITE=${SLIDECACHE_SITE:-/tmp/slidecache-site}
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-fi
+ensure_imports 'import zarr, numcodecs, tiffslide, imagecodecs'
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 exec "$PY" bench/gpu_pipeline.py "$@"

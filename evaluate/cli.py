@@ -211,6 +211,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from evaluate.report_metrics import score_reports
 
     clinical = load_clinical_tables(args.clinical) if args.clinical else None
+    if args.checkpoint and args.protocol != "default":
+        raise EvaluationError("--checkpoint (the grounding check) goes with the default protocol: score the HistGen "
+                              "protocol and the grounding check in two runs")
     if args.protocol == "histgen":
         from evaluate.report_benchmark import histgen_benchmark, print_benchmark, write_benchmark
 
@@ -221,19 +224,42 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.out:
             print(f"wrote {write_benchmark(result, args.out, provenance(vars(args)))}")
         return 0
+    if args.checkpoint and not args.store:
+        raise EvaluationError("--checkpoint (the grounding check) needs --store: the store the checkpoint trained on")
     scores = score_reports(args.predictions, args.references, clinical, args.endpoint)
     report = {"n": scores.n, "caption": scores.caption, "clinical": scores.clinical, "notes": scores.notes,
               "provenance": provenance(vars(args))}
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report_metrics.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"{scores.n} generated reports vs references:")
     for key, value in {**scores.caption, **scores.clinical}.items():
         print(f"  {key:<22} {value:.4f}" if isinstance(value, float) else f"  {key:<22} {value}")
     for note in scores.notes:
         print(f"  note: {note}")
+    if args.checkpoint:
+        from evaluate.grounding import grounding_check, grounding_lines
+
+        grounding = grounding_check(args.checkpoint, args.store, args.predictions, args.references, args.seed,
+                                    max_new_tokens=_generation_length(args), device=args.device)
+        report["grounding"] = grounding.as_dict() | {"texts": grounding.texts}
+        print("\n".join(grounding_lines(grounding)))
+        for note in grounding.notes:
+            print(f"  note: {note}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report_metrics.json").write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {out / 'report_metrics.json'}")
     return 0
+
+
+def _generation_length(args: argparse.Namespace) -> int:
+    """--max-new-tokens, else what train.generate recorded beside the predictions, else 128."""
+    if args.max_new_tokens:
+        return args.max_new_tokens
+    manifest = Path(args.predictions).with_name(f"{Path(args.predictions).stem}_manifest.json")
+    try:
+        return int(json.loads(manifest.read_text())["config"]["max_new_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 128
 
 
 def cmd_import_split(args: argparse.Namespace) -> int:
@@ -399,7 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="histgen: the HistGen WSI-report benchmark's cleaning, vocabulary and metrics on the test set, "
                         "with baselines; --references is then HistGen's annotation JSON or train.import_reports' "
                         "annotations.jsonl")
-    p.add_argument("--store", help="histgen: the store, for the nearest-report-by-embedding baseline")
+    p.add_argument("--store", help="histgen: the store, for the nearest-report-by-embedding baseline; with "
+                                   "--checkpoint: the store it trained on")
+    p.add_argument("--checkpoint", help="the grounding check: regenerate each report with another held-out patient's "
+                                        "slide (of another grade) and with blank tiles, and score whether the stated "
+                                        "grade follows the slide (needs --store; --references the annotations)")
+    p.add_argument("--max-new-tokens", type=int, help="grounding: tokens per regenerated report (default: as the "
+                                                      "predictions were generated, else 128)")
+    p.add_argument("--seed", type=int, default=0, help="grounding: the seed donors are drawn with")
+    p.add_argument("--device", default="auto", help="grounding: auto, cpu, cuda ...")
     p.add_argument("--threshold", type=int, default=10, help="histgen: words seen fewer times in training are <unk>")
     p.add_argument("--max-seq-length", type=int, default=100, help="histgen: reports cut to this many tokens - 1")
     p.add_argument("--out", help="folder for report_metrics.json")

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import cohen_kappa_score
 
-from evaluate.report_grades import G, HIGH_LOW, RISK_LEVEL, stated_grade, stated_prognosis
+from evaluate.report_grades import HIGH_LOW, RISK_LEVEL, G, stated_grade, stated_prognosis
 from store.clinical import ClinicalTable
 from store.errors import EvaluationError
 from store.ids import tcga_patient_id
 from store.jsonl import read_jsonl
+from train.generation_checks import check_generations
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -151,7 +152,11 @@ def score_reports(predictions_path: str | Path, references_path: str | Path, cli
         raise EvaluationError(f"{len(missing)} predictions have no reference (e.g. {missing[:3]}) in {references_path}")
     if not predictions:
         raise EvaluationError(f"{predictions_path} holds no predictions")
-    notes: list[str] = []
+    check = check_generations(list(predictions.values()))
+    if check.all_empty:
+        raise EvaluationError(f"{predictions_path}: all {check.reports} generated reports are empty: nothing to score "
+                              "(is the checkpoint trained? does generation stop at once?)")
+    notes: list[str] = check.warnings()
     correctness = clinical_correctness(predictions, references)
     if clinical is not None:
         patient_of = {str(row.get("id", row.get("slide_id"))): str(row["patient_id"])

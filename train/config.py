@@ -46,6 +46,9 @@ class ModelArguments:
     use_backbone_lora: int = field(default=0, metadata={"help": "not possible: the encoder is not run in training"})
     resampler_tokens: int = field(default=0, metadata={"help": "K > 0: a learned cross-attention resampler maps "
                                                                 "the slide's tiles to K visual tokens"})
+    projector_lr: float = field(default=0.0, metadata={
+        "aliases": ["--mm_projector_lr"],
+        "help": "learning rate of the projector (and resampler), LLaVA's mm_projector_lr; 0: --learning_rate"})
     lora_dropout: float = 0.05
     grad_checkpoint: bool = field(default=False, metadata={
         "help": "InternVL's flag: recompute the LLM's decoder layers in backward (= --gradient_checkpointing)"})
@@ -60,6 +63,11 @@ class DataArguments:
     max_seq_length: int = field(default=4096, metadata={"help": "longest sample in tokens, visual tokens included"})
     skip_overlong: bool = field(default=False, metadata={"help": "drop (and count) samples over max_seq_length "
                                                                  "instead of stopping with an error"})
+    standardize_tiles: bool = field(default=True, metadata={
+        "help": "z-score each tile dimension with statistics of the training split before the projector (saved with "
+                "the checkpoint); False feeds raw cached vectors, which a shared component can make image-blind"})
+    statistics_tiles_per_slide: int = field(default=512, metadata={
+        "help": "random tiles per training slide (or visual tokens per image) the statistics are streamed from"})
     split: str = field(default="", metadata={"help": "patient split file (python -m evaluate split)"})
     fold: int = field(default=-1, metadata={"help": "with --split: train on the other folds; this one is held out"})
     early_stopping_patience: int = field(default=0, metadata={
@@ -173,6 +181,10 @@ def validate(model: ModelArguments, data: DataArguments, training: TrainingArgum
         raise ConfigError("nothing to train: the LLM and projector are frozen and no LoRA was asked for")
     if data.max_tiles < 1:
         raise ConfigError("--max_tiles must be >= 1")
+    if model.projector_lr < 0:
+        raise ConfigError("--projector_lr must be >= 0 (0: the projector trains at --learning_rate)")
+    if data.statistics_tiles_per_slide < 1:
+        raise ConfigError("--statistics_tiles_per_slide must be >= 1")
     if data.down_sample_ratio != 0.5 or data.ps_version != "v2":
         raise ConfigError(f"--down_sample_ratio {data.down_sample_ratio} --ps_version {data.ps_version}: the cached "
                           "grids are folded by InternVL2's pixel shuffle, ratio 0.5, v2")

@@ -147,6 +147,16 @@ def select_tiles(n_tiles: int, k: int, coords: np.ndarray | None, training: bool
     return np.sort(np.array(chosen))
 
 
+def visual_rows(store: EmbeddingStore, key: str, kind: str, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """At most `budget` seeded random rows of one slide (tile embeddings) or cached image (pixel-shuffled visual
+    tokens), float32, as the projector receives them: what the tile statistics are computed from."""
+    if kind == "image":
+        tokens = grid_to_visual_tokens(torch.from_numpy(store.slide(key).tokens().astype(np.float32))).numpy()
+        return tokens[select_tiles(len(tokens), budget, None, True, rng)]
+    slide = store.slide(key)
+    return slide.embeddings(select_tiles(slide.n_tiles, budget, None, True, rng)).astype(np.float32)
+
+
 class ConversationEncoder:
     """ChatML token ids and labels (assistant turns only) with each `<image>` expanded to visual tokens."""
 

@@ -39,6 +39,7 @@ from train.data import (
     patient_of,
     select_by_split,
 )
+from train.generation_checks import check_generations
 
 DEFAULT_IMAGE_PROMPT = "Describe this image."
 
@@ -94,7 +95,7 @@ def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str |
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    started, done, tokens = time.perf_counter(), 0, 0
+    started, done, tokens, written = time.perf_counter(), 0, 0, []
     options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "use_cache": True}  # the KV cache
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)
@@ -108,18 +109,24 @@ def generate_reports(checkpoint: str, store_url: str, meta_path: str, out: str |
                 row = ({"id": sample.id, "image": sample.meta.get("image"), "key": visual} if sample.kind == "image"
                        else {"id": sample.id, "slide": visual, "patient_id": patient_of(store, sample.slides[0])})
                 f.write(json.dumps(row | {"text": text, "reference": sample.reference}) + "\n")
+                written.append(text)
                 done += 1
             elapsed = time.perf_counter() - started
             rate = done / elapsed
             print(f"  {done}/{len(dataset)} reports, {rate:.2f}/s, {tokens / elapsed:.1f} tokens/s, "
                   f"ETA {(len(dataset) - done) / rate:.0f} s", flush=True)
     partial.replace(out)
+    check = check_generations(written)
+    for warning in check.warnings():
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     manifest = provenance({"checkpoint": checkpoint, "store": store_url, "meta_path": meta_path, "split": split,
                            "fold": fold, "subset": subset if split else None, "seed": seed, **options}) | {
         "reports": done, "new_tokens": tokens, "tokens_per_second": tokens / max(time.perf_counter() - started, 1e-9),
-        "device": str(target), "autocast": "bf16" if target.type == "cuda" else None}
+        "device": str(target), "autocast": "bf16" if target.type == "cuda" else None,
+        "generation_check": check.as_dict()}
     (out.parent / f"{out.stem}_manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    return {"reports": done, "seconds": time.perf_counter() - started, "new_tokens": tokens}
+    return {"reports": done, "seconds": time.perf_counter() - started, "new_tokens": tokens,
+            "warnings": check.warnings()}
 
 
 def answer_image(checkpoint: str, image: str, store_url: str, prompt: str = DEFAULT_IMAGE_PROMPT,
@@ -139,6 +146,8 @@ def answer_image(checkpoint: str, image: str, store_url: str, prompt: str = DEFA
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)
     texts, _ = generate_batch(model, loaded, [{"input_ids": ids, "labels": labels, "tiles": visual}], target, options)
+    for warning in check_generations(texts).warnings():
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     return texts[0]
 
 

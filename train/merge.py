@@ -3,8 +3,8 @@
     python -m train.merge --checkpoint RUN_DIR --out MERGED_DIR
 
 MERGED_DIR/llm is a plain Qwen2 directory (safetensors + tokenizer, with the image tokens) that loads
-with Qwen2ForCausalLM.from_pretrained; the projector and slidecache_model.json sit beside it, pointing
-at it, so `python -m train.generate --checkpoint MERGED_DIR` works without PEFT.
+with Qwen2ForCausalLM.from_pretrained; the projector, the tile statistics and slidecache_model.json sit
+beside it, pointing at it, so `python -m train.generate --checkpoint MERGED_DIR` works without PEFT.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from store.cli import run_command
 from store.provenance import provenance
 from train.checkpoint import MODEL_FILE, PROJECTOR_FILE, TRAINABLE_FILE, load_for_inference
 from train.model import SlideVLM
+from train.standardize import STANDARDIZER_FILE
 
 
 def merge(checkpoint: str | Path, out: str | Path) -> Path:
@@ -33,14 +34,17 @@ def merge(checkpoint: str | Path, out: str | Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     llm.save_pretrained(partial / "llm")
     loaded.tokenizer.save_pretrained(partial / "llm")
-    merged = SlideVLM(llm, spec.embedding_dim, loaded.hidden_size, loaded.img_context_id, spec.resampler_tokens)
+    merged = SlideVLM(llm, spec.embedding_dim, loaded.hidden_size, loaded.img_context_id, spec.resampler_tokens,
+                      model.standardizer)
     merged.load_state_dict(model.state_dict(), strict=False)  # projector / resampler (llm shared)
     from safetensors.torch import save_file
 
     projector = {k: v.contiguous() for k, v in merged.state_dict().items() if k.startswith(("projector.", "resampler."))}
     save_file(projector, str(partial / PROJECTOR_FILE))
     save_file(projector, str(partial / TRAINABLE_FILE))  # what load_for_inference puts back after the LLM
-    new_spec = replace(spec, llm_path=str((out / "llm").resolve()), lora_rank=0)
+    if merged.standardizer is not None:  # the same statistics: a merged model reads tiles as the run did
+        merged.standardizer.save(partial / STANDARDIZER_FILE)
+    new_spec = replace(spec, llm_path=str((out / "llm").resolve()), lora_rank=0, llm_config=None)
     (partial / MODEL_FILE).write_text(json.dumps(asdict(new_spec), indent=2))
     (partial / "merge_manifest.json").write_text(json.dumps(provenance({"checkpoint": str(checkpoint)}), indent=2,
                                                             default=str))

@@ -1,6 +1,7 @@
-"""The slide-language model: cached tile embeddings → projector (InternVL's mlp1) → the LLM's input
-embeddings at the `<IMG_CONTEXT>` positions. Optionally a resampler first maps a slide's tiles to K
-learned latent tokens (cross-attention), so long slides cost K tokens.
+"""The slide-language model: cached tile embeddings → per-dimension standardisation (training-split
+statistics, train/standardize.py) → projector (InternVL's mlp1) → the LLM's input embeddings at the
+`<IMG_CONTEXT>` positions. Optionally a resampler first maps a slide's tiles to K learned latent tokens
+(cross-attention), so long slides cost K tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from store.errors import TrainingError
 from train.data import IGNORE_INDEX
+from train.standardize import TileStandardizer
 
 
 class MLPProjector(nn.Sequential):
@@ -51,9 +53,13 @@ class SlideVLM(nn.Module):
     accepts_loss_kwargs = True  # Trainer: the model normalises by num_items_in_batch (it does, below)
     loss_type = "ForCausalLM"  # Trainer counts supervised tokens as a causal LM shifts them: labels[..., 1:]
 
-    def __init__(self, llm: nn.Module, in_dim: int, llm_dim: int, img_context_id: int, resampler_tokens: int = 0) -> None:
+    def __init__(self, llm: nn.Module, in_dim: int, llm_dim: int, img_context_id: int, resampler_tokens: int = 0,
+                 standardizer: TileStandardizer | None = None) -> None:
         super().__init__()
+        if standardizer is not None and standardizer.dim != in_dim:
+            raise TrainingError(f"tile statistics of width {standardizer.dim} for {in_dim}-wide tiles")
         self.llm = llm
+        self.standardizer = standardizer  # None: a checkpoint trained on raw tiles (before issue 26)
         self.projector = MLPProjector(in_dim, llm_dim)
         self.resampler = Resampler(llm_dim, resampler_tokens) if resampler_tokens else None
         self.img_context_id = img_context_id
@@ -82,6 +88,8 @@ class SlideVLM(nn.Module):
 
     def visual_tokens(self, tiles: torch.Tensor, tile_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, D) tiles → the rows to place, in order: (Σ visual tokens, H)."""
+        if self.standardizer is not None:
+            tiles = self.standardizer(tiles)  # (B, T, D), zero mean and unit spread over the training tiles
         projected = self.projector(tiles.to(self.projector[1].weight.dtype))  # (B, T, H)
         if self.resampler is None:
             return projected[tile_mask]
@@ -128,6 +136,12 @@ class SlideVLM(nn.Module):
         logits = base.lm_head(hidden[:, :-1][picked]).float()  # (N, V): only where a label is predicted
         loss = F.cross_entropy(logits, targets[picked], reduction="sum")
         return loss / (num_items_in_batch if num_items_in_batch is not None else picked.sum())
+
+    def blank_tiles(self, n: int) -> torch.Tensor:
+        """(n, D) tiles that carry no image: zeros after standardisation (the training mean), raw zeros without."""
+        if self.standardizer is not None:
+            return self.standardizer.blank(n).cpu()
+        return torch.zeros(n, self.projector[1].in_features)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tiles: torch.Tensor,

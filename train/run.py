@@ -12,13 +12,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 from store.embedding_store import EmbeddingStore
-from store.errors import ConfigError
+from store.errors import AnnotationError, ConfigError
 from store.provenance import encoder_modules_loaded, provenance
-from train.checkpoint import ModelSpec, build_model, load_trainable, save_checkpoint
+from train.checkpoint import ModelSpec, build_model, load_trainable, restore_standardizer, save_checkpoint
 from train.config import DataArguments, ModelArguments, check_image_flags
 from train.data import (
     Collator,
@@ -27,9 +28,11 @@ from train.data import (
     load_samples,
     select_by_split,
     visual_dim,
+    visual_rows,
 )
-from train.llm import LoadedLLM, load_llm
+from train.llm import RANDOM_STAND_INS, STAND_IN_CONFIGS, LoadedLLM, load_llm
 from train.model import SlideVLM
+from train.standardize import TileStandardizer, TileStatistics, stream_statistics
 
 MANIFEST = "run_manifest.json"
 
@@ -48,6 +51,25 @@ class SlideTrainer(Trainer):
     """Trainer that saves what was trained (projector, LoRA adapter, trainable tensors), not the frozen LLM."""
 
     spec: ModelSpec
+    projector_lr: float = 0.0
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer, with the projector (and resampler) in groups of their own at --projector_lr. Split
+        before the first step, so no optimizer state exists yet; the scheduler then scales every group alike."""
+        optimizer = super().create_optimizer(model)
+        if self.projector_lr and not getattr(optimizer, "_projector_groups", False):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            modules = [m for m in (unwrapped.projector, unwrapped.resampler) if m is not None]
+            visual = {id(p) for m in modules for p in m.parameters()}
+            groups = []
+            for group in optimizer.param_groups:
+                rest = [p for p in group["params"] if id(p) not in visual]
+                mine = [p for p in group["params"] if id(p) in visual]
+                groups += [g for g in ({**group, "params": rest}, {**group, "params": mine, "lr": self.projector_lr})
+                           if g["params"]]
+            optimizer.param_groups = groups
+            optimizer._projector_groups = True
+        return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         folder = Path(output_dir or self.args.output_dir)
@@ -58,6 +80,7 @@ class SlideTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         load_trainable(model or self.model, resume_from_checkpoint)
+        restore_standardizer(model or self.model, resume_from_checkpoint)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Validation loss computed as the training loss is (logits only where a label is predicted), never
@@ -89,6 +112,9 @@ def freeze(model: SlideVLM, args: ModelArguments) -> list[str]:
         p.requires_grad = "lora_" in name if args.use_llm_lora else not args.freeze_llm
     for p in [*model.projector.parameters(), *(model.resampler.parameters() if model.resampler else [])]:
         p.requires_grad = not args.freeze_mlp
+    if args.llm_path in RANDOM_STAND_INS and args.use_llm_lora and not args.unfreeze_lm_head:
+        notes.append(f"note: {args.llm_path} has random weights: with LoRA alone and its output layer frozen it cannot "
+                     "learn the report's words (its configs/train YAML sets --unfreeze_lm_head True)")
     if args.unfreeze_lm_head:
         head = model.llm.get_output_embeddings()
         head.weight.requires_grad = True  # the parameter itself, not a flag on the module
@@ -125,19 +151,43 @@ def setup(model_args: ModelArguments, data_args: DataArguments, training_args: T
                                        resampler_tokens=model_args.resampler_tokens)
     counts.update(samples=len(dataset), skipped_overlong=len(dataset.skipped_overlong),
                   skipped_overlong_examples=dataset.skipped_overlong[:5])
+    if not len(dataset):
+        raise AnnotationError(f"{data_args.meta_path}: nothing to train: all {len(dataset.skipped_overlong)} samples "
+                              f"exceed --max_seq_length {data_args.max_seq_length} (e.g. {dataset.skipped_overlong[0]}); "
+                              "raise it or lower --max_tiles" if dataset.skipped_overlong else
+                              f"{data_args.meta_path}: no training sample")
     # validation: the inference-time tile choice (spatially spread), the loss on the reference answers
     val = (SlideConversationDataset(val_samples, data_args.store, encoder, data_args.max_tiles, data_args.max_seq_length,
                                     training=False, seed=training_args.seed, skip_overlong=data_args.skip_overlong,
                                     resampler_tokens=model_args.resampler_tokens, with_answers=True)
            if val_samples else None)
+    standardizer = None
+    if data_args.standardize_tiles:
+        stats = training_tile_statistics(dataset, data_args.statistics_tiles_per_slide, training_args.seed)
+        standardizer = TileStandardizer.from_statistics(stats)
+        counts["tile_statistics"] = stats.summary() | {"from": "training samples only",
+                                                       "tiles_per_slide": data_args.statistics_tiles_per_slide}
+        print(f"tile statistics from {stats.tiles:,} tiles of {stats.items} training "
+              f"{'images' if store.kind == 'images' else 'slides'} ({stats.seconds:.1f} s): "
+              f"{stats.constant_dims} of {len(stats.mean)} dimensions constant, mean |mean| "
+              f"{np.abs(stats.mean).mean():.3g}, median std {np.median(stats.std):.3g}")
     spec = ModelSpec(model_args.llm_path, visual_dim(store), data_args.max_tiles, model_args.use_llm_lora,
                      model_args.lora_dropout, model_args.resampler_tokens, model_args.unfreeze_lm_head,
-                     data_args.system_message, store.fingerprint, llm_seed=training_args.seed)
+                     data_args.system_message, store.fingerprint, llm_seed=training_args.seed,
+                     standardized_tiles=standardizer is not None, llm_config=STAND_IN_CONFIGS.get(model_args.llm_path))
     torch.manual_seed(training_args.seed)  # projector init
-    model = build_model(spec, loaded)
+    model = build_model(spec, loaded, standardizer)
     for note in freeze(model, model_args):
         print(note)
     return Setup(model, loaded, spec, dataset, counts, val)
+
+
+def training_tile_statistics(dataset: SlideConversationDataset, tiles_per_slide: int, seed: int) -> TileStatistics:
+    """Per-dimension statistics of the training samples' slides (or images) only: held-out and validation
+    patients never shape the inputs the model is scored on."""
+    kinds = {key: sample.kind for sample in dataset.samples for key in sample.slides}
+    return stream_statistics(kinds, lambda key, rng: visual_rows(dataset.store, key, kinds[key], tiles_per_slide, rng),
+                             seed=seed)
 
 
 def parameter_counts(model: SlideVLM) -> dict[str, int]:
@@ -183,6 +233,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                            eval_dataset=ready.eval_dataset, data_collator=Collator(ready.loaded.tokenizer.pad_token_id),
                            processing_class=ready.loaded.tokenizer, callbacks=callbacks)
     trainer.spec = ready.spec
+    trainer.projector_lr = model_args.projector_lr
     precision = {"bf16": training_args.bf16, "fp16": training_args.fp16,
                  "accelerator_mixed_precision": str(trainer.accelerator.mixed_precision),
                  "device": str(training_args.device)}

@@ -139,6 +139,8 @@ def write_page(page_dir: Path, record: dict[str, Any], picture: Path | None) -> 
     predictions = "".join(_row(k, v) for k, v in record["prediction_rows"])
     versions = "".join(_row(k, v) for k, v in record["version_rows"])
     text = html.escape(record["report"]).replace("\n", "<br>")
+    warnings = "".join(f'<p class="warning">warning: {html.escape(w)}</p>'
+                       for w in record.get("generation_warnings", []))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(record['slide_id'])}: slidecache report</title>
 <style>
@@ -146,13 +148,14 @@ body {{ font-family: sans-serif; margin: 16px; display: grid; grid-template-colu
 h1 {{ grid-column: 1 / 3; font-size: 20px; margin: 0; }}
 #thumbnail {{ width: 512px; border: 1px solid #ccc; }}
 #report {{ font-size: 15px; line-height: 1.5; background: #f6f6f6; padding: 12px; }}
+.warning {{ background: #fff4d6; padding: 6px; }}
 table {{ border-collapse: collapse; font-size: 13px; }} th, td {{ text-align: left; padding: 3px 8px; border-bottom: 1px solid #ddd; }}
 </style></head>
 <body>
 <h1>{html.escape(record['slide_id'])}</h1>
 <div>{image}</div>
 <div>
-<h2>Report</h2><p id="report">{text}</p>
+<h2>Report</h2><p id="report">{text}</p>{warnings}
 <h2>Predictions</h2><table id="predictions">{predictions or _row("heads", "none given")}</table>
 <h2>Models</h2><table id="versions">{versions}</table>
 </div>
@@ -206,6 +209,7 @@ def report_slide(checkpoint: str, slide_path: str | Path, store_url: str, page_d
     from train.checkpoint import load_for_inference
     from train.data import ConversationEncoder, Sample, SlideConversationDataset
     from train.generate import generate_batch, open_checked
+    from train.generation_checks import check_generations
 
     torch.manual_seed(seed)
     entry = slide_entry(slide_path)
@@ -232,12 +236,16 @@ def report_slide(checkpoint: str, slide_path: str | Path, store_url: str, page_d
                                        resampler_tokens=spec.resampler_tokens)
     texts, _ = generate_batch(model, loaded, [dataset[0]], target, {"max_new_tokens": max_new_tokens,
                                                                      "do_sample": False, "use_cache": True})
+    warnings = check_generations(texts).warnings()
+    for warning in warnings:
+        log(f"warning: {warning}")
     predictions = {task: head.predict(slide) for task, (_, head) in heads.items()}
     attention = next((h.abmil for _, h in heads.values() if h.abmil is not None), None)
     picture = draw_picture(slide, page, attention)
     record = {"slide_id": entry.slide_id, "slide": str(slide_path), "page_dir": str(page), "encoded_now": encoded_now,
               "tiles": int(slide.n_tiles), "tiles_used": int(min(slide.n_tiles, spec.max_tiles)),
-              "report": texts[0], "predictions": predictions, "heatmap": attention is not None,
+              "report": texts[0], "generation_warnings": warnings, "predictions": predictions,
+              "heatmap": attention is not None,
               "prediction_rows": prediction_rows(predictions),
               "version_rows": version_rows(checkpoint, spec, store, heads),
               "store_fingerprint": store.fingerprint, "checkpoint": checkpoint,

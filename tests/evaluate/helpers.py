@@ -17,14 +17,21 @@ THUMB_DOWNSAMPLE = 16.0
 
 def planted_cohort(root: Path, patients: int = 120, seed: int = 0, signal: float = 2.5, slides_per_patient: int = 1,
                    permute: bool = False, thumbnails: bool = False, noise: float = 0.8, name: str = "store",
-                   encoder: str = "test-encoder") -> tuple[str, Path]:
+                   encoder: str = "test-encoder", shared_offset: float = 0.0, constant_dims: int = 0,
+                   constant_tiles: bool = False, risk_levels: tuple[float, ...] | None = None) -> tuple[str, Path]:
     """Embeddings carry a known risk direction under `noise`; survival times follow exp(signal * risk)
     hazards. Tiles lie on a grid COLUMNS wide; `thumbnails` stores a plain pink picture per slide. The same
-    seed with another noise (and name) is the same cohort seen by a better or worse encoder."""
+    seed with another noise (and name) is the same cohort seen by a better or worse encoder. As real encoders'
+    vectors are: `shared_offset` added to every tile on the first 4 dimensions (a huge shared channel), the last
+    `constant_dims` dimensions the same in every tile. `constant_tiles`: every tile of every slide identical
+    (8 per slide), so the slides carry nothing. `risk_levels`: each patient's risk one of these values (+-0.1),
+    so that no patient sits on a grade boundary."""
     rng = np.random.default_rng(seed)
     direction = rng.normal(size=DIM)
     direction /= np.linalg.norm(direction)
     risk = rng.normal(size=patients)
+    if risk_levels:
+        risk = rng.choice(risk_levels, size=patients) + rng.uniform(-0.1, 0.1, size=patients)
     url = str(root / name)
     store_spec = spec(dim=DIM)
     store_spec["encoder"]["name"] = encoder
@@ -33,6 +40,11 @@ def planted_cohort(root: Path, patients: int = 120, seed: int = 0, signal: float
         for s in range(slides_per_patient):
             n = int(rng.integers(8, 30))
             emb = risk[p] * direction + noise * rng.normal(size=(n, DIM))
+            emb[:, :4] += shared_offset
+            if constant_dims:
+                emb[:, DIM - constant_dims:] = 0.8
+            if constant_tiles:
+                n, emb = 8, np.full((8, DIM), 0.8)
             coords = np.stack([np.arange(n) % COLUMNS, np.arange(n) // COLUMNS], 1).astype(np.int64) * TILE
             size = [COLUMNS * TILE, (coords[:, 1].max() + TILE)]
             attrs = {"patient_id": f"PT{p:04d}", "tile_px_level0": TILE, "level0_size": [int(v) for v in size]}

@@ -90,3 +90,25 @@ def test_stated_risk_is_scored_like_a_head(tmp_path):
         for k, v in REFS.items()])
     wrong = score_reports(flipped, refs, load_clinical(table), "OS").clinical["stated_risk_harrell_c"]
     assert wrong == pytest.approx(1 - right.clinical["stated_risk_harrell_c"])
+
+
+def test_generation_hygiene_is_counted_and_an_all_empty_run_is_refused(tmp_path):
+    """Empty, undecodable (U+FFFD) and all-identical generations are told with counts before any score;
+    scoring reports that are all empty exits 2 with one line saying so (issue 26)."""
+    from tests.readme import run_main
+    from train.generation_checks import check_generations
+
+    check = check_generations(["", "Tumour grade: G\ufffd", "Tumour grade: G\ufffd T", "  "])
+    assert (check.reports, check.empty, check.undecodable, check.distinct) == (4, 2, 2, 2) and not check.all_identical
+    assert check_generations(["same", "same", "same"]).all_identical and not check_generations(["one"]).all_identical
+    refs = write_jsonl(tmp_path / "refs.jsonl", [{"id": k, "text": v} for k, v in REFS.items()])
+    garbled = write_jsonl(tmp_path / "garbled.jsonl",
+                          [{"id": k, "text": "Tumour grade: G\ufffd Tgnosis"} for k in REFS])
+    result = run_main("evaluate", ["report", "--predictions", str(garbled), "--references", str(refs)], tmp_path)
+    assert result.code == 0, result.log
+    assert "8 of 8 generated reports contain undecodable text (U+FFFD)" in result.stdout
+    assert "all 8 generated reports are identical" in result.stdout
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"id": k, "text": ""} for k in REFS])
+    result = run_main("evaluate", ["report", "--predictions", str(empty), "--references", str(refs)], tmp_path)
+    assert result.code == 2 and "all 8 generated reports are empty: nothing to score" in result.stderr
+    assert "Traceback" not in result.log

@@ -14,7 +14,7 @@ from tests.readme import run_in_process, run_subprocess, to_argv
 from train.checkpoint import read_spec
 
 ANNOTATIONS = ("python -m train.annotations --store STORE --clinical TABLE [--reports texts.jsonl] [--endpoint OS] "
-               "[--split splits.csv --fold 0] --out annotations.jsonl --meta meta.json")
+               "[--split splits.csv --fold 0] [--risk-groups 3] --out annotations.jsonl --meta meta.json")
 TRAIN = ("python -m train --config configs/train/internvl2-1b-lora.yaml --meta_path meta.json --store STORE "
          "--output_dir runs/r1 [--split splits.csv --fold 0] [--max_tiles 256] [--resume_from_checkpoint DIR]")
 TORCHRUN = "GPUS=8 PER_DEVICE_BATCH_SIZE=4 BATCH_SIZE=128 python -m train ..."
@@ -22,6 +22,8 @@ GENERATE = ("python -m train.generate --checkpoint runs/r1 --store STORE --meta_
             "[--batch_size 8] [--max_new_tokens 128] [--do_sample --temperature 0.7 --top_p 0.9] --out gen.jsonl")
 MERGE = "python -m train.merge --checkpoint runs/r1 --out runs/r1-merged"
 REPORT = "python -m evaluate report --predictions gen.jsonl --references annotations.jsonl --clinical TABLE"
+GROUNDING = ("python -m evaluate report --predictions gen.jsonl --references annotations.jsonl --checkpoint runs/r1 "
+             "--store STORE")
 
 
 def _ok(result) -> None:
@@ -34,6 +36,7 @@ def _ok(result) -> None:
 @pytest.mark.readme(GENERATE)
 @pytest.mark.readme(MERGE)
 @pytest.mark.readme(REPORT)
+@pytest.mark.readme(GROUNDING)
 @pytest.mark.recipe("internvl2-1b-lora.yaml")
 def test_the_training_block_in_order(readme_demo, saved_tiny_llm, tmp_path):
     values = {"STORE": readme_demo.store, "TABLE": str(readme_demo.out / "clinical.csv")}
@@ -68,3 +71,8 @@ def test_the_training_block_in_order(readme_demo, saved_tiny_llm, tmp_path):
 
     _ok(result := run_in_process(to_argv(REPORT, values), tmp_path))
     assert f"{len(rows)} generated reports vs references" in result.stdout
+
+    # the grounding check of that run (one epoch of a random LLM: whatever its verdict, it is printed and named)
+    _ok(result := run_in_process(to_argv(GROUNDING, values), tmp_path))
+    assert "held-out reports regenerated; verdict: " in result.stdout and "swapped slide  states the donor's grade" \
+        in result.stdout, result.stdout[-2000:]

@@ -145,8 +145,13 @@ def test_bad_annotations_name_file_and_line(four_slides, tmp_path):
     with pytest.raises(AnnotationError, match=r"bad.jsonl, line 1: \d+ tokens .* exceed --max_seq_length 60"):
         _bad(tmp_path / "long", four_slides, [good], max_seq_length="60")
     (tmp_path / "skip").mkdir()
-    ready = _bad(tmp_path / "skip", four_slides, [good, good], max_seq_length="60", skip_overlong="True")
-    assert ready.counts["skipped_overlong"] == 2 and ready.counts["samples"] == 0
+    with pytest.raises(AnnotationError, match=r"nothing to train: all 2 samples exceed --max_seq_length 60 \(e\.g\. "
+                                              r".*bad.jsonl, line 1\)"):
+        _bad(tmp_path / "skip", four_slides, [good, good], max_seq_length="60", skip_overlong="True")
+    (tmp_path / "skip_one").mkdir()
+    ready = _bad(tmp_path / "skip_one", four_slides, [good, good.replace("Tumour", "Tumour " * 80)], max_seq_length="250",
+                 skip_overlong="True")
+    assert ready.counts["skipped_overlong"] == 1 and ready.counts["samples"] == 1
     (tmp_path / "nostore").mkdir()
     with pytest.raises(StoreNotFound):
         _bad(tmp_path / "nostore", four_slides, [good], store=str(tmp_path / "missing-store"))
@@ -199,3 +204,25 @@ def test_split_keeps_held_out_patients_out_of_training(four_slides, tmp_path):
     assert ready.counts["train_samples"] == 2 and ready.counts["not_in_split"] == 0
     with pytest.raises(ConfigError, match="--split needs --fold"):
         parse_args(four_slides.flags(tmp_path / "o", "--split", str(split)))
+
+
+def test_projector_lr_gives_the_projector_groups_of_its_own(four_slides, tmp_path):
+    """--projector_lr (LLaVA's --mm_projector_lr): the projector's parameters train at their own rate, the rest at
+    --learning_rate, weight decay kept per group as Trainer sets it."""
+    from train.run import SlideTrainer
+
+    model_args, data_args, training_args = parse_args(four_slides.flags(tmp_path, "--mm_projector_lr", "0.05",
+                                                                        "--weight_decay", "0.1"))
+    assert model_args.projector_lr == 0.05
+    ready = setup(model_args, data_args, training_args)
+    trainer = SlideTrainer(model=ready.model, args=training_args, train_dataset=ready.train_dataset)
+    trainer.projector_lr = model_args.projector_lr
+    optimizer = trainer.create_optimizer()
+    projector = {id(p) for p in ready.model.projector.parameters()}
+    rates = {id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
+    assert {rates[i][0] for i in projector} == {0.05}
+    assert {lr for i, (lr, _) in rates.items() if i not in projector} == {training_args.learning_rate}
+    assert {decay for _, decay in rates.values()} == {0.0, 0.1}  # biases and norms undecayed, as Trainer groups them
+    assert len(rates) == sum(p.requires_grad for p in ready.model.parameters())  # each trainable tensor once
+    with pytest.raises(ConfigError, match="projector_lr must be >= 0"):
+        parse_args(four_slides.flags(tmp_path, "--projector_lr", "-1"))

@@ -1,6 +1,6 @@
 """Training from the cache end to end with tiny-qwen2: the loss falls, generation reproduces training
-reports, only the projector and LoRA change, resume continues the same curve, the saved adapter loads
-with PEFT, the merged model loads with transformers, and the encoder is never imported."""
+reports, only the projector, LoRA and the (tied) output layer change, resume continues the same curve, the
+saved adapter loads with PEFT, the merged model loads with transformers, and the encoder is never imported."""
 
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ def test_loss_falls_far_and_generation_reproduces_training_reports(overfit, tmp_
     assert exact, rows  # at least one training report comes back word for word
 
 
-def test_only_projector_and_lora_change(overfit):
+def test_only_what_tiny_yaml_trains_changes(overfit):
+    """tiny.yaml trains the projector, LoRA and, tiny-qwen2 being random, its output layer, which is tied to
+    the input embeddings: every other weight of the LLM is where it was drawn."""
     _, _, result = overfit
     fresh = dict(load_llm("tiny-qwen2", seed=0).model.named_parameters())
     trained = result.model.llm.base_model.model  # the Qwen2ForCausalLM under PEFT
@@ -60,7 +62,7 @@ def test_only_projector_and_lora_change(overfit):
         original = fresh[name.replace(".base_layer", "")]
         if not torch.equal(param.detach().cpu(), original.detach()):  # trained on CUDA when visible
             changed.append(name)
-    assert not changed, changed[:5]
+    assert changed == ["model.embed_tokens.weight"], changed[:5]  # lm_head is the same tensor
     assert lora == 2 * 7 * 2  # A and B for q/k/v/o/gate/up/down in both layers
     assert {n.split(".")[0] for n, p in result.model.named_parameters() if p.requires_grad} == {"llm", "projector"}
 
@@ -69,7 +71,8 @@ def test_outputs_load_with_peft_and_transformers(overfit, tmp_path):
     inputs, out, result = overfit
     manifest = json.loads((out / "run_manifest.json").read_text())
     assert manifest["config"]["model"]["use_llm_lora"] == 8 and manifest["code_version"] and manifest["packages"]
-    assert manifest["parameters"]["trainable"] < 0.01 * manifest["parameters"]["total"]
+    # the tied output layer (151,936 x 64), then LoRA and the projector: tens of thousands
+    assert 151_936 * 64 < manifest["parameters"]["trainable"] < 151_936 * 64 + 100_000
     base = load_llm("tiny-qwen2", seed=0)
     peft = PeftModel.from_pretrained(base.model, str(out / "adapter"))
     saved = {n: p for n, p in peft.named_parameters() if "lora_" in n}
@@ -127,3 +130,21 @@ def test_a_random_stand_in_llm_is_rebuilt_with_the_seed_it_was_trained_with(four
     rebuilt = dict(model.llm.named_parameters())
     for name, trained in result.model.llm.named_parameters():
         assert torch.equal(rebuilt[name].detach(), trained.detach().cpu()), name  # base weights and LoRA alike
+
+
+@pytest.mark.slow
+@pytest.mark.recipe("qwen2-0.5b-random.yaml")  # its own settings; one step (a 0.5B model on 2 cores)
+def test_the_real_size_stand_in_recipe_trains_its_output_layer(four_slides, tmp_path):
+    from train.checkpoint import read_spec
+    from train.llm import QWEN2_05B_CONFIG
+
+    out = tmp_path / "qwen05"
+    flags = ["--config", "qwen2-0.5b-random.yaml", "--meta_path", str(four_slides.meta), "--store", four_slides.store,
+             "--output_dir", str(out), "--max_steps", "1", "--report_to", "none", "--disable_tqdm", "True"]
+    result = train(*parse_args(flags))
+    spec = read_spec(out)
+    assert spec.llm_path == "qwen2-0.5b-random" and spec.lora_rank == 16 and spec.unfreeze_lm_head
+    assert spec.standardized_tiles and spec.llm_config == QWEN2_05B_CONFIG
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert any("embed_tokens" in n for n in trainable) and any("lora_" in n for n in trainable)
+    assert result.summary["steps"] == 1
