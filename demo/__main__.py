@@ -18,8 +18,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("demo_output"),
                         help="output folder, relative to the working directory (reused: a rerun skips what is done)")
     parser.add_argument("--patients", type=int, default=DemoSize.patients)
-    parser.add_argument("--epochs", type=int, default=DemoSettings.train_epochs, help="training epochs of the reporter (default: the stand-in's recipe, configs/train/tiny.yaml; 8 "
-                             "with real LLM weights)")
+    parser.add_argument("--epochs", type=int, default=DemoSettings.train_epochs,
+                        help="training epochs of the reporter (default: the stand-in's recipe, "
+                             "configs/train/tiny.yaml; 8 with real LLM weights)")
     parser.add_argument("--encoder", default="virchow2-tiny", help="virchow2 with its weights present runs the real encoder")
     parser.add_argument("--weights", help="the encoder's hub id or local .safetensors (default: the registry's)")
     parser.add_argument("--llm_path", default="tiny-qwen2", help="e.g. Qwen/Qwen2-0.5B-Instruct when its weights are present")

@@ -9,6 +9,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from evaluate.grounding import BLIND_CHANGE, FOLLOWS_DONOR
+
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
          "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
          ".thumbs img{height:110px;margin:2px;border:1px solid #ddd}.warn{background:#fff4d6;padding:.6em}")
@@ -66,7 +68,12 @@ def _grounding(grounding: dict[str, Any] | None, references: dict[str, str], n: 
     return (head + f"<p>Verdict: <b>{escape(grounding['verdict'])}</b>. Each of the {grounding['n']} held-out reports "
             "was written again with the tiles of another held-out patient whose reference states another grade (the "
             "donor), and with blank tiles; a reporter that reads the slide states the donor's grade. A falling "
-            "training loss cannot show this: every word but the grade and risk is learnable without the image.</p>"
+            "training loss cannot show this: every word but the grade and risk is learnable without the image. The "
+            "own grade is the one the slide's reference report states; the reports here are written again from the "
+            "trained checkpoint (greedy); blank tiles are each the training folds' mean tile (no image). Verdict "
+            f"rules: <i>follows the slide</i> when at least {FOLLOWS_DONOR:.0%} of the swapped reports state the "
+            f"donor's grade, <i>image-blind</i> when under {BLIND_CHANGE:.0%} state another grade than before; a "
+            "report guessing among the three grades would state a given one about a third of the time.</p>"
             + table
             + "<table><tr><th>slide</th><th>reference</th><th>report</th><th>donor: its reference</th>"
               "<th>report with the donor's tiles</th><th>report with blank tiles</th></tr>" + examples + "</table>")

@@ -6,8 +6,11 @@ whose reference states a different grade (the donor), and with blank tiles (trai
 - the share of reports whose text, stated grade or stated risk changes when the slide changes.
 A falling training loss cannot show this: every word but the grade and risk is learnable without the image
 (issue 26: a reporter with a falling loss stated the grade at chance and wrote one report for everyone).
-Verdict: `follows the slide` when at least FOLLOWS_DONOR of the swapped reports state the donor's grade;
-`image-blind` when under BLIND_CHANGE of them state another grade than the original did; else `partly`.
+Verdict: `undetermined` when most regenerated reports state no grade (nothing to follow); `follows the slide`
+when at least FOLLOWS_DONOR of the swapped reports state the donor's grade; `image-blind` when under
+BLIND_CHANGE of them state another grade than the original did; else `partly follows the slide`. The check
+regenerates the reports from the checkpoint, so it says how many of the regenerated originals equal the
+predictions given: far fewer means the predictions came from another model or other settings.
 None of the report-generation tools we know (HistGen, SlideChat, WSI-LLaVA) report this; we do.
 """
 
@@ -84,6 +87,8 @@ def grounding_scores(texts: dict[str, dict[str, str]], donors: dict[str, str], g
 
 
 def verdict_of(scores: dict[str, Any]) -> str:
+    if (scores["original"]["grade_stated_rate"] or 0.0) < 0.5:
+        return "undetermined: most reports state no grade"
     swapped = scores["swapped"]
     if (swapped["agrees_with_donor_grade"] or 0.0) >= FOLLOWS_DONOR:
         return "follows the slide"
@@ -131,6 +136,13 @@ def grounding_check(checkpoint: str, store_url: str, predictions: str | Path, re
                               "least two different grades, from two patients")
     texts = ablated_reports(checkpoint, store_url, references, donors, batch_size, max_new_tokens, seed, device)
     scores = grounding_scores(texts, donors, grades)
+    given = {i: str(r.get("text", "")).strip() for i, r in zip(ids, rows)}
+    same = sum(texts["original"][i] == given[i] for i in donors)
+    scores["original"]["matches_predictions"] = same / len(donors)
+    if same < 0.9 * len(donors):
+        notes.append(f"only {same} of {len(donors)} reports regenerated from {checkpoint} (greedy, "
+                     f"{max_new_tokens} new tokens) equal the predictions given: were they made by this checkpoint, "
+                     "with these settings? The check scores the regenerated reports")
     return GroundingResult(len(donors), donors, texts, scores, verdict_of(scores), notes)
 
 
@@ -143,7 +155,8 @@ def grounding_lines(result: GroundingResult) -> list[str]:
 
     return [f"grounding ({result.n} held-out reports regenerated; verdict: {result.verdict}):",
             f"  own slide      states a grade {pct(s['original']['grade_stated_rate'])}, the true grade "
-            f"{pct(s['original']['agrees_with_own_grade'])}",
+            f"{pct(s['original']['agrees_with_own_grade'])}; equal to the predictions given "
+            f"{pct(s['original'].get('matches_predictions'))}",
             f"  swapped slide  states the donor's grade {pct(s['swapped']['agrees_with_donor_grade'])}, the own grade "
             f"{pct(s['swapped']['agrees_with_own_grade'])}; text changed {pct(s['swapped']['text_changed'])}, "
             f"grade changed {pct(s['swapped']['grade_changed'])}, risk changed {pct(s['swapped']['risk_changed'])}",

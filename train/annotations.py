@@ -106,6 +106,7 @@ def write_annotations(store: EmbeddingStore, clinical: ClinicalTable, out: str |
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = no_patient = nothing = 0
+    stated = dict.fromkeys((*RISK_GROUPS[levels], "none"), 0)  # slides per stated prognosis group
     partial = out.with_name(out.name + ".partial")
     with open(partial, "w", encoding="utf-8") as f:
         for slide_id in store.slide_ids():
@@ -119,13 +120,14 @@ def write_annotations(store: EmbeddingStore, clinical: ClinicalTable, out: str |
             if not text:
                 nothing += 1
                 continue
+            stated[groups.get(patient, "none")] += 1
             row = {"id": slide_id, "slide": slide_id, "patient_id": patient,
                    "conversations": [{"from": "human", "value": QUESTION}, {"from": "gpt", "value": text}]}
             f.write(json.dumps(row) + "\n")
             written += 1
     partial.replace(out)  # never a half-written annotation file
     return {"written": written, "slides_without_patient": no_patient, "nothing_to_state": nothing,
-            "risk_groups": levels, "risk_horizons_days": horizons,
+            "risk_groups": levels, "risk_horizons_days": horizons, "slides_per_group": stated,
             "risk_horizon_from": "all patients" if training_patients is None else f"{len(training_patients)} training patients"}
 
 
@@ -174,10 +176,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.meta:
         write_meta(args.meta, args.out)
     horizons = " and ".join(f"{h:.0f}" for h in counts["risk_horizons_days"])
-    print(f"wrote {counts['written']} annotations to {args.out} ({counts['risk_groups']} prognosis groups, horizons "
-          f"{horizons} days, from {counts['risk_horizon_from']}; {counts['slides_without_patient']} slides without a "
-          "clinical record skipped)"
+    print(f"wrote {counts['written']} annotations to {args.out} ({counts['risk_groups']} prognosis groups, "
+          f"horizon{'s' if len(counts['risk_horizons_days']) > 1 else ''} {horizons} days, from "
+          f"{counts['risk_horizon_from']}; {counts['slides_without_patient']} slides without a clinical record "
+          "skipped)"
           + (f"; meta {args.meta}" if args.meta else ""))
+    groups = counts["slides_per_group"]
+    print("slides per stated prognosis: " + ", ".join(f"{name} {n}" for name, n in groups.items()))
+    if sum(n > 0 for name, n in groups.items() if name != "none") < 2:
+        print("warning: fewer than two prognosis groups are stated: no model can learn, and no C-index can score, "
+              f"a risk from these labels (does the table hold {args.endpoint} events?)", file=sys.stderr)
     return 0
 
 

@@ -21,6 +21,7 @@ MODEL_FILE = "slidecache_model.json"
 TRAINABLE_FILE = "trainable.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_DIR = "adapter"
+MERGED_LLM_DIR = "llm"  # a merged checkpoint's LLM, named relative to the checkpoint folder
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -121,7 +122,9 @@ def load_for_inference(folder: str | Path, device: torch.device) -> tuple[SlideV
     """Rebuild the model: the LLM from its source, the LoRA adapter via PEFT, then the trained tensors."""
     spec = read_spec(folder)
     stand_in = spec.llm_config or LEGACY_STAND_IN_CONFIGS.get(spec.llm_path)  # None for real weights
-    loaded = load_llm(spec.llm_path, seed=spec.llm_seed, stand_in_config=stand_in)  # rebuilt exactly as trained
+    beside = Path(folder) / spec.llm_path  # a merged checkpoint names its LLM folder relative to itself
+    source = str(beside) if not Path(spec.llm_path).is_absolute() and beside.is_dir() else spec.llm_path
+    loaded = load_llm(source, seed=spec.llm_seed, stand_in_config=stand_in)  # rebuilt exactly as trained
     llm = loaded.model
     if spec.lora_rank:
         from peft import PeftModel

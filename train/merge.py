@@ -4,7 +4,8 @@
 
 MERGED_DIR/llm is a plain Qwen2 directory (safetensors + tokenizer, with the image tokens) that loads
 with Qwen2ForCausalLM.from_pretrained; the projector, the tile statistics and slidecache_model.json sit
-beside it, pointing at it, so `python -m train.generate --checkpoint MERGED_DIR` works without PEFT.
+beside it, naming it relative to MERGED_DIR (which can move), so
+`python -m train.generate --checkpoint MERGED_DIR` works without PEFT.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from store.cli import run_command
 from store.provenance import provenance
-from train.checkpoint import MODEL_FILE, PROJECTOR_FILE, TRAINABLE_FILE, load_for_inference
+from train.checkpoint import MERGED_LLM_DIR, MODEL_FILE, PROJECTOR_FILE, TRAINABLE_FILE, load_for_inference
 from train.model import SlideVLM
 from train.standardize import STANDARDIZER_FILE
 
@@ -32,8 +33,8 @@ def merge(checkpoint: str | Path, out: str | Path) -> Path:
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    llm.save_pretrained(partial / "llm")
-    loaded.tokenizer.save_pretrained(partial / "llm")
+    llm.save_pretrained(partial / MERGED_LLM_DIR)
+    loaded.tokenizer.save_pretrained(partial / MERGED_LLM_DIR)
     merged = SlideVLM(llm, spec.embedding_dim, loaded.hidden_size, loaded.img_context_id, spec.resampler_tokens,
                       model.standardizer)
     merged.load_state_dict(model.state_dict(), strict=False)  # projector / resampler (llm shared)
@@ -44,7 +45,8 @@ def merge(checkpoint: str | Path, out: str | Path) -> Path:
     save_file(projector, str(partial / TRAINABLE_FILE))  # what load_for_inference puts back after the LLM
     if merged.standardizer is not None:  # the same statistics: a merged model reads tiles as the run did
         merged.standardizer.save(partial / STANDARDIZER_FILE)
-    new_spec = replace(spec, llm_path=str((out / "llm").resolve()), lora_rank=0, llm_config=None)
+    # "llm", relative to the merged folder: the folder can be moved or copied whole
+    new_spec = replace(spec, llm_path=MERGED_LLM_DIR, lora_rank=0, llm_config=None)
     (partial / MODEL_FILE).write_text(json.dumps(asdict(new_spec), indent=2))
     (partial / "merge_manifest.json").write_text(json.dumps(provenance({"checkpoint": str(checkpoint)}), indent=2,
                                                             default=str))

@@ -152,25 +152,29 @@ def setup(model_args: ModelArguments, data_args: DataArguments, training_args: T
     counts.update(samples=len(dataset), skipped_overlong=len(dataset.skipped_overlong),
                   skipped_overlong_examples=dataset.skipped_overlong[:5])
     if not len(dataset):
-        raise AnnotationError(f"{data_args.meta_path}: nothing to train: all {len(dataset.skipped_overlong)} samples "
-                              f"exceed --max_seq_length {data_args.max_seq_length} (e.g. {dataset.skipped_overlong[0]}); "
-                              "raise it or lower --max_tiles" if dataset.skipped_overlong else
-                              f"{data_args.meta_path}: no training sample")
+        skipped = dataset.skipped_overlong
+        raise AnnotationError(f"{data_args.meta_path}: nothing to train: all {len(skipped)} samples exceed "
+                              f"--max_seq_length {data_args.max_seq_length} (e.g. {skipped[0]}); raise it or lower "
+                              "--max_tiles" if skipped else f"{data_args.meta_path}: no training sample")
     # validation: the inference-time tile choice (spatially spread), the loss on the reference answers
     val = (SlideConversationDataset(val_samples, data_args.store, encoder, data_args.max_tiles, data_args.max_seq_length,
                                     training=False, seed=training_args.seed, skip_overlong=data_args.skip_overlong,
                                     resampler_tokens=model_args.resampler_tokens, with_answers=True)
            if val_samples else None)
     standardizer = None
-    if data_args.standardize_tiles:
+    if not data_args.standardize_tiles:
+        print("tiles: raw cached vectors (--standardize_tiles False): a component every tile shares can leave the "
+              "model blind to the slide; check it with the grounding check (python -m evaluate report --checkpoint)")
+    else:
         stats = training_tile_statistics(dataset, data_args.statistics_tiles_per_slide, training_args.seed)
         standardizer = TileStandardizer.from_statistics(stats)
         counts["tile_statistics"] = stats.summary() | {"from": "training samples only",
                                                        "tiles_per_slide": data_args.statistics_tiles_per_slide}
         print(f"tile statistics from {stats.tiles:,} tiles of {stats.items} training "
               f"{'images' if store.kind == 'images' else 'slides'} ({stats.seconds:.1f} s): "
-              f"{stats.constant_dims} of {len(stats.mean)} dimensions constant, mean |mean| "
-              f"{np.abs(stats.mean).mean():.3g}, median std {np.median(stats.std):.3g}")
+              f"{stats.constant_dims} of {len(stats.mean)} dimensions constant (to float16 rounding: set to 0), "
+              f"mean |mean| {np.abs(stats.mean).mean():.3g}, median std of the rest "
+              f"{np.median(stats.std[~stats.constant]) if stats.constant_dims < len(stats.mean) else 0:.3g}")
     spec = ModelSpec(model_args.llm_path, visual_dim(store), data_args.max_tiles, model_args.use_llm_lora,
                      model_args.lora_dropout, model_args.resampler_tokens, model_args.unfreeze_lm_head,
                      data_args.system_message, store.fingerprint, llm_seed=training_args.seed,
@@ -219,7 +223,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     ready = setup(model_args, data_args, training_args)
     counts = parameter_counts(ready.model)
     print(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
-          f"({100 * counts['trainable'] / counts['total']:.2f}%)")
+          f"({100 * counts['trainable'] / counts['total']:.2f}%)"
+          + (f"; the projector at --projector_lr {model_args.projector_lr:g}, the rest at "
+             f"{training_args.learning_rate:g}" if model_args.projector_lr else ""))
     print(f"{ready.counts['samples']} training samples from {data_args.meta_path}"
           + (f"; {ready.counts['skipped_overlong']} over-long samples skipped" if ready.counts["skipped_overlong"] else ""))
     out = Path(training_args.output_dir)
@@ -253,6 +259,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if writes:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"done: {result.global_step} steps, mean loss {result.training_loss:.4f}; saved the projector "
-          f"(projector.safetensors){', the LoRA adapter (adapter/)' if ready.spec.lora_rank else ''} to {out}; "
+          f"(projector.safetensors){', the LoRA adapter (adapter/)' if ready.spec.lora_rank else ''}"
+          f"{', the tile statistics (tile_standardizer.safetensors)' if ready.spec.standardized_tiles else ''} and "
+          f"every trained tensor (trainable.safetensors) to {out}; "
           "the encoder was never built (tiles read from the store)")
     return TrainResult(summary, ready.model)

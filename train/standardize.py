@@ -91,7 +91,8 @@ class TileStatistics:
     def summary(self) -> dict[str, float | int]:
         return {"tiles": self.tiles, "items": self.items, "dims": int(len(self.mean)),
                 "constant_dims": self.constant_dims, "mean_abs_mean": float(np.abs(self.mean).mean()),
-                "median_std": float(np.median(self.std)), "seconds": round(self.seconds, 2)}
+                "median_std_of_varying": float(np.median(self.std[~self.constant])) if (~self.constant).any() else 0.0,
+                "seconds": round(self.seconds, 2)}
 
 
 def stream_statistics(keys: Iterable[str], read_rows: Callable[[str, np.random.Generator], np.ndarray],

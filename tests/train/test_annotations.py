@@ -42,8 +42,9 @@ def test_horizon_from_training_patients_only(four_slides, table, tmp_path):
                           str(table), "--split", str(split), "--fold", "1", "--risk-groups", "2",
                           "--out", str(tmp_path / "cli.jsonl")],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "2 prognosis groups, horizons 200 days, from 3 training patients" in run.stdout, \
+    assert run.returncode == 0 and "2 prognosis groups, horizon 200 days, from 3 training patients" in run.stdout, \
         run.stderr
+    assert "slides per stated prognosis: high 1, low 2, none 1" in run.stdout, run.stdout
 
 
 def test_three_prognosis_groups_at_the_event_time_tertiles(tmp_path):

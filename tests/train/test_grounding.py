@@ -76,6 +76,7 @@ def test_another_patients_slide_moves_the_stated_grade(reader):
     assert swapped["grade_changed"] >= 0.8, result.as_dict()
     assert result.n == len(reader.rows) and all(reader.rows)  # every held-out report had a donor of another grade
     assert result.scores["blank"]["text_changed"] > 0  # blank tiles change the report too
+    assert result.scores["original"]["matches_predictions"] == 1.0 and not result.notes  # the same greedy reports
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,6 @@ def test_donors_are_other_patients_of_another_grade_and_the_verdicts():
     assert verdict_of(scores) == "follows the slide" and scores["swapped"]["grade_changed"] == 1.0
     texts["swapped"] = {"a": "Tumour grade: G3.", "b": "Tumour grade: G2."}
     assert verdict_of(grounding_scores(texts, donors, truth)) == "partly follows the slide"
+    silent = {"a": "Invasive carcinoma.", "b": "Carcinoma."}  # no grade stated: nothing to follow, not "blind"
+    texts = {"original": silent, "swapped": {"a": "Carcinoma.", "b": "Invasive."}, "blank": dict(silent)}
+    assert verdict_of(grounding_scores(texts, donors, truth)).startswith("undetermined")

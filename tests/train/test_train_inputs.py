@@ -149,8 +149,8 @@ def test_bad_annotations_name_file_and_line(four_slides, tmp_path):
                                               r".*bad.jsonl, line 1\)"):
         _bad(tmp_path / "skip", four_slides, [good, good], max_seq_length="60", skip_overlong="True")
     (tmp_path / "skip_one").mkdir()
-    ready = _bad(tmp_path / "skip_one", four_slides, [good, good.replace("Tumour", "Tumour " * 80)], max_seq_length="250",
-                 skip_overlong="True")
+    long = good.replace("Tumour", "Tumour " * 80)
+    ready = _bad(tmp_path / "skip_one", four_slides, [good, long], max_seq_length="250", skip_overlong="True")
     assert ready.counts["skipped_overlong"] == 1 and ready.counts["samples"] == 1
     (tmp_path / "nostore").mkdir()
     with pytest.raises(StoreNotFound):

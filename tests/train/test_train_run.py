@@ -85,6 +85,11 @@ def test_outputs_load_with_peft_and_transformers(overfit, tmp_path):
         expected = peft.eval()(input_ids=ids).logits
         got = merged.eval()(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    moved = merged_dir.rename(tmp_path / "moved")  # a merged folder names its LLM relative to itself
+    from train.checkpoint import load_for_inference
+
+    model, _, _ = load_for_inference(moved, torch.device("cpu"))
+    torch.testing.assert_close(model.llm.eval()(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_resume_continues_the_same_curve_and_never_imports_the_encoder(four_slides, tmp_path):
