@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Sequence
 from demo.cohort import DemoSize
 from demo.pipeline import DemoSettings, run
 from store.cli_args import ArgumentParser
-from store.errors import PipelineError, SlidecacheError
+from store.cli import guarded
+from store.errors import PipelineError
 
 
 def build_parser() -> ArgumentParser:
@@ -30,13 +32,14 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # one clear line, not a traceback from a later stage; a pipeline that cannot go on exits 1
+    return guarded(lambda: _demo(args), lambda e: 1 if isinstance(e, PipelineError) else 2)
+
+
+def _demo(args: argparse.Namespace) -> int:
     settings = DemoSettings(size=DemoSize(patients=args.patients), train_epochs=args.epochs, encoder=args.encoder,
                             weights=args.weights, llm_path=args.llm_path, train=not args.no_train)
-    try:
-        result = run(args.out, settings, log=lambda m: print(m, flush=True))
-    except SlidecacheError as e:  # one clear line, not a traceback from a later stage
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1 if isinstance(e, PipelineError) else 2
+    result = run(args.out, settings, log=lambda m: print(m, flush=True))
     print(json.dumps({k: v for k, v in result.items() if k != "evaluation"}, indent=2, default=str))
     print(f"\nsummary: {result['summary_html']}\ninspect the store: python -m store info {result['store']} --list")
     return 1 if result["verify_problems"] or result["failed"] else 0

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 from demo.cohort import SEED, DemoSize, plan_patients, write_clinical, write_report_texts, write_slides
 from demo.summary import write_summary
+from evaluate import json_out
 from extract.config import CONFIG_DIR, ExtractConfig
 from extract.executors import lazy_ray_session
 from extract.job import Extraction
@@ -241,7 +242,7 @@ def evaluate_all(out: Path, data: Any, split: Path, clinical: Path, annotations:
             result["grounding"] = grounding.as_dict() | {"texts": grounding.texts}
         except EvaluationError as e:  # e.g. a held-out fold whose references state one grade only
             result["grounding"] = {"error": str(e)}
-    (folder / "metrics.json").write_text(json.dumps({**result, "inputs_sha256": inputs}, indent=2, default=str))
+    (folder / "metrics.json").write_text(json_out.dumps({**result, "inputs_sha256": inputs}))
     return result
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from evaluate.abmil import TrainSettings, load_bags
 from evaluate.features import POOLINGS, PatientData, patient_features
 from evaluate.grade import GRADE_HEADS, confusion_plot, cross_validate_grade, refit_grade_on_all
+from evaluate.json_out import dumps
 from evaluate.saved_heads import check_savable, save_grade_head, save_survival_head
 from evaluate.splits import import_published_splits, make_folds, read_split, write_split
 from evaluate.survival import BAG_HEADS, HEADS, clinical_covariates, cross_validate, km_plot, refit_on_all
@@ -23,15 +24,17 @@ from store.cli import run_command
 from store.cli_args import ArgumentParser
 from store.clinical import ENDPOINTS, load_clinical_tables
 from store.embedding_store import EmbeddingStore
-from store.errors import EvaluationError
+from store.errors import ClinicalTableError, EvaluationError
 from store.provenance import encoder_modules_loaded, provenance
 
 
-def _data(args: argparse.Namespace):
+def _data(args: argparse.Namespace, endpoint: str | None = None):
     store = EmbeddingStore.open(args.store)
     clinical = load_clinical_tables(args.clinical)
     if args.cancer_type:
         clinical = clinical.filter_cancer_type(args.cancer_type)
+    if endpoint and (why := clinical.absent_endpoint(endpoint)):  # the table's columns, not "no patient has OS"
+        raise ClinicalTableError(why)
     return store, patient_features(store, clinical, getattr(args, "pooling", "mean"))
 
 
@@ -107,7 +110,7 @@ def _clinical_baseline(data: PatientData, endpoint: str, folds: dict[str, int], 
 
 
 def _write_outputs(out: Path, report: dict, predictions: list[dict]) -> None:
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "metrics.json").write_text(dumps(report))  # strict JSON: a non-finite float is null, never NaN
     with open(out / "predictions.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(predictions[0]))
         writer.writeheader()
@@ -127,7 +130,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_survival(args: argparse.Namespace) -> int:
-    store, data = _data(args)
+    store, data = _data(args, args.endpoint)
     folds = _folds(args, data, args.endpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,8 +202,8 @@ def cmd_grade(args: argparse.Namespace) -> int:
     confusion_plot(result, str(out / "confusion.png"))
     print(f"grade ({result.scheme}: {', '.join(result.classes)}), {args.head}, {len(result.predictions)} patients:")
     for key, value in result.summary.items():
-        if "mean" in value:
-            print(f"  {key:<18} {value['mean']:.3f} ± {value['std']:.3f}")
+        if key != "chance":
+            print(f"  {key:<18} {format_summary(value)}")
     print(f"  chance: majority-class accuracy {result.summary['chance']['majority_class_accuracy']:.3f}, "
           f"balanced accuracy {result.summary['chance']['balanced_accuracy']:.3f}")
     print(f"wrote {out}/metrics.json, predictions.csv, confusion.png; re-encoded nothing")
@@ -250,7 +253,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report_metrics.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / "report_metrics.json").write_text(dumps(report))
         print(f"wrote {out / 'report_metrics.json'}")
     return 0
 
@@ -315,7 +318,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                   "scored on the same patients", file=sys.stderr)
     differences = paired_differences(rows, args.seed) if len(stores) > 1 else []
     loaded = sorted(set(encoder_modules_loaded()) - already)  # imported by this sweep
-    report = {"rows": [r.as_dict() for r in rows], "best": best_by_task(rows),
+    report = {"rows": [r.as_dict(reasons=True) for r in rows], "best": best_by_task(rows),
               "paired_differences": [d.as_dict() for d in differences],
               "store_fingerprint": (opened[0].fingerprint if len(opened) == 1
                                     else {label: s.fingerprint for label, s in stores.items()}),
@@ -323,7 +326,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               "patients_left_out": dropped if len(stores) > 1 else {},
               "re_encoded_tiles": 0, "encoder_modules_loaded": loaded,
               "provenance": provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})}
-    (out / "sweep.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "sweep.json").write_text(dumps(report))  # strict JSON: a non-finite float is null, never NaN
     with open(out / "sweep.csv", "w", newline="") as f:
         fields = list(dict.fromkeys(k for r in rows for k in r.as_dict()))
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -422,7 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr and clinical correctness of generated reports")
     p.add_argument("--predictions", required=True, help="jsonl: {id, text} per generated report")
-    p.add_argument("--references", required=True, help="jsonl: {id, text}, or the InternVL conversation annotations")
+    p.add_argument("--references", required=True,
+                   help="jsonl: {id, text}, the InternVL conversation annotations, or HistGen's annotation JSON; ids "
+                        "match the predictions' slides as train.import_reports matches them (exactly, by TCGA "
+                        "barcode, a patient id for all its slides)")
     p.add_argument("--clinical", nargs="+", help="clinical table(s): adds the C-index of the stated risk group")
     p.add_argument("--endpoint", default="OS", choices=ENDPOINTS, help="the endpoint the stated risk is scored on")
     p.add_argument("--protocol", default="default", choices=["default", "histgen"],

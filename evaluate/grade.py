@@ -5,11 +5,14 @@ Grades come from the clinical table (G1-G4, or BLCA's High/Low Grade as its own 
 "[Not Available]" are missing). One scheme per evaluation: mixing G1-G4 with High/Low would make the
 classes meaningless, so the majority scheme is kept and the rest reported as dropped.
 Metrics: accuracy, balanced accuracy, macro-F1, quadratic weighted kappa (grades are ordered),
-one-vs-rest macro AUC, and the pooled held-out confusion matrix.
+one-vs-rest macro AUC, and the pooled held-out confusion matrix. A metric a fold cannot define (QWK when
+the fold's patients and predictions are all one grade, AUC without every grade) is null with its reason;
+the summary averages the folds that define it, as for survival (evaluate.survival_metrics.summarise).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,11 +27,13 @@ from sklearn.metrics import (
     f1_score,
     roc_auc_score,
 )
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from evaluate.abmil import TrainSettings, train_abmil
 from evaluate.features import PatientData
+from evaluate.survival_metrics import NotComputed, computed, summarise
 from store.errors import EvaluationError
 
 GRADE_ORDER = {"G1-G4": ["G1", "G2", "G3", "G4"], "high-low": ["Low Grade", "High Grade"]}
@@ -39,7 +44,7 @@ class GradeResult:
     scheme: str
     classes: list[str]
     folds: list[dict[str, Any]]
-    summary: dict[str, dict[str, float]]
+    summary: dict[str, dict[str, Any]]  # metric → mean/std/folds (None with not_computed_in_folds); "chance"
     confusion: list[list[int]]  # pooled over held-out folds; rows = true, columns = predicted
     predictions: list[dict[str, Any]]
     dropped: dict[str, int]
@@ -63,20 +68,46 @@ def grade_labels(data: PatientData) -> tuple[np.ndarray, list[str], str, dict[st
     return mask, classes, scheme, {k: v for k, v in dropped.items() if v}
 
 
-def _metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[str, float]:
-    out = {
-        "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, average="macro", labels=list(range(n_classes)), zero_division=0)),
-        "qwk": float(cohen_kappa_score(y, pred, weights="quadratic", labels=list(range(n_classes)))),
-    }
+GRADE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auc")
+
+
+def _qwk(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    if len(np.union1d(y, pred)) < 2:  # chance agreement is total: kappa is 0/0
+        raise NotComputed("QWK is undefined on this fold: its patients are all one grade and so are the "
+                          "predictions (nothing to tell from chance agreement)")
+    with warnings.catch_warnings():  # an undefined kappa is reported with its reason, not a warning and NaN
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        return float(cohen_kappa_score(y, pred, weights="quadratic", labels=list(range(n_classes))))
+
+
+def _auc(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
     present = np.unique(y)
-    if len(present) > 1:
-        if n_classes == 2:
-            out["auc"] = float(roc_auc_score(y, proba[:, 1]))
-        elif len(present) == n_classes:
-            out["auc"] = float(roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=list(range(n_classes))))
-    return out
+    if len(present) < 2:
+        raise NotComputed("AUC is undefined on this fold: its patients are all one grade")
+    if n_classes == 2:
+        return float(roc_auc_score(y, proba[:, 1]))
+    if len(present) < n_classes:
+        raise NotComputed(f"one-vs-rest macro AUC needs every grade on this fold; it has {len(present)} of {n_classes}")
+    return float(roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+
+
+def _metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """Every metric of one fold; an undefined one is None with its reason in `not_computed`."""
+    labels = list(range(n_classes))
+    compute = {
+        "accuracy": lambda: float(accuracy_score(y, pred)),
+        "balanced_accuracy": lambda: float(balanced_accuracy_score(y, pred)),
+        "macro_f1": lambda: float(f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
+        "qwk": lambda: _qwk(y, pred, n_classes),
+        "auc": lambda: _auc(y, proba, n_classes),
+    }
+    out: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    for key, metric in compute.items():
+        out[key], why = computed(metric)
+        if why is not None:
+            reasons[key] = why
+    return out | {"not_computed": reasons}
 
 
 GRADE_HEADS = ("logreg", "abmil")
@@ -135,11 +166,7 @@ def cross_validate_grade(data: PatientData, folds: dict[str, int], seed: int = 0
         for i, p, pr in zip(np.flatnonzero(test), pred, proba):
             predictions.append({"patient_id": ids[i], "fold": fold, "true": classes[y[i]], "predicted": classes[p],
                                 **{f"p_{cl}": float(v) for cl, v in zip(classes, pr)}})
-    summary = {}
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auc"):
-        values = [m[key] for m in results if key in m]
-        if values:
-            summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "folds": len(values)}
+    summary: dict[str, Any] = summarise(results, GRADE_METRICS)  # over the folds that define each; else null
     chance = {"majority_class_accuracy": float(np.bincount(y).max() / len(y)), "balanced_accuracy": 1 / len(classes)}
     summary["chance"] = chance  # what "clearly beats chance" is measured against
     return GradeResult(scheme, classes, results, summary, confusion.tolist(), predictions, dropped, head, models)

@@ -3,6 +3,9 @@ clinical correctness (grade and risk group read back from the text and scored li
 
 Java is needed by the PTB tokenizer and METEOR (Debian: `default-jre-headless`). Without it the report
 says so: tokens are then lower-cased words (BLEU, ROUGE-L and CIDEr still run) and METEOR is skipped.
+References are a jsonl or HistGen's annotation JSON (every set); their ids match the predicted slides as
+`train.import_reports` matches report ids (exactly, by TCGA barcode, a patient id for all its slides).
+Predictions repeating an id are refused.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ def parse_risk(text: str) -> str | None:
     return stated_prognosis(text)
 
 
-def _ids_and_text(path: Path) -> dict[str, list[str]]:
-    """jsonl lines: {"id"|"slide_id"|"patient_id", "text"|"answer"|"caption"} or InternVL conversations."""
+def _ids_and_text(path: Path, lines: dict[str, list[int]] | None = None) -> dict[str, list[str]]:
+    """jsonl lines: {"id"|"slide_id"|"patient_id", "text"|"answer"|"caption"} or InternVL conversations;
+    `lines` gets each id's line numbers."""
     out: dict[str, list[str]] = {}
     for number, row in read_jsonl(path, EvaluationError):
         key = next((row[k] for k in ("id", "slide_id", "patient_id") if k in row), None)
@@ -50,7 +54,23 @@ def _ids_and_text(path: Path) -> dict[str, list[str]]:
             raise EvaluationError(f"{path}, line {number}: needs an id (id/slide_id/patient_id) and a text "
                                   "(text/answer/caption, or InternVL conversations)")
         out.setdefault(str(key), []).append(str(text))
+        if lines is not None:
+            lines.setdefault(str(key), []).append(number)
     return out
+
+
+def read_references(path: Path, predicted: dict[str, str]) -> dict[str, list[str]]:
+    """{slide: reference texts}: the jsonl's or HistGen's JSON's ids matched to the `predicted` slides
+    ({id: patient}) as the import matches them."""
+    from evaluate.report_benchmark import match_references, read_reference_sets
+
+    if path.suffix == ".json":  # HistGen's annotation JSON: one reference per slide, read as the import reads it
+        return {k: [r.text] for k, r in match_references(read_reference_sets(path), predicted, path).items()}
+    from train.import_reports import SlideMatcher
+
+    references = _ids_and_text(path)
+    return {slide: references[key]
+            for slide, key in SlideMatcher(predicted).rekey(list(references), str(path), EvaluationError).items()}
 
 
 @dataclass
@@ -145,8 +165,13 @@ def stated_risk_concordance(predictions: dict[str, str], clinical: ClinicalTable
 
 def score_reports(predictions_path: str | Path, references_path: str | Path, clinical: ClinicalTable | None = None,
                   endpoint: str = "OS") -> ReportScores:
-    predictions = {k: v[0] for k, v in _ids_and_text(Path(predictions_path)).items()}
-    references = _ids_and_text(Path(references_path))
+    from evaluate.report_benchmark import duplicate_ids_error, prediction_patients
+
+    lines: dict[str, list[int]] = {}
+    predictions = {k: v[0] for k, v in _ids_and_text(Path(predictions_path), lines).items()}
+    if (error := duplicate_ids_error(predictions_path, lines)) is not None:
+        raise error
+    references = read_references(Path(references_path), prediction_patients(predictions_path))
     missing = sorted(set(predictions) - set(references))
     if missing:
         raise EvaluationError(f"{len(missing)} predictions have no reference (e.g. {missing[:3]}) in {references_path}")

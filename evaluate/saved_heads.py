@@ -21,6 +21,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from evaluate.abmil import ABMILModel, GatedABMIL
+from evaluate.json_out import dumps
 from store.embedding_store import SlideView
 from store.errors import EvaluationError
 from store.provenance import provenance
@@ -73,7 +74,7 @@ def _write(folder: str | Path, tensors: dict[str, np.ndarray], card: dict[str, A
     partial = folder / (TENSORS + ".partial")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(partial))
     partial.replace(folder / TENSORS)
-    (folder / CARD).write_text(json.dumps(provenance(card) | card, indent=2, default=str))
+    (folder / CARD).write_text(dumps(provenance(card) | card))  # strict JSON: a null metric, never NaN
     return folder
 
 

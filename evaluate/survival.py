@@ -7,7 +7,8 @@ training fold: 2560 raw dimensions would make CoxPH singular); and attention-MIL
 (evaluate/survival_metrics.py): Harrell's C with a bootstrap 95% CI over the held-out patients, Uno's C,
 time-dependent AUC at event-time quartiles and the integrated Brier score over an even grid of the test
 follow-up, the IPCW ones below the training fold's censoring horizon; and low/high-risk groups split at
-the *training* fold's median risk. A metric a fold cannot define is null with its reason. Across folds:
+the *training* fold's median risk. A metric a fold cannot define is null with its reason, and so is every
+metric of a fold whose head cannot be fitted (or overflows) there: the other folds still count. Across folds:
 mean ± std, and a Kaplan-Meier plot of the pooled held-out risk groups with the log-rank p.
 """
 
@@ -35,7 +36,7 @@ from sksurv.nonparametric import kaplan_meier_estimator
 from evaluate import survival_metrics as sm
 from evaluate.abmil_settings import TrainSettings
 from evaluate.features import PatientData
-from store.errors import EvaluationError
+from store.errors import EvaluationError, SlidecacheError
 
 if TYPE_CHECKING:  # torch is imported only by the ABMIL heads, when they run
     from evaluate.abmil import ABMILModel
@@ -150,26 +151,39 @@ HEADS: dict[str, Callable[[np.ndarray, np.ndarray, int, TrainSettings | None], F
 BAG_HEADS = {"abmil-cox", "abmil-nll"}  # input: an object array of tile bags (evaluate.abmil.load_bags)
 
 
-def _fold_metrics(head: FittedHead, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
-                  seed: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    risk_te = head.risk(x_te)
-    threshold = float(np.median(head.risk(x_tr)))  # the training fold's median: no peeking at test risks
+def _fold_metrics(head: FittedHead, risk_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, risk_te: np.ndarray,
+                  y_te: np.ndarray, seed: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    threshold = float(np.median(risk_tr))  # the training fold's median: no peeking at test risks
     metrics = sm.fold_metrics(y_tr, y_te, risk_te, lambda times: head.survival(x_te, times), seed)
     metrics["head"] = head.describe
     return metrics, risk_te, risk_te > threshold
 
 
 def _run_fold(head: str, x: np.ndarray, y: np.ndarray, test: np.ndarray, seed: int, settings: TrainSettings | None
-              ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, FittedHead]:
+              ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, FittedHead | None]:
+    """The fold's metrics, held-out risks, risk groups and fitted head; a head that cannot be fitted here (or
+    whose risks overflow) gives a fold of nulls with the reason, and no predictions: the other folds count."""
     where = f"({int((~test).sum())} training, {int(test.sum())} held-out patients in this fold)"
     try:
         fitted = HEADS[head](x[~test], y[~test], seed, settings)
-    except NoComparablePairException as e:  # e.g. in coxnet's inner CV on a handful of training patients
-        raise EvaluationError(f"the {head} head: a C-index had no comparable pair of patients {where}: too few "
-                              "patients or events per fold; use fewer folds or more patients") from e
+        risk_tr, risk_te = fitted.risk(x[~test]), fitted.risk(x[test])
+    except NoComparablePairException:  # e.g. in coxnet's inner CV on a handful of training patients
+        why = (f"the {head} head: a C-index had no comparable pair of patients {where}: too few patients or events "
+               "per fold; use fewer folds or more patients")
+    except EvaluationError as e:  # a problem of this fold's data, e.g. ABMIL diverging or too few events for bins
+        why = f"the {head} head could not be fitted {where}: {e}"
+    except SlidecacheError:  # a setting (e.g. an unusable --device): no fold can do better
+        raise
     except (ArithmeticError, np.linalg.LinAlgError, ValueError) as e:  # the fit itself failed on these data
-        raise EvaluationError(f"the {head} head could not be fitted {where}: {type(e).__name__}: {e}") from e
-    return (*_fold_metrics(fitted, x[~test], y[~test], x[test], y[test], seed), fitted)
+        why = f"the {head} head could not be fitted {where}: {type(e).__name__}: {e}"
+    else:
+        if np.isfinite(risk_tr).all() and np.isfinite(risk_te).all():
+            return (*_fold_metrics(fitted, risk_tr, y[~test], x[test], risk_te, y[test], seed), fitted)
+        why = (f"the {head} head's risk is not finite {where}: its fit diverged; use fewer folds or more "
+               "patients")
+    failed = {"n_test": int(test.sum()), "events_test": int(y["event"][test].sum()), "fit_failed": why,
+              **{key: None for key in SUMMARY_METRICS}, "not_computed": {key: why for key in SUMMARY_METRICS}}
+    return failed, np.empty(0), np.empty(0, dtype=bool), None
 
 
 @dataclass
@@ -234,12 +248,17 @@ def cross_validate(data: PatientData, endpoint: str, head: str, folds: dict[str,
     # at a time (torch uses every core, and shipping the bags to workers would copy gigabytes).
     jobs = 1 if head in BAG_HEADS else min(len(fold_ids), os.cpu_count() or 1)
     outcomes = Parallel(n_jobs=jobs)(delayed(_run_fold)(head, x, y, f == fold, seed, settings) for fold in fold_ids)
+    if all(fitted is None for *_, fitted in outcomes):
+        raise EvaluationError(f"no fold of {len(fold_ids)} could fit and score the {head} head; fold {fold_ids[0]}: "
+                              f"{outcomes[0][0]['fit_failed']}")
     results, predictions, models = [], [], {}
     for fold, (metrics, risk, high, fitted) in zip(fold_ids, outcomes):
         test = f == fold
         metrics["fold"] = fold
-        models[fold] = fitted
         results.append(metrics)
+        if fitted is None:  # its fold is nulls with the reason; its patients have no held-out prediction
+            continue
+        models[fold] = fitted
         for i, r, h in zip(np.flatnonzero(test), risk, high):
             predictions.append({"patient_id": ids[i], "fold": fold, "time": float(y["time"][i]),
                                 "event": bool(y["event"][i]), "risk": float(r), "high_risk": bool(h)})
@@ -248,7 +267,8 @@ def cross_validate(data: PatientData, endpoint: str, head: str, folds: dict[str,
     logrank_p = None
     if 0 < groups.sum() < len(groups):
         y_pred = sm.surv(np.array([p["time"] for p in predictions]), np.array([p["event"] for p in predictions]))
-        logrank_p = float(compare_survival(y_pred, groups)[1])
+        p_value = float(compare_survival(y_pred, groups)[1])
+        logrank_p = p_value if np.isfinite(p_value) else None
     return SurvivalResult(head, endpoint, results, summary, predictions, logrank_p, models)
 
 

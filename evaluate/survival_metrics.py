@@ -14,7 +14,7 @@ that still cannot be computed for a fold is None with its reason in `not_compute
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 from sksurv.exceptions import NoComparablePairException
@@ -52,6 +52,27 @@ def surv(times: np.ndarray, events: np.ndarray) -> np.ndarray:
 
 class NotComputed(EvaluationError):
     """A metric that is undefined for this fold; the message is the reason recorded beside the null."""
+
+
+T = TypeVar("T")
+# What scikit-survival and scikit-learn raise on inputs they refuse, e.g. "Input estimate contains infinity"
+# after a head's fit overflowed on a small fold: for one fold's metric, a reason, not a crash.
+LIBRARY_REFUSALS = (ValueError, ArithmeticError, np.linalg.LinAlgError)
+
+
+def computed(compute: Callable[[], T]) -> tuple[T, None] | tuple[None, str]:
+    """(value, None), or (None, reason) when the metric is undefined on these data (NotComputed), the
+    library refused them, or the value is a NaN or infinite float: a null with its reason, never a crash
+    or a NaN in the output."""
+    try:
+        value = compute()
+    except NotComputed as e:
+        return None, str(e)
+    except LIBRARY_REFUSALS as e:
+        return None, f"{type(e).__name__}: {e}"
+    if isinstance(value, float) and not np.isfinite(value):
+        return None, f"undefined on these patients (the computation gave {value})"
+    return value, None
 
 
 def has_comparable_pair(times: np.ndarray, events: np.ndarray) -> bool:
@@ -142,7 +163,11 @@ def brier_at(train: np.ndarray, test: np.ndarray, survival_prob: np.ndarray, tim
 
 def integrated_brier(train: np.ndarray, test: np.ndarray, survival_probs: np.ndarray, times: np.ndarray) -> float:
     """IBS over `times`; survival_probs (n_test, n_times)."""
-    value = float(integrated_brier_score(train, test, np.asarray(survival_probs, dtype=float), times))
+    survival_probs = np.asarray(survival_probs, dtype=float)
+    if not np.isfinite(survival_probs).all():
+        raise NotComputed("the head's predicted survival is not finite at these times (its fit overflowed on this "
+                          "training fold, e.g. a nearly separable Cox model on few patients)")
+    value = float(integrated_brier_score(train, test, survival_probs, times))
     if not np.isfinite(value):
         raise NotComputed("the integrated Brier score is undefined on this grid")
     return value
@@ -272,11 +297,10 @@ def fold_metrics(train: np.ndarray, test: np.ndarray, risk: np.ndarray, survival
     reasons: dict[str, str] = {}
 
     def attempt(keys: tuple[str, ...], compute: Callable[[], Any], reason_key: str | None = None) -> None:
-        try:
-            values = compute()
-        except NotComputed as e:
+        values, why = computed(compute)
+        if why is not None:
             out.update({k: None for k in keys})
-            reasons[reason_key or keys[0]] = str(e)
+            reasons[reason_key or keys[0]] = why
             return
         out.update(zip(keys, values if len(keys) > 1 else (values,)))
 

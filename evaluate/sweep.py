@@ -21,7 +21,7 @@ from evaluate.grade import GRADE_HEADS, cross_validate_grade
 from evaluate.survival import BAG_HEADS, HEADS, cross_validate
 from store.clinical import ENDPOINTS, ClinicalTable
 from store.embedding_store import EmbeddingStore
-from store.errors import EvaluationError
+from store.errors import EvaluationError, SlidecacheError
 
 SURVIVAL_COLUMNS = ("harrell_c", "uno_c", "mean_auc", "ibs")
 GRADE_COLUMNS = ("balanced_accuracy", "macro_f1", "qwk", "auc")
@@ -41,12 +41,16 @@ class SweepRow:
     c_index: dict[str, Any] | None = None  # survival: mean-over-folds C with its bootstrap interval
     predictions: list[dict[str, Any]] = field(default_factory=list, repr=False)  # survival: held-out risks
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, reasons: bool = False) -> dict[str, Any]:
+        """The row's flat columns (sweep.csv); with `reasons`, also why a metric is null or left out of a fold
+        ({metric: {fold: reason}}, for sweep.json)."""
         ci = (self.c_index or {}).get("ci95") or [None, None]
-        return {"encoder": self.encoder, "task": self.task, "head": self.head, "pooling": self.pooling,
-                "patients": self.patients, "seconds": round(self.seconds, 2), "error": self.error,
-                **{f"{k}_{stat}": v[stat] for k, v in self.metrics.items() for stat in ("mean", "std")},
-                **({"harrell_c_ci95_low": ci[0], "harrell_c_ci95_high": ci[1]} if self.c_index else {})}
+        row = {"encoder": self.encoder, "task": self.task, "head": self.head, "pooling": self.pooling,
+               "patients": self.patients, "seconds": round(self.seconds, 2), "error": self.error,
+               **{f"{k}_{stat}": v[stat] for k, v in self.metrics.items() for stat in ("mean", "std")},
+               **({"harrell_c_ci95_low": ci[0], "harrell_c_ci95_high": ci[1]} if self.c_index else {})}
+        missing = {k: v["not_computed_in_folds"] for k, v in self.metrics.items() if v.get("not_computed_in_folds")}
+        return (row | {"not_computed": missing}) if reasons and missing else row
 
 
 def _check_names(tasks: Sequence[str], survival_heads: Sequence[str], grade_heads: Sequence[str]) -> None:
@@ -95,6 +99,8 @@ def run_sweeps(stores: Mapping[str, EmbeddingStore], clinical: ClinicalTable, ta
             by_pooling[pooling] = data.subset(np.isin(data.patient_ids, common))
     first = next(iter(features.values()))[poolings[0]]
     folds = {task: folds_for(task, first) for task in tasks}
+    # An endpoint whose columns the table lacks: its rows say which columns, not "no patient has endpoint".
+    absent = {task: clinical.absent_endpoint(task) for task in tasks if task != "grade"}
     needs_bags = any(h in BAG_HEADS for h in survival_heads) or any(h in BAG_GRADE_HEADS for h in grade_heads)
     rows: list[SweepRow] = []
     for label, store in stores.items():
@@ -107,7 +113,11 @@ def run_sweeps(stores: Mapping[str, EmbeddingStore], clinical: ClinicalTable, ta
                 tile_head = head in BAG_HEADS or head in BAG_GRADE_HEADS
                 for pooling in (["tiles"] if tile_head else poolings):
                     data = reference if tile_head else by_pooling[pooling]
-                    row = _fit(label, task, head, pooling, data, folds[task], seed, bags if tile_head else None, settings)
+                    if absent.get(task):
+                        row = SweepRow(task, head, pooling, 0, {}, 0.0, absent[task], label)
+                    else:
+                        row = _fit(label, task, head, pooling, data, folds[task], seed, bags if tile_head else None,
+                                   settings)
                     rows.append(row)
                     if progress:
                         progress(row)
@@ -130,6 +140,10 @@ def _fit(label: str, task: str, head: str, pooling: str, data: PatientData, fold
             c_index = _c_index_ci(predictions, seed)
     except EvaluationError as e:
         return SweepRow(task, head, pooling, 0, {}, time.perf_counter() - started, str(e), label)
+    except SlidecacheError:  # a setting no other row could use either (e.g. --device)
+        raise
+    except (ArithmeticError, ValueError) as e:  # a numerical failure of this head: its row, not the whole sweep
+        return SweepRow(task, head, pooling, 0, {}, time.perf_counter() - started, f"{type(e).__name__}: {e}", label)
     return SweepRow(task, head, pooling, n, metrics, time.perf_counter() - started, None, label, c_index, predictions)
 
 
@@ -224,17 +238,23 @@ def format_table(rows: Sequence[SweepRow]) -> str:
 def _cell(value: dict[str, Any] | None) -> str:
     if value is None:
         return " " * 15
-    if value.get("mean") is None:  # no fold could compute it: metrics.json holds the reasons
+    if not _finite_mean(value):  # no fold could compute it: sweep.json holds the reasons
         return "n/a".rjust(15)
     return f"{value['mean']:.3f} ± {value['std']:.3f}".rjust(15)
 
 
+def _finite_mean(value: dict[str, Any] | None) -> bool:
+    mean = (value or {}).get("mean")
+    return mean is not None and bool(np.isfinite(mean))
+
+
 def best_by_task(rows: Sequence[SweepRow]) -> dict[str, str]:
-    """The head with the highest mean Harrell's C (survival) or QWK (grade) per task."""
+    """The head with the highest mean Harrell's C (survival) or QWK (grade) per task; a row whose mean is
+    null (or NaN) is never ranked: it would win or lose by how max() meets NaN, not by its score."""
     best = {}
     for task in dict.fromkeys(r.task for r in rows):
         key = "qwk" if task == "grade" else "harrell_c"
-        scored = [r for r in rows if r.task == task and (r.metrics.get(key) or {}).get("mean") is not None]
+        scored = [r for r in rows if r.task == task and _finite_mean(r.metrics.get(key))]
         if scored:
             top = max(scored, key=lambda r: r.metrics[key]["mean"])
             where = f"{top.encoder}: " if top.encoder else ""

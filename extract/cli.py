@@ -12,7 +12,8 @@ from extract.cohorts import resolve_cohort
 from extract.config import CONFIG_DIR, DEFAULT_CONFIG, DEVICE_DEFAULTS, EXECUTORS, ExtractConfig
 from store.backends import display_url
 from store.cli_args import ArgumentParser
-from store.errors import ConfigError, SlidecacheError
+from store.cli import guarded
+from store.errors import ConfigError
 
 CONFIG_HELP = (f"extraction YAML (default: configs/extract/ENCODER.yaml when --encoder names one that exists, else "
                f"{DEFAULT_CONFIG.relative_to(CONFIG_DIR.parent)}; settings it leaves out follow the device: batch / "
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "machine without Ray (readers in a process pool, encoders on threads: no Ray start-up, but "
                         "an encoder crash ends the run); auto (default): Ray under `ray job submit` (RAY_ADDRESS) or "
                         "with several GPUs, else local")
-    p.add_argument("--qc-dir", help="where QC pictures go (default: <store>/../<store name>_qc for local stores)")
+    p.add_argument("--qc-dir", help="where QC pictures go (default: STORE.qc beside a local store, e.g. "
+                                    "tcga.zarr.qc; ./NAME.qc in the working directory for a remote one)")
     p.add_argument("--storage-options", metavar="JSON", help="fsspec options for the store (s3 credentials: prefer AWS_* variables)")
     p.add_bool("--no-qc", help="skip the QC pictures")
     return p
@@ -79,25 +81,25 @@ def build_images_parser() -> argparse.ArgumentParser:
 
 def images_main(argv: Sequence[str]) -> int:
     args = build_images_parser().parse_args(argv)
-    try:
-        from extract.executors import ray_session
-        from extract.images import DynamicTiling, ImageExtraction, collect_images, image_encoder_config
+    return guarded(lambda: _extract_images(args))
 
-        overrides = {"encoder": args.encoder, "weights": args.weights, "tokens": args.tokens,
-                     "batch_size": args.batch_size, "num_encoders": args.num_encoders}
-        cfg = image_encoder_config(ExtractConfig.for_command(args.config, overrides))
-        tiling = DynamicTiling(args.min_dynamic_patch, args.max_dynamic_patch, args.use_thumbnail)
-        entries = collect_images(args.meta_path)
-        print(f"[images] {args.meta_path}: {len(entries)} distinct images; store {display_url(args.store)}; tiles of "
-              f"{tiling.tile_px} px, {tiling.min_dynamic_patch}-{tiling.max_dynamic_patch} per image"
-              f"{' + thumbnail' if tiling.use_thumbnail else ''}; token grids {cfg.tokens}", flush=True)
-        with ray_session(cfg):
-            summary = ImageExtraction(entries, args.store, cfg, tiling, log=lambda m: print(m, flush=True)).run()
-        print(summary.table(), flush=True)
-        return 1 if summary.failed else 0
-    except SlidecacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _extract_images(args: argparse.Namespace) -> int:
+    from extract.executors import ray_session
+    from extract.images import DynamicTiling, ImageExtraction, collect_images, image_encoder_config
+
+    overrides = {"encoder": args.encoder, "weights": args.weights, "tokens": args.tokens,
+                 "batch_size": args.batch_size, "num_encoders": args.num_encoders}
+    cfg = image_encoder_config(ExtractConfig.for_command(args.config, overrides))
+    tiling = DynamicTiling(args.min_dynamic_patch, args.max_dynamic_patch, args.use_thumbnail)
+    entries = collect_images(args.meta_path)
+    print(f"[images] {args.meta_path}: {len(entries)} distinct images; store {display_url(args.store)}; tiles of "
+          f"{tiling.tile_px} px, {tiling.min_dynamic_patch}-{tiling.max_dynamic_patch} per image"
+          f"{' + thumbnail' if tiling.use_thumbnail else ''}; token grids {cfg.tokens}", flush=True)
+    with ray_session(cfg):
+        summary = ImageExtraction(entries, args.store, cfg, tiling, log=lambda m: print(m, flush=True)).run()
+    print(summary.table(), flush=True)
+    return 1 if summary.failed else 0
 
 
 def encoder_stores(encoders: str | None, stores: list[str], weights: str | None) -> list[tuple[str, str | None, str | None]]:
@@ -126,39 +128,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["images"]:
         return images_main(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        from extract.executors import executor_session
-        from extract.job import Extraction
-        from extract.qc import default_qc_dir, write_qc
+    return guarded(lambda: _extract(args))
 
-        overrides = {"mpp_override": args.mpp_override,
-                     "tokens": args.tokens, "batch_size": args.batch_size, "retry_failed": args.retry_failed,
-                     "encoder_threads": args.encoder_threads,
-                     "limit": args.limit, "num_encoders": args.num_encoders, "qc_dir": args.qc_dir,
-                     "executor": args.executor, "compile": args.compile}
-        stores = [(store, ExtractConfig.for_command(args.config, {**overrides, "encoder": name, "weights": weights}))
-                  for store, name, weights in encoder_stores(args.encoder, args.store, args.weights)]
-        cfg = stores[0][1]
-        try:
-            options = json.loads(args.storage_options) if args.storage_options else {}
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--storage-options must be JSON: {e}") from e
-        entries = resolve_cohort(args.cohort)
-        shown = ", ".join(display_url(url) for url, _ in stores)
-        print(f"[extract] cohort {args.cohort}: {len(entries)} slides; store{'s' * (len(stores) > 1)} {shown}", flush=True)
-        with executor_session(cfg) as executor:
-            extraction = Extraction.for_stores(entries, stores, options, log=lambda m: print(m, flush=True),
-                                               executor=executor)
-            summary = extraction.run()
-        print(summary.table(), flush=True)
-        if not args.no_qc:
-            for target in extraction.targets:
-                qc_dir = default_qc_dir(target.url) if not cfg.qc_dir else (
-                    str(Path(cfg.qc_dir) / target.label) if target.label else cfg.qc_dir)
-                report = write_qc(target.url, qc_dir, summary.for_store(target.label), storage_options=options)
-                print(f"[extract] QC pictures and cohort summary{f' ({target.label})' * bool(target.label)}: {report}",
-                      flush=True)
-        return 1 if summary.failed else 0
-    except SlidecacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _extract(args: argparse.Namespace) -> int:
+    from extract.executors import executor_session
+    from extract.job import Extraction
+    from extract.qc import default_qc_dir, write_qc
+
+    overrides = {"mpp_override": args.mpp_override,
+                 "tokens": args.tokens, "batch_size": args.batch_size, "retry_failed": args.retry_failed,
+                 "encoder_threads": args.encoder_threads,
+                 "limit": args.limit, "num_encoders": args.num_encoders, "qc_dir": args.qc_dir,
+                 "executor": args.executor, "compile": args.compile}
+    stores = [(store, ExtractConfig.for_command(args.config, {**overrides, "encoder": name, "weights": weights}))
+              for store, name, weights in encoder_stores(args.encoder, args.store, args.weights)]
+    cfg = stores[0][1]
+    try:
+        options = json.loads(args.storage_options) if args.storage_options else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--storage-options must be JSON: {e}") from e
+    entries = resolve_cohort(args.cohort)
+    shown = ", ".join(display_url(url) for url, _ in stores)
+    print(f"[extract] cohort {args.cohort}: {len(entries)} slides; store{'s' * (len(stores) > 1)} {shown}", flush=True)
+    with executor_session(cfg) as executor:
+        extraction = Extraction.for_stores(entries, stores, options, log=lambda m: print(m, flush=True),
+                                           executor=executor)
+        summary = extraction.run()
+    print(summary.table(), flush=True)
+    if not args.no_qc:
+        for target in extraction.targets:
+            qc_dir = default_qc_dir(target.url) if not cfg.qc_dir else (
+                str(Path(cfg.qc_dir) / target.label) if target.label else cfg.qc_dir)
+            report = write_qc(target.url, qc_dir, summary.for_store(target.label), storage_options=options)
+            print(f"[extract] QC pictures and cohort summary{f' ({target.label})' * bool(target.label)}: {report}",
+                  flush=True)
+    return 1 if summary.failed else 0

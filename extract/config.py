@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from store.configs import find_config
+from store.configs import SHIPPED, find_config
 from store.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+CONFIG_DIR = SHIPPED
 _GRID = re.compile(r"^(\d+)x\1$")
 DEFAULT_CONFIG = CONFIG_DIR / "extract" / "virchow2.yaml"
 EXECUTORS = ("auto", "ray", "local")  # extract/executors.py
@@ -31,6 +32,36 @@ DEVICE_DEFAULTS: dict[str, dict[str, int]] = {"cuda": {"batch_size": 256, "read_
 # run reads in the first store's read chunks (how many tiles a reader task reads changes no number).
 PER_ENCODER_FIELDS = ("encoder", "weights", "tokens", "batch_size", "read_chunk", "precision", "compile",
                       "encoder_threads", "num_encoders", "extra")
+
+
+def _typed(name: str, value: Any, hint: Any, where: str) -> Any:
+    """value as the field's type wants it (a whole number is a fine float; YAML's list is our tuple), or a
+    ConfigError naming the setting, the file and what was given: a YAML typo must not become a TypeError."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if origin is bool and isinstance(value, bool):
+            return value
+        if isinstance(value, bool):
+            continue  # `true` is not a number of tiles
+        if origin is int and isinstance(value, int):
+            return value
+        if origin is float and isinstance(value, (int, float)):
+            return float(value)
+        if origin is str and isinstance(value, str):
+            return value
+        if origin is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        if origin is dict and isinstance(value, dict):
+            return value
+    wanted = " or ".join(_TYPE_WORDS.get(typing.get_origin(o) or o, str(o)) for o in options)
+    raise ConfigError(f"{where}: {name} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "text", bool: "true/false",
+               tuple: "a list of names", dict: "a mapping", type(None): "left out (null)"}
 
 
 @dataclass
@@ -105,7 +136,8 @@ class ExtractConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _typed(name, value, hints[name], where) for name, value in data.items()})
 
     @classmethod
     def for_command(cls, config: str | Path | None, overrides: Mapping[str, Any]) -> ExtractConfig:
@@ -120,6 +152,7 @@ class ExtractConfig:
         out = dataclasses.asdict(self)
         out["readers"] = list(self.readers)
         return out
+
 
     def tiling_spec(self, tissue_description: Mapping[str, Any]) -> dict[str, Any]:
         return {"target_mpp": self.target_mpp, "tile_px": self.tile_px, "stride_px": self.stride_px or self.tile_px,

@@ -18,6 +18,7 @@ import dataclasses
 import importlib.util
 import multiprocessing
 import os
+import signal
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -303,6 +304,13 @@ class _LocalEncoder:
         self._thread.shutdown(wait=True, cancel_futures=True)
 
 
+def _start_reader(faults: dict[str, str]) -> None:
+    """A reader process: Ctrl-C reaches the whole process group, and the driver alone answers it (it stops the
+    pool and says how to resume), so readers ignore SIGINT instead of each printing a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_faults(faults)
+
+
 class LocalExecutor:
     """Readers: a pool of worker processes, one per core, started by a fork server (the driver holds torch
     and threads, which a plain fork would copy mid-state). Encoders: one per GPU (cuda:i), else one on CPU;
@@ -387,7 +395,7 @@ class LocalExecutor:
         # The fork server keeps the environment it started with (one per process, perhaps an earlier job's):
         # this job's fault hooks, exactly, reach its readers through the initializer, as Ray's runtime_env
         # hands them to its workers (a test's poisoned slide once failed in the next test of the process).
-        return ProcessPoolExecutor(max_workers=workers, mp_context=self._context, initializer=set_faults,
+        return ProcessPoolExecutor(max_workers=workers, mp_context=self._context, initializer=_start_reader,
                                    initargs=(forwarded_faults(),))
 
     def _solo_pool(self) -> ProcessPoolExecutor:

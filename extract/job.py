@@ -87,12 +87,15 @@ class ExtractionSummary:
 
     def table(self) -> str:
         several = any(o.store for o in self.outcomes)
-        store = f"{'store':<16} " if several else ""
-        rows = [f"{'slide':<40} {store}{'status':<8} {'tiles':>7} {'reader':<10} {'mpp':>7} {'s':>7}  error"]
+        # columns as wide as their longest entry: a TCGA slide id (60 characters) is never cut
+        wide = max([len("slide"), *(len(o.slide_id) for o in self.outcomes)])
+        store_wide = max([len("store"), *(len(o.store or "") for o in self.outcomes)])
+        store = f"{'store':<{store_wide}} " if several else ""
+        rows = [f"{'slide':<{wide}} {store}{'status':<8} {'tiles':>7} {'reader':<10} {'mpp':>7} {'s':>7}  error"]
         for o in self.outcomes:
             mpp = f"{o.mpp:.3f}" if o.mpp else "-"
-            store = f"{o.store[:16]:<16} " if several else ""
-            rows.append(f"{o.slide_id[:40]:<40} {store}{o.status:<8} {o.tiles:>7} {o.reader:<10} {mpp:>7} "
+            store = f"{o.store or '':<{store_wide}} " if several else ""
+            rows.append(f"{o.slide_id:<{wide}} {store}{o.status:<8} {o.tiles:>7} {o.reader:<10} {mpp:>7} "
                         f"{o.seconds:>7.1f}  {o.error[:120]}")
         if several:
             reads = sum(self.chunk_reads.values())

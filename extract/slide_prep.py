@@ -6,7 +6,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ from extract.config import ExtractConfig
 from extract.faults import maybe_kill_reader
 from extract.mpp import Mpp, resolve_mpp
 from extract.readers import READERS, SlideReader, open_slide
+from extract.slide_source import source_facts
 from extract.tiling import TilePlan, plan_tiles
 from extract.tissue import TissueParams, read_thumbnail, tile_tissue_fractions, tissue_mask
 from store.cohort import SlideEntry
@@ -46,13 +46,6 @@ class PreparedSlide:
     @property
     def n_tiles(self) -> int:
         return len(self.coords)
-
-
-def _source_facts(path: str) -> dict[str, Any]:
-    p = Path(path)
-    files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p]
-    return {"path": str(p), "size": sum(f.stat().st_size for f in files),
-            "mtime": max(f.stat().st_mtime for f in files) if files else None}
 
 
 def tissue_params(cfg: ExtractConfig) -> TissueParams:
@@ -87,7 +80,7 @@ def prepare_slide(entry: SlideEntry, cfg: ExtractConfig) -> PreparedSlide:
     else:
         reason = None
     attrs = {
-        "source": _source_facts(entry.path) | ({"md5": entry.md5} if entry.md5 else {}),
+        "source": source_facts(entry.path) | ({"md5": entry.md5} if entry.md5 else {}),
         "patient_id": entry.patient_id,
         "mpp": mpp.value,
         "mpp_source": mpp.source,

@@ -11,7 +11,7 @@ from store.backends import display_url
 from store.cli_args import ArgumentParser
 from store.embedding_store import EmbeddingStore
 from store.errors import ConfigError, SlidecacheError
-from store.h5io import export_h5, import_h5
+from store.h5io import export_h5, import_h5_files
 from store.merge import merge_stores
 from store.verify import verify_store
 
@@ -86,9 +86,19 @@ def cmd_export_h5(args: argparse.Namespace) -> int:
 
 
 def cmd_import_h5(args: argparse.Namespace) -> int:
-    store = import_h5(args.in_dir, args.store, args.encoder, storage_options=_storage_options(args))
-    print(f"imported {len(store.slide_ids())} slides into {display_url(store.url)} (fields the .h5 cannot supply are marked unknown)")
-    return 0
+    """Good files are imported, bad ones listed at the end; exit 1 when any was refused, as extraction does."""
+    report = import_h5_files(args.in_dir, args.store, args.encoder, storage_options=_storage_options(args))
+    if report.store is not None:
+        print(f"imported {len(report.imported)} slides into {display_url(report.store.url)} "
+              "(fields the .h5 cannot supply are marked unknown)")
+    else:
+        print(f"imported 0 slides: no store written at {display_url(args.store)}")
+    for _, message in report.refused:
+        print(f"refused: {message}", file=sys.stderr)
+    if report.refused:
+        print(f"{len(report.refused)} of {len(report.refused) + len(report.imported)} .h5 files refused (listed "
+              "above); nothing of them was written: fix them and rerun", file=sys.stderr)
+    return 1 if report.refused else 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -138,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("import-h5", cmd_import_h5, "Import a folder of TRIDENT/CLAM .h5 files into a store.")
     p.add_argument("in_dir")
     p.add_argument("store")
-    p.add_argument("--encoder", required=True, help="name of the encoder that made the features (recorded)")
+    p.add_argument("--encoder", required=True,
+                   help="name of the encoder that made the features (recorded; a registered encoder's width is checked)")
     p = add("rm", cmd_rm, "Remove slides (complete or interrupted) and their failure records.")
     p.add_argument("store")
     p.add_argument("slide_ids", nargs="+", metavar="ID")
@@ -149,14 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse, run the chosen subcommand; our errors become one line on stderr and exit code 2."""
-    args = parser.parse_args(argv)
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
+
+def guarded(action: Callable[[], int], refusal_code: Callable[[SlidecacheError], int] = lambda e: 2) -> int:
+    """Run a command's action: our errors become one line on stderr and exit code 2 (or refusal_code's), Ctrl-C
+    one line and 130. Every store write commits per slide, so what finished is kept and a rerun resumes."""
     try:
-        return args.func(args)
+        return action()
     except SlidecacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return refusal_code(e)
+    except KeyboardInterrupt:
+        print("\ninterrupted; what was finished is kept: rerun the same command to resume", file=sys.stderr,
+              flush=True)
+        return INTERRUPTED
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse, run the chosen subcommand under `guarded`."""
+    args = parser.parse_args(argv)
+    return guarded(lambda: args.func(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

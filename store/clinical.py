@@ -60,6 +60,8 @@ class ClinicalTable:
     format: str
     patients: dict[str, PatientClinical]
     dropped: dict[str, int] = field(default_factory=dict)  # reason → count
+    # endpoint → why the table cannot hold it (the columns it lacks, naming the file)
+    missing_columns: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.patients)
@@ -70,12 +72,20 @@ class ClinicalTable:
             raise ClinicalTableError(f"unknown endpoint {name!r}; choose one of {', '.join(ENDPOINTS)}")
         return {pid: p.endpoints[name] for pid, p in self.patients.items() if name in p.endpoints}
 
+    def absent_endpoint(self, name: str) -> str | None:
+        """Why no patient has endpoint `name` when the table lacks its columns (naming file and columns), else
+        None: then a missing endpoint is the patients' values, not the table's shape."""
+        why = self.missing_columns.get(name)
+        if why is None or self.endpoint(name):
+            return None
+        return f"{why}: add the column(s), or evaluate another endpoint"
+
     def filter_cancer_type(self, cancer_type: str) -> ClinicalTable:
         kept = {pid: p for pid, p in self.patients.items() if (p.cancer_type or "").upper() == cancer_type.upper()}
         if not kept:
             types = sorted({p.cancer_type for p in self.patients.values() if p.cancer_type})
             raise ClinicalTableError(f"{self.path}: no patient of cancer type {cancer_type!r}; present: {types}")
-        return ClinicalTable(self.path, self.format, kept, dict(self.dropped))
+        return ClinicalTable(self.path, self.format, kept, dict(self.dropped), dict(self.missing_columns))
 
     def combine(self, other: ClinicalTable) -> ClinicalTable:
         """Fill fields missing here from another table of the same patients (e.g. SurvPath grades)."""
@@ -91,8 +101,10 @@ class ClinicalTable:
                 **{f: getattr(base, f) if getattr(base, f) is not None else getattr(extra, f)
                    for f in ("cancer_type", "grade", "grade_scheme", "age", "stage", "site")},
             )
+        missing = {e: f"{why}; {other.missing_columns[e]}" for e, why in self.missing_columns.items()
+                   if e in other.missing_columns}  # an endpoint either table has columns for is not missing
         return ClinicalTable(f"{self.path}+{other.path}", f"{self.format}+{other.format}", merged,
-                             {**other.dropped, **self.dropped})
+                             {**other.dropped, **self.dropped}, missing)
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -160,6 +172,17 @@ def _read_rows(path: Path) -> tuple[list[str], list[_Row]]:
         return list(reader.fieldnames or []), rows
 
 
+def _missing_columns(path: Path, header: list[str], needed: Mapping[str, tuple[str, str]]) -> dict[str, str]:
+    """endpoint → "<file> has no column ..." for each endpoint whose (event, time) columns the header lacks."""
+    missing = {}
+    for endpoint, columns in needed.items():
+        lacking = [c for c in columns if c not in header]
+        if lacking:
+            missing[endpoint] = (f"{path} has no column{'s' * (len(lacking) > 1)} {' and '.join(map(repr, lacking))} "
+                                 f"(the {endpoint} endpoint needs {columns[0]!r} and {columns[1]!r})")
+    return missing
+
+
 def _cdr_like(path: Path, header: list[str], rows: list[_Row]) -> ClinicalTable:
     key = "bcr_patient_barcode" if "bcr_patient_barcode" in header else "patient_id"
     patients: dict[str, PatientClinical] = {}
@@ -193,7 +216,8 @@ def _cdr_like(path: Path, header: list[str], rows: list[_Row]) -> ClinicalTable:
         )
         first_line[pid] = row.line
     fmt = "tcga-cdr" if key == "bcr_patient_barcode" else "slidecache"
-    return ClinicalTable(str(path), fmt, patients, {k: v for k, v in dropped.items() if v})
+    missing = _missing_columns(path, header, {e: (e, f"{e}.time") for e in ENDPOINTS})
+    return ClinicalTable(str(path), fmt, patients, {k: v for k, v in dropped.items() if v}, missing)
 
 
 def _survpath(path: Path, header: list[str], rows: list[_Row]) -> ClinicalTable:
@@ -223,7 +247,9 @@ def _survpath(path: Path, header: list[str], rows: list[_Row]) -> ClinicalTable:
             age=row.number("age", 0.0),
             site=row.text("site") or (pid[5:7] if tcga_patient_id(pid) else None),
         )
-    return ClinicalTable(str(path), "survpath", patients)
+    needed = {e: (f"survival_months{s}", f"censorship{s}") for e, s in suffixes.items()}
+    missing = _missing_columns(path, header, needed)
+    return ClinicalTable(str(path), "survpath", patients, {}, missing)
 
 
 def _survpath_clinical(path: Path, header: list[str], rows: list[_Row]) -> ClinicalTable:
@@ -236,7 +262,9 @@ def _survpath_clinical(path: Path, header: list[str], rows: list[_Row]) -> Clini
         patients[pid] = PatientClinical(pid, cancer_type=row.text("subtype"), grade=grade, grade_scheme=scheme,
                                         stage=row.text("stage"),
                                         site=pid[5:7] if tcga_patient_id(pid) else None)
-    return ClinicalTable(str(path), "survpath-clinical", patients)
+    missing = {e: f"{path} is a SurvPath clinical table (case_id, grade, stage): it has no survival columns"
+               for e in ENDPOINTS}
+    return ClinicalTable(str(path), "survpath-clinical", patients, {}, missing)
 
 
 _FORMATS: list[tuple[Callable[[set[str]], bool], Callable[[Path, list[str], list[_Row]], ClinicalTable]]] = [

@@ -1,12 +1,20 @@
 """Where a config named on the command line is found: as given (relative to the working directory), else
-among the configs shipped in the repository's `configs/` folder, so a command copied from the README
-(`--config configs/train/internvl2-1b-lora.yaml`) works from any working directory."""
+among the configs slidecache ships, so a command copied from the README
+(`--config configs/train/internvl2-1b-lora.yaml`) works from any working directory, in a checkout or a wheel
+install alike (the `configs` package data, found through importlib.resources)."""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
-SHIPPED = Path(__file__).resolve().parents[1] / "configs"
+# A folder on disk in every install we support (a checkout, an editable or a wheel install; not a zip).
+SHIPPED = Path(str(resources.files("configs")))
+
+
+def shipped(kind: str, name: str = "") -> Path:
+    """The shipped folder of one kind (extract, train, cohorts), or one file in it."""
+    return SHIPPED / kind / name if name else SHIPPED / kind
 
 
 def find_config(path: str | Path, kind: str) -> Path:

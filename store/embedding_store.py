@@ -41,7 +41,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ContainsGroupError, GroupNotFoundError, NodeNotFoundError
 
-from store.backends import display_url, zarr_store
+from store.backends import display_url, opening, zarr_store
 from store.errors import (
     FingerprintMismatch,
     SlideBusy,
@@ -120,11 +120,14 @@ class EmbeddingStore:
     def open(cls, url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> EmbeddingStore:
         """Open an existing store ('r' read-only, 'a' read-write). StoreNotFound when there is none."""
         read_only = mode == "r"
-        try:
-            root = zarr.open_group(zarr_store(url, read_only, dict(storage_options or {})), mode="r" if read_only else "r+")
-        except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError) as e:
-            raise StoreNotFound(f"no slidecache store at {display_url(url)}: check the path, or extract into it first") from e
-        return cls(root, url, read_only)
+        with opening(url, storage_options):  # credentials, network, scheme: one error naming the URL
+            try:
+                root = zarr.open_group(zarr_store(url, read_only, dict(storage_options or {})),
+                                       mode="r" if read_only else "r+")
+            except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError) as e:
+                raise StoreNotFound(f"no slidecache store at {display_url(url)}: check the path, or extract into it "
+                                    "first") from e
+            return cls(root, url, read_only)
 
     @classmethod
     def create_or_open(
@@ -146,24 +149,25 @@ class EmbeddingStore:
             raise StoreSchemaError(f"store kind must be one of {KINDS}, got {kind!r}")
         if compression not in FLOAT_COMPRESSION:
             raise StoreSchemaError(f"compression must be one of {sorted(FLOAT_COMPRESSION)}, got {compression!r}")
-        backend = zarr_store(url, read_only=False, storage_options=dict(storage_options or {}))
         wanted = fingerprint(spec)
-        try:
-            root = zarr.open_group(backend, mode="r+")
-        except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError):
-            root = zarr.create_group(backend, attributes={
-                "schema_version": SCHEMA_VERSION,
-                "kind": kind,
-                "fingerprint": wanted,
-                "fingerprint_spec": dict(spec),
-                "imported": imported,
-                "layout": {"compression": compression},
-                "provenance": provenance(config),
-            })
-            root.require_group(SLIDES)
-            root.require_group(FAILURES)
-            return cls(root, url, read_only=False)
-        store = cls(root, url, read_only=False)
+        with opening(url, storage_options):  # credentials, network, scheme: one error naming the URL
+            backend = zarr_store(url, read_only=False, storage_options=dict(storage_options or {}))
+            try:
+                root = zarr.open_group(backend, mode="r+")
+            except (GroupNotFoundError, NodeNotFoundError, FileNotFoundError):
+                root = zarr.create_group(backend, attributes={
+                    "schema_version": SCHEMA_VERSION,
+                    "kind": kind,
+                    "fingerprint": wanted,
+                    "fingerprint_spec": dict(spec),
+                    "imported": imported,
+                    "layout": {"compression": compression},
+                    "provenance": provenance(config),
+                })
+                root.require_group(SLIDES)
+                root.require_group(FAILURES)
+                return cls(root, url, read_only=False)
+            store = cls(root, url, read_only=False)
         if store.kind != kind:
             raise StoreSchemaError(f"{display_url(url)} holds {store.kind}, not {kind}: one kind per store")
         store.check_fingerprint(spec)

@@ -33,6 +33,10 @@ class FingerprintMismatch(StoreError, ValueError):
     """Writing into a store made with a different encoder or tiling: the numbers would not mix."""
 
 
+class StoreAccessError(StoreError, OSError):
+    """A store location that cannot be used: no credentials, access denied, an unreachable endpoint."""
+
+
 class SlideNotFound(StoreError, KeyError):
     """A slide id that is not (completely) in the store."""
 

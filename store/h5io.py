@@ -16,6 +16,7 @@ store is flagged `imported`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,8 +24,8 @@ import h5py
 import numpy as np
 
 from store.embedding_store import EmbeddingStore
-from store.errors import InteropError
-from store.ids import patient_id_for
+from store.errors import InteropError, InvalidSlideId, SlideBusy, SlideWriteError
+from store.ids import patient_id_for, validate_slide_id
 from store.provenance import UNKNOWN
 
 MPP_AT_1X = 10.0  # the usual convention: 0.5 µm/px at 20x, 0.25 at 40x
@@ -103,11 +104,50 @@ def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[s
             file_attrs = dict(f.attrs)
     except OSError as e:
         raise InteropError(f"{path}: not a readable HDF5 file ({e})") from e
-    if features.ndim == 3 and features.shape[0] == 1:  # some tools save (1, N, D)
-        features = features[0]
+    # some tools save a batch of one: (1, N, D) features and (1, N, 2) coords
+    features, coords = (a[0] if a.ndim == 3 and a.shape[0] == 1 else a for a in (features, coords))
     if features.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(features):
         raise InteropError(f"{path}: features {features.shape} and coords {coords.shape} do not pair up as (N, D) and (N, 2)")
     return features, coords, coord_attrs, file_attrs
+
+
+def _checked_rows(path: Path, features: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(features as the store's float16, coords as int64), or InteropError naming the first bad row: checked
+    before anything is written, so a refused file leaves no slide (nor an empty store) behind."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is what is looked for below
+            stored = features.astype(np.float16)
+            finite_coords = np.isfinite(coords.astype(np.float64)).all(axis=1)
+    except (TypeError, ValueError) as e:
+        raise InteropError(f"{path}: features {features.dtype} / coords {coords.dtype} are not numbers ({e})") from e
+    bad = ~np.isfinite(stored).all(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        nan = not np.isfinite(features[row].astype(np.float64)).all()
+        what = "NaN/Inf" if nan else "values beyond float16's ±65504"
+        raise InteropError(f"{path}: features row {row} holds {what} ({int(bad.sum())} of {len(bad)} rows); the store "
+                           "keeps finite float16 embeddings: fix or re-extract this file")
+    outside = ~finite_coords | (coords < 0).any(axis=1) | (coords > np.iinfo(np.int32).max).any(axis=1)
+    if outside.any():
+        row = int(np.argmax(outside))
+        raise InteropError(f"{path}: coords row {row} is {coords[row].tolist()}; coords must be non-negative level-0 "
+                           "pixels below 2^31")
+    return stored, coords.astype(np.int64)
+
+
+def encoder_dim(name: str) -> int | None:
+    """The embedding width of an encoder of the registry (extract/encoders.py); None for a name it does not
+    know (another tool's encoder: its features are taken as they are) or where extract cannot be imported
+    (store does not need torch). The one import of extract in store: lazy, so store stays importable alone."""
+    try:
+        from extract.encoders import REGISTRY, build_encoder
+    except ImportError:
+        return None
+    spec = REGISTRY.get(name)
+    if spec is None:
+        return None
+    # built on the meta device without weights: its widths, no download and no memory
+    return int(build_encoder(name, spec=spec.variant(spec.name), meta=True).embedding_dim)
 
 
 def _positive(value: Any) -> float | None:
@@ -131,46 +171,101 @@ def _target_tile_px(attrs: dict[str, Any]) -> float | None:
     return _positive(attrs.get("patch_size"))
 
 
-def import_h5(in_dir: str | Path, url: str, encoder_name: str, storage_options: dict[str, Any] | None = None,
-              progress: Callable[[str], None] | None = None) -> EmbeddingStore:
-    """Import a folder of per-slide .h5 files into a store; unknown fingerprint fields say so."""
+@dataclass
+class H5Import:
+    """What an import did: the store (None when no file could be imported: then nothing was written), the
+    slides imported, and each refused file with why (its message names the file)."""
+
+    store: EmbeddingStore | None
+    imported: list[str] = field(default_factory=list)
+    refused: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def import_h5_files(in_dir: str | Path, url: str, encoder_name: str, storage_options: dict[str, Any] | None = None,
+                    progress: Callable[[str], None] | None = None) -> H5Import:
+    """Import every good .h5 file of a folder into a store; refuse each bad one (unreadable, NaN or overflowing
+    features, a width other than the encoder's) without writing anything of it, and go on. The store is created
+    with the first good file, so a folder of bad files leaves none behind. Unknown fingerprint fields say so."""
     files = sorted(p for p in Path(in_dir).glob("*.h5") if not p.name.startswith("."))
     if not files:
         raise InteropError(f"no .h5 files in {in_dir}")
-    first_features, _, first_coord_attrs, _ = _read_h5(files[0])
-    dim = int(first_features.shape[1])
-    target_mag = _positive(first_coord_attrs.get("target_magnification"))
-    tile_px = _target_tile_px(first_coord_attrs)
-    spec = {
+    expected = encoder_dim(encoder_name)
+    report = H5Import(store=None)
+    dim, first = expected, ""
+    for path in files:
+        slide_id = path.stem
+        try:
+            validate_slide_id(slide_id)
+            features, coords, coord_attrs, file_attrs = _read_h5(path)
+            width = int(features.shape[1])
+            if expected is not None and width != expected:
+                raise InteropError(f"{path}: features are {width}-d but encoder {encoder_name} makes {expected}-d "
+                                   "embeddings: name the encoder that made these features (--encoder)")
+            if dim is not None and width != dim:
+                raise InteropError(f"{path}: features are {width}-d but {first} set the store to {dim}-d")
+            stored, coords = _checked_rows(path, features, coords)
+        except (InteropError, InvalidSlideId) as e:
+            report.refused.append((path, str(e) if str(e).startswith(str(path)) else f"{path}: {e}"))
+            continue
+        if report.store is None:
+            dim, first = width, path.name
+            report.store = EmbeddingStore.create_or_open(
+                url, kind="slides", spec=_import_spec(encoder_name, width, coord_attrs),
+                storage_options=storage_options, imported=True,
+                config={"import_h5": str(in_dir), "encoder": encoder_name})
+        try:
+            _write_slide(report.store, path, stored, coords, coord_attrs, file_attrs)
+        except (SlideWriteError, SlideBusy) as e:  # this slide only: the writer kept nothing of it
+            report.refused.append((path, f"{path}: {e}"))
+            continue
+        report.imported.append(slide_id)
+        if progress:
+            progress(slide_id)
+    return report
+
+
+def import_h5(in_dir: str | Path, url: str, encoder_name: str, storage_options: dict[str, Any] | None = None,
+              progress: Callable[[str], None] | None = None) -> EmbeddingStore:
+    """Import a folder of per-slide .h5 files into a store (see import_h5_files); InteropError naming every
+    refused file, raised after the good ones are imported."""
+    report = import_h5_files(in_dir, url, encoder_name, storage_options, progress)
+    if report.refused or report.store is None:
+        raise InteropError(f"{len(report.refused)} of {len(report.refused) + len(report.imported)} .h5 files refused "
+                           f"({len(report.imported)} imported): " + "; ".join(m for _, m in report.refused))
+    return report.store
+
+
+def _import_spec(encoder_name: str, dim: int, coord_attrs: dict[str, Any]) -> dict[str, Any]:
+    target_mag = _positive(coord_attrs.get("target_magnification"))
+    tile_px = _target_tile_px(coord_attrs)
+    return {
         "encoder": {"name": encoder_name, "weights_id": UNKNOWN, "weights_sha256": UNKNOWN, "pooling": UNKNOWN,
                     "preprocessing": UNKNOWN, "dim": dim, "dtype": "float16"},
         "tiling": {"target_mpp": MPP_AT_1X / target_mag if target_mag else UNKNOWN,
                    "tile_px": int(tile_px) if tile_px else UNKNOWN, "stride_px": int(tile_px) if tile_px else UNKNOWN,
                    "tissue": UNKNOWN},
     }
-    store = EmbeddingStore.create_or_open(url, kind="slides", spec=spec, storage_options=storage_options,
-                                          imported=True, config={"import_h5": str(in_dir), "encoder": encoder_name})
-    for path in files:
-        slide_id = path.stem
-        features, coords, coord_attrs, file_attrs = _read_h5(path)
-        if features.shape[1] != dim:
-            raise InteropError(f"{path}: features are {features.shape[1]}-d but {files[0].name} set the store to {dim}-d")
-        level0_mag = _positive(coord_attrs.get("level0_magnification"))
-        mpp = _positive(file_attrs.get("slidecache_mpp")) or (MPP_AT_1X / level0_mag if level0_mag else None)
-        attrs = {
-            "source": {"path": str(path), "size": path.stat().st_size, "imported_from": "h5"},
-            # TCGA barcodes give their patient (first 12 characters), as on every other path into a store
-            "patient_id": patient_id_for(slide_id, str(file_attrs.get("slidecache_patient_id") or "") or None),
-            "mpp": mpp,
-            "mpp_source": "h5 slidecache_mpp" if file_attrs.get("slidecache_mpp") else ("h5 level0_magnification" if mpp else UNKNOWN),
-            "tile_px_level0": int(coord_attrs["patch_size_level0"]) if _positive(coord_attrs.get("patch_size_level0")) else None,
-            "tissue": UNKNOWN,
-            "imported": True,
-        }
-        with store.write_slide(slide_id, attrs, overwrite=True) as writer:
-            if len(features):
-                writer.append(coords.astype(np.int64), np.full(len(features), np.nan, np.float32), features)
-            writer.commit(empty_reason=None if len(features) else "the .h5 file holds no tiles")
-        if progress:
-            progress(slide_id)
-    return store
+
+
+def _write_slide(store: EmbeddingStore, path: Path, features: np.ndarray, coords: np.ndarray,
+                 coord_attrs: dict[str, Any], file_attrs: dict[str, Any]) -> None:
+    slide_id = path.stem
+    level0_mag = _positive(coord_attrs.get("level0_magnification"))
+    mpp = _positive(file_attrs.get("slidecache_mpp")) or (MPP_AT_1X / level0_mag if level0_mag else None)
+    mpp_source = ("h5 slidecache_mpp" if file_attrs.get("slidecache_mpp")
+                  else "h5 level0_magnification" if mpp else UNKNOWN)
+    level0_side = _positive(coord_attrs.get("patch_size_level0"))
+    attrs = {
+        "source": {"path": str(path), "size": path.stat().st_size, "imported_from": "h5"},
+        # TCGA barcodes give their patient (first 12 characters), as on every other path into a store
+        "patient_id": patient_id_for(slide_id, str(file_attrs.get("slidecache_patient_id") or "") or None),
+        "mpp": mpp,
+        "mpp_source": mpp_source,
+        "tile_px_level0": int(coord_attrs["patch_size_level0"]) if level0_side else None,
+        "tissue": UNKNOWN,
+        "imported": True,
+    }
+    with store.write_slide(slide_id, attrs, overwrite=True) as writer:
+        if len(features):
+            writer.append(coords, np.full(len(features), np.nan, np.float32), features)
+        writer.commit(empty_reason=None if len(features) else "the .h5 file holds no tiles")

@@ -58,6 +58,10 @@ def spec_differences(expected: Mapping[str, Any], found: Mapping[str, Any], pref
 def code_version() -> str:
     """git commit (+dirty) of the source tree when it is a checkout, else the installed version."""
     try:
+        top = subprocess.run(["git", "-C", str(_REPO_ROOT), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        if Path(top).resolve() != _REPO_ROOT:  # a wheel installed into a venv inside some other repository
+            raise subprocess.SubprocessError(f"{_REPO_ROOT} is not a slidecache checkout")
         head = subprocess.run(["git", "-C", str(_REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(_REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],

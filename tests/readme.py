@@ -186,7 +186,8 @@ class Result:
         return self.stdout + self.stderr
 
 
-MAINS = {"store": "store.cli", "evaluate": "evaluate.cli", "train": "train.cli", "train.annotations": "train.annotations",
+MAINS = {"extract": "extract.cli", "store": "store.cli", "evaluate": "evaluate.cli", "train": "train.cli",
+         "train.annotations": "train.annotations",
          "train.generate": "train.generate", "train.merge": "train.merge", "train.import_reports": "train.import_reports"}
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from typing import Sequence
 
-from store.errors import SlidecacheError
+from store.cli import guarded
 
 
 def launch_distributed(argv: Sequence[str]) -> int | None:
@@ -36,24 +36,24 @@ def launcher_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     launch, argv = launcher_flags(sys.argv[1:] if argv is None else argv)
-    try:
-        from train.config import parse_args
+    return guarded(lambda: _train(launch, argv))
 
-        model_args, data_args, training_args = parse_args(argv)  # validate everything before starting workers
-        if launch.ray_workers:
-            from train.ray_launch import train_on_ray
 
-            metrics = train_on_ray(argv, launch.ray_workers, training_args.output_dir, launch.ray_address,
-                                   launch.ray_use_gpu)
-            print(f"Ray Train finished: {metrics}")
-            return 0
-        code = launch_distributed(argv)
-        if code is not None:
-            return code
-        from train.run import train
+def _train(launch: argparse.Namespace, argv: list[str]) -> int:
+    from train.config import parse_args
 
-        train(model_args, data_args, training_args)
-    except SlidecacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model_args, data_args, training_args = parse_args(argv)  # validate everything before starting workers
+    if launch.ray_workers:
+        from train.ray_launch import train_on_ray
+
+        metrics = train_on_ray(argv, launch.ray_workers, training_args.output_dir, launch.ray_address,
+                               launch.ray_use_gpu)
+        print(f"Ray Train finished: {metrics}")
+        return 0
+    code = launch_distributed(argv)
+    if code is not None:
+        return code
+    from train.run import train
+
+    train(model_args, data_args, training_args)
     return 0

@@ -24,10 +24,10 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from evaluate.splits import is_set_split
-from store.configs import find_config
+from store.configs import find_config, shipped
 from store.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
+CONFIG_DIR = shipped("train")
 DEFAULT_LLM = "Qwen/Qwen2-0.5B-Instruct"  # InternVL2-1B's language model
 SYSTEM_MESSAGE = ("You are a pathology assistant. You read a whole-slide image of a tumour and write a short "
                   "report that states the tumour grade and the prognosis.")

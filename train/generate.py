@@ -163,6 +163,8 @@ def build_parser() -> ArgumentParser:
                                            "(checked against the store)")
     parser.add_argument("--slide", help="a new slide file (or DICOM folder): encoded with the store's encoder and "
                                         "tiling (or read from the store when it holds it) and reported on a page")
+    parser.add_argument("--mpp_override", "--mpp-override", type=float,
+                        help="with --slide: the slide's µm/px, for a file whose metadata lacks it (or is wrong)")
     parser.add_argument("--survival_head", "--survival-head", help="with --slide: a head saved by `python -m evaluate "
                                                                    "survival ... --save-head DIR` (risk group)")
     parser.add_argument("--grade_head", "--grade-head", help="with --slide: a head saved by `python -m evaluate grade "
@@ -194,14 +196,15 @@ def _run(args: argparse.Namespace) -> int:
         from train.slide_report import PAGE, report_slide
 
         record = report_slide(args.checkpoint, args.slide, args.store, args.page_dir, args.survival_head,
-                              args.grade_head, args.weights, args.prompt, args.max_new_tokens, args.seed, args.device)
+                              args.grade_head, args.weights, args.prompt, args.max_new_tokens, args.seed, args.device,
+                              mpp_override=args.mpp_override)
         print(record["report"])
         for name, value in record["prediction_rows"]:
             print(f"  {name}: {value}")
         print(f"wrote {Path(record['page_dir']) / PAGE}")
         return 0
-    if args.survival_head or args.grade_head or args.page_dir:
-        raise TrainingError("--survival_head, --grade_head and --page_dir go with --slide")
+    if args.survival_head or args.grade_head or args.page_dir or args.mpp_override is not None:
+        raise TrainingError("--survival_head, --grade_head, --page_dir and --mpp_override go with --slide")
     if args.image:
         text = answer_image(args.checkpoint, args.image, args.store, args.prompt or DEFAULT_IMAGE_PROMPT, args.weights,
                             args.max_new_tokens,

@@ -13,7 +13,11 @@ DIR gets `annotations.jsonl` (InternVL conversations with "slide", "patient_id",
 "report"), `meta.json` naming it, and `split.csv` (slide_id,patient_id,split): training uses only train,
 `train.generate` only test (or val), `evaluate report --protocol histgen` scores only test.
 A slide id matches the store's exactly, or by its TCGA barcode (the part before the first '.') when that
-names one slide there. Slides missing from the store are an error listing them, unless --skip-missing.
+names one slide there; a patient id matches all its slides (`evaluate report` matches references to
+predictions the same way). Slides missing from the store are an error listing them, unless --skip-missing.
+Ids lose surrounding spaces; an empty id or report is an error naming the entry (HistGen and CSV alike); a
+HistGen entry repeated exactly (same id, report and set) is kept once, with a warning; the same id with
+another report or set is an error naming it.
 A patient with slides in two sets is counted and warned about; --strict-patients refuses.
 With --append-clinical the answer ends with our grade and prognosis sentences from the clinical table
 (the prognosis horizon from training patients only).
@@ -28,7 +32,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -36,7 +40,7 @@ from evaluate.splits import SETS, read_set_split, write_set_split
 from store.cli import run_command
 from store.clinical import ENDPOINTS, ClinicalTable, load_clinical_tables
 from store.embedding_store import EmbeddingStore
-from store.errors import AnnotationError
+from store.errors import AnnotationError, SlidecacheError
 from store.ids import tcga_patient_id
 from train.annotations import report_text, risk_groups, write_meta
 
@@ -55,6 +59,7 @@ class ReportRow:
     text: str
     where: str  # file and entry / row, for messages
     split: str | None = None
+    repeated_at: list[str] = field(default_factory=list)  # exact repeats of this entry left out (HistGen)
 
 
 @dataclass
@@ -72,19 +77,42 @@ def read_histgen(path: str | Path) -> list[ReportRow]:
         raise AnnotationError(f"{path}: not a readable HistGen annotation JSON ({e})") from None
     if not isinstance(data, dict) or not set(data) & set(SETS):
         raise AnnotationError(f"{path}: expected HistGen's {{\"train\": [...], \"val\": [...], \"test\": [...]}}")
-    rows, seen = [], {}
+    rows: list[ReportRow] = []
+    first: dict[str, ReportRow] = {}
     for split in SETS:
         for i, entry in enumerate(data.get(split) or []):
             where = f"{path}, {split}[{i}]"
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not isinstance(entry.get("report"), str):
                 raise AnnotationError(f"{where}: each entry needs a string \"id\" (the slide) and \"report\"")
-            if entry["id"] in seen:
-                raise AnnotationError(f"{where}: slide {entry['id']} is also at {seen[entry['id']]}")
+            key, text = entry["id"].strip(), entry["report"]
+            if not key or not text.strip():  # as the CSV import: an empty report would train as an empty target
+                raise AnnotationError(f"{where}: empty {'report' if key else 'id'}{f' of slide {key}' if key else ''}; "
+                                      "give it, or leave the entry out")
             if entry.get("split", split) != split:
                 raise AnnotationError(f"{where}: says \"split\": {entry['split']!r} but sits under {split!r}")
-            seen[entry["id"]] = where
-            rows.append(ReportRow(entry["id"], entry["report"], where, split))
+            earlier = first.get(key)
+            if earlier is not None:
+                if earlier.text.strip() != text.strip():
+                    raise AnnotationError(f"{where}: slide {key} already has another report at {earlier.where}; "
+                                          "keep the right one")
+                if earlier.split != split:
+                    raise AnnotationError(f"{where}: slide {key} is also in {earlier.split} at {earlier.where}; "
+                                          "keep it in one set")
+                earlier.repeated_at.append(where)  # HistGen's published list repeats entries: kept once
+                continue
+            first[key] = ReportRow(key, text, where, split)
+            rows.append(first[key])
     return rows
+
+
+def repeats_warning(path: str | Path, reports: list[ReportRow]) -> str | None:
+    """The warning for exact repeats read_histgen left out, or None."""
+    repeated = [r for r in reports if r.repeated_at]
+    if not repeated:
+        return None
+    n = sum(len(r.repeated_at) for r in repeated)
+    return (f"{n} repeated entries of {path} left out (same slide, report and set), e.g. {repeated[0].key} at "
+            f"{repeated[0].repeated_at[0]} repeats {repeated[0].where}")
 
 
 def read_report_csv(path: str | Path, id_column: str | None = None, text_column: str | None = None) -> list[ReportRow]:
@@ -103,7 +131,7 @@ def read_report_csv(path: str | Path, id_column: str | None = None, text_column:
             where = f"{path}, line {reader.line_num}"
             value = (row[key] or "").strip()
             if not value or not (row[text] or "").strip():
-                raise AnnotationError(f"{where}: empty {key if not value else text}")
+                raise AnnotationError(f"{where}: empty {key if not value else text}; give it, or leave the row out")
             if value in seen:
                 raise AnnotationError(f"{where}: {value} already has a report at {seen[value]}")
             seen[value] = where
@@ -111,29 +139,51 @@ def read_report_csv(path: str | Path, id_column: str | None = None, text_column:
     return rows
 
 
-def _store_index(store: EmbeddingStore) -> tuple[dict[str, str], dict[str, list[str]], dict[str, list[str]]]:
-    """(slide → patient, barcode → slides, patient → slides) over the store's complete slides with tiles."""
-    patient_of, by_barcode, by_patient = {}, defaultdict(list), defaultdict(list)
+def store_patients(store: EmbeddingStore) -> dict[str, str]:
+    """{slide: patient} over the store's complete slides with tiles."""
+    patient_of = {}
     for slide_id in store.slide_ids():
         slide = store.slide(slide_id)
-        if not slide.n_tiles:
-            continue
-        patient = tcga_patient_id(slide.patient_id) or slide.patient_id
-        patient_of[slide_id] = patient
-        by_barcode[slide_id.split(".")[0]].append(slide_id)
-        by_patient[patient].append(slide_id)
-    return patient_of, by_barcode, by_patient
+        if slide.n_tiles:
+            patient_of[slide_id] = tcga_patient_id(slide.patient_id) or slide.patient_id
+    return patient_of
 
 
-def _slides_for(key: str, patient_of: dict[str, str], by_barcode: dict[str, list[str]],
-                by_patient: dict[str, list[str]]) -> list[str]:
-    """A slide id (exact or by barcode), else a patient id (all its slides)."""
-    if key in patient_of:
-        return [key]
-    if len(by_barcode.get(key.split(".")[0], [])) == 1:
-        return by_barcode[key.split(".")[0]]
-    patient = tcga_patient_id(key) if len(key.split(".")[0]) <= 12 else None
-    return sorted(by_patient.get(patient or key, []))
+class SlideMatcher:
+    """The one matching of report ids to slides: the import's (against the store's slides) and `evaluate
+    report`'s (against the predicted slides). A slide id exactly, else by its TCGA barcode (the part before
+    the first '.') when that names one slide, else a patient id (all its slides)."""
+
+    def __init__(self, patient_of: Mapping[str, str]) -> None:
+        self.patient_of = dict(patient_of)
+        self.by_barcode: dict[str, list[str]] = defaultdict(list)
+        self.by_patient: dict[str, list[str]] = defaultdict(list)
+        for slide, patient in self.patient_of.items():
+            self.by_barcode[slide.split(".")[0]].append(slide)
+            self.by_patient[patient].append(slide)
+
+    def slides_for(self, key: str) -> list[str]:
+        if key in self.patient_of:
+            return [key]
+        barcode = key.split(".")[0]
+        if len(self.by_barcode.get(barcode, [])) == 1:
+            return list(self.by_barcode[barcode])
+        patient = tcga_patient_id(key) if len(barcode) <= 12 else None
+        return sorted(self.by_patient.get(patient or key, []))
+
+    def rekey(self, keys: Sequence[str], source: str, error: type[SlidecacheError]) -> dict[str, str]:
+        """{slide: report id} for `keys` (report ids): an id naming a slide exactly keeps it (so non-TCGA ids
+        such as 'a.png' and 'a.jpg' stay apart), the others take the slides they match, an id matching none
+        keeps its own key. Two ids matching one slide raise `error` naming both and `source`."""
+        out = {key: key for key in keys if key in self.patient_of}
+        for key in keys:
+            if key in self.patient_of:
+                continue
+            for slide in [s for s in self.slides_for(key) if out.get(s) != s] or [key]:  # exact claims stand
+                if slide in out:
+                    raise error(f"{source}: {out[slide]!r} and {key!r} both match slide {slide}; keep one")
+                out[slide] = key
+        return out
 
 
 def draw_patient_split(patients: Sequence[str], seed: int) -> dict[str, str]:
@@ -149,11 +199,12 @@ def import_reports(store: EmbeddingStore, reports: list[ReportRow], sets: dict[s
                    endpoint: str = "OS", skip_missing: bool = False, strict_patients: bool = False) -> Imported:
     """Annotation rows for `reports`. A report's set is its own (HistGen), else `sets` {slide: set}, else
     drawn by patient. `clinical`: append our grade and prognosis sentences."""
-    patient_of, by_barcode, by_patient = _store_index(store)
+    matcher = SlideMatcher(store_patients(store))
+    patient_of = matcher.patient_of
     result = Imported()
     placed: list[tuple[ReportRow, list[str]]] = []
     for report in reports:
-        slides = _slides_for(report.key, patient_of, by_barcode, by_patient)
+        slides = matcher.slides_for(report.key)
         if slides:
             placed.append((report, slides))
         else:
@@ -256,6 +307,9 @@ def _run(args: argparse.Namespace) -> int:
           f"{paths['annotations']}; meta {paths['meta']}; split {paths['split']}")
     if result.missing:
         print(f"skipped {len(result.missing)} reports whose slides the store lacks, e.g. {result.missing[:5]}")
+    repeats = repeats_warning(args.histgen, reports) if args.histgen else None
+    if repeats:
+        print(f"warning: {repeats}")
     if result.patients_in_two_sets:
         patient, rows = next(iter(result.patients_in_two_sets.items()))
         print(f"warning: {len(result.patients_in_two_sets)} patients have slides in two sets (kept as given), e.g. "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qw
 
 from store.errors import TrainingError
 from train.tokenizer import IMAGE_TOKENS, IMG_CONTEXT, add_image_tokens, offline_qwen2_tokenizer
+
+# PEFT 0.21 reads an attribute transformers 5.24 deprecated, on every adapter it wraps or loads: a warning
+# between two of our pinned libraries that no user can act on (it printed on every `--slide` page).
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 TINY_QWEN2 = "tiny-qwen2"
 # Weights drawn with std 1/sqrt(width): Qwen2's 0.02 suits width ~900; at width 64 it leaves every layer a

@@ -15,6 +15,7 @@ import dataclasses
 import html
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ def slide_entry(path: str | Path) -> SlideEntry:
     return SlideEntry(slide_id, str(path), patient_id_for(slide_id))
 
 
-def extraction_config_of(store: EmbeddingStore, weights: str | None = None) -> Any:
+def extraction_config_of(store: EmbeddingStore, weights: str | None = None,
+                         mpp_override: float | None = None) -> Any:
     """The store's recorded extraction config, to encode one more slide as its own were: what changes the
     numbers is kept (the fingerprint check below proves it); how the work is done is this machine's."""
     from extract.config import ExtractConfig
@@ -55,18 +57,20 @@ def extraction_config_of(store: EmbeddingStore, weights: str | None = None) -> A
     cfg = ExtractConfig.from_dict({k: v for k, v in recorded.items() if k in known})
     if cfg.weights and not weights and str(cfg.weights).endswith(".safetensors") and not Path(cfg.weights).is_file():
         raise ConfigError(f"the store was encoded with local weights {cfg.weights}, absent here: pass --weights PATH")
-    return dataclasses.replace(cfg, weights=weights or cfg.weights, executor="local", qc_dir=None, limit=None,
+    # the slide's own pixel size, when its file lacks it, is a fact about the slide: not fingerprinted
+    return dataclasses.replace(cfg, weights=weights or cfg.weights, mpp_override=mpp_override, executor="local",
+                               qc_dir=None, limit=None,
                                retry_failed=True, num_encoders=None, batch_size=None, read_chunk=None,
                                encoder_threads=None)
 
 
 def encode_new_slide(entry: SlideEntry, store: EmbeddingStore, page_dir: Path, weights: str | None = None,
-                     log: Any = print) -> EmbeddingStore:
+                     log: Any = print, mpp_override: float | None = None) -> EmbeddingStore:
     """The one-slide store page_dir/slide_store.zarr, the slide encoded with the store's encoder and tiling."""
     from extract.executors import executor_session
     from extract.job import Extraction
 
-    cfg = extraction_config_of(store, weights)
+    cfg = extraction_config_of(store, weights, mpp_override)
     url = str(page_dir / SLIDE_STORE)
     with executor_session(cfg) as executor:
         summary = Extraction([entry], url, cfg, log=log, executor=executor).run()
@@ -90,18 +94,31 @@ def _open_if_present(url: Path) -> EmbeddingStore | None:
 
 
 def store_holding(entry: SlideEntry, store: EmbeddingStore, page_dir: Path, weights: str | None = None,
-                  log: Any = print) -> tuple[EmbeddingStore, bool]:
-    """(a store holding the slide, whether it was encoded now): the store itself when it has the slide."""
+                  log: Any = print, mpp_override: float | None = None) -> tuple[EmbeddingStore, bool]:
+    """(a store holding the slide, whether it was encoded now): the store itself when it holds this very file
+    (by content, not by name), else the page folder's one-slide store, encoded anew when it holds another file."""
+    from extract.slide_source import source_difference
+
     if entry.slide_id in store:
-        log(f"[slide] {entry.slide_id} is in {display_url(store.url)} already (fingerprint {store.fingerprint[:12]}): "
-            "not encoded again")
-        return store, False
-    earlier = _open_if_present(page_dir / SLIDE_STORE)
+        difference = source_difference(store.slide(entry.slide_id).attrs.get("source"), entry.path)
+        if difference is None:
+            log(f"[slide] {entry.slide_id} is in {display_url(store.url)} already (fingerprint "
+                f"{store.fingerprint[:12]}, same file content): not encoded again")
+            return store, False
+        log(f"[slide] {display_url(store.url)} holds another file named {entry.slide_id} ({difference}): "
+            f"encoding {entry.path} itself")
+    cached = page_dir / SLIDE_STORE
+    earlier = _open_if_present(cached)
     if earlier is not None and earlier.fingerprint == store.fingerprint and entry.slide_id in earlier:
-        log(f"[slide] {entry.slide_id} was encoded into {earlier.url} by an earlier run: not encoded again")
-        return earlier, False
-    log(f"[slide] encoding {entry.path} with the store's encoder and tiling into {page_dir / SLIDE_STORE}")
-    return encode_new_slide(entry, store, page_dir, weights, log), True
+        difference = source_difference(earlier.slide(entry.slide_id).attrs.get("source"), entry.path)
+        if difference is None:
+            log(f"[slide] {entry.slide_id} was encoded into {earlier.url} by an earlier run: not encoded again")
+            return earlier, False
+        log(f"[slide] {cached} holds another file named {entry.slide_id} ({difference}): replacing it")
+    if cached.exists():  # this page's own cache, of another file or encoder: the page is rewritten below anyway
+        shutil.rmtree(cached)
+    log(f"[slide] encoding {entry.path} with the store's encoder and tiling into {cached}")
+    return encode_new_slide(entry, store, page_dir, weights, log, mpp_override), True
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -199,7 +216,7 @@ def version_rows(checkpoint: str, spec: Any, store: EmbeddingStore, heads: dict[
 def report_slide(checkpoint: str, slide_path: str | Path, store_url: str, page_dir: str | Path | None = None,
                  survival_head: str | None = None, grade_head: str | None = None, weights: str | None = None,
                  prompt: str | None = None, max_new_tokens: int = 128, seed: int = 0, device: str = "auto",
-                 log: Any = print) -> dict[str, Any]:
+                 log: Any = print, mpp_override: float | None = None) -> dict[str, Any]:
     """Encode (or reuse) the slide, write its report and head predictions, and the page. Returns report.json."""
     import torch
 
@@ -221,7 +238,7 @@ def report_slide(checkpoint: str, slide_path: str | Path, store_url: str, page_d
     for task, (folder, head) in heads.items():
         if head.task != task:
             raise ConfigError(f"--{task}-head {folder} holds a {head.task} head")
-    holder, encoded_now = store_holding(entry, store, page, weights, log)
+    holder, encoded_now = store_holding(entry, store, page, weights, log, mpp_override)
     slide = holder.slide(entry.slide_id)
     if slide.n_tiles == 0:
         raise SlideReadError(f"--slide {slide_path}: no tissue tiles ({slide.attrs.get('empty_reason', 'empty')})")
@@ -253,6 +270,7 @@ def report_slide(checkpoint: str, slide_path: str | Path, store_url: str, page_d
     write_page(page, record, picture)
     manifest = provenance({"checkpoint": checkpoint, "slide": str(slide_path), "store": store_url,
                            "survival_head": survival_head, "grade_head": grade_head, "prompt": question,
-                           "max_new_tokens": max_new_tokens, "seed": seed, "device": str(target)})
+                           "max_new_tokens": max_new_tokens, "seed": seed, "device": str(target),
+                           "mpp_override": mpp_override})
     (page / RECORD).write_text(json.dumps(record | {"provenance": manifest}, indent=2, default=str))
     return record

@@ -127,3 +127,73 @@ def test_a_bad_slide_is_refused_by_name(page_run, readme_demo, shared_data, name
     result = run(SLIDE_ALONE, tmp_path, STORE=readme_demo.store, SLIDE=str(path))
     assert result.code == 2 and name in result.stderr, result.log[-2000:]
     assert not (tmp_path / "slide_reports" / path.stem / "report.html").exists()
+
+
+def test_a_file_named_like_a_stored_slide_is_encoded_itself_not_taken_for_it(page_run, readme_demo, tmp_path):
+    """Slides are known by content: another patient's slide under a stored slide's name gets its own tiles
+    (not the stored slide's), and so does a third file of that name whose page folder caches the second."""
+    cwd = page_run[0]
+    held_out = [json.loads(line) for line in (readme_demo.out / "reports_heldout.jsonl").read_text().splitlines()]
+    named = held_out[0]
+    impostor = next(row for row in held_out if row["text"] != named["text"])
+    third = next(row for row in held_out if row["text"] not in (named["text"], impostor["text"]))
+    slides = readme_demo.out / "slides"
+    source = next(slides.rglob(f"{impostor['slide']}.*"))
+    fake = tmp_path / "elsewhere" / f"{named['slide']}{source.suffix}"
+    fake.parent.mkdir()
+    shutil.copy(source, fake)
+    result = run(SLIDE_ALONE + " --page_dir DIR", cwd, STORE=readme_demo.store, SLIDE=str(fake), DIR="page")
+    assert result.code == 0, result.log[-2000:]
+    record = json.loads((cwd / "page" / "report.json").read_text())
+    assert record["encoded_now"] and "holds another file named" in result.stdout, result.stdout[-2000:]
+    stored = EmbeddingStore.open(readme_demo.store)
+    assert record["tiles"] == stored.slide(impostor["slide"]).n_tiles
+    assert record["report"] == impostor["text"]  # the impostor's own tiles, read and encoded anew
+
+    shutil.copy(next(slides.rglob(f"{third['slide']}.*")), fake)  # same name, same page folder, other content
+    result = run(SLIDE_ALONE + " --page_dir DIR", cwd, STORE=readme_demo.store, SLIDE=str(fake), DIR="page")
+    assert result.code == 0, result.log[-2000:]
+    record = json.loads((cwd / "page" / "report.json").read_text())
+    assert record["encoded_now"] and "replacing it" in result.stdout, result.stdout[-2000:]
+    assert record["tiles"] == stored.slide(third["slide"]).n_tiles and record["report"] == third["text"]
+
+
+def test_a_slide_without_mpp_is_refused_with_a_fix_that_works(page_run, readme_demo, tmp_path):
+    """The error names --mpp-override, and train.generate takes it (the page's provenance records it)."""
+    import tifffile
+
+    cwd = page_run[0]
+    row = json.loads((readme_demo.out / "reports_heldout.jsonl").read_text().splitlines()[0])
+    source = next((readme_demo.out / "slides").rglob(f"{row['slide']}.*"))
+    stored = EmbeddingStore.open(readme_demo.store).slide(row["slide"])
+    bare = tmp_path / f"{row['slide']}-bare.tiff"  # the same pixels, no resolution tags
+    with tifffile.TiffWriter(bare) as tif:
+        tif.write(tifffile.imread(source, level=0), photometric="rgb", tile=(256, 256), compression="jpeg")
+    result = run_in_process(to_argv(SLIDE_ALONE, {"STORE": readme_demo.store, "SLIDE": str(bare)}), cwd)
+    assert result.code == 2 and "--mpp-override" in result.stderr and "Traceback" not in result.log, result.log[-2000:]
+    result = run(SLIDE_ALONE + " --mpp-override X", cwd, STORE=readme_demo.store, SLIDE=str(bare),
+                 X=str(stored.attrs["mpp"]))
+    assert result.code == 0, result.log[-2000:]
+    record = json.loads((cwd / "slide_reports" / bare.stem / "report.json").read_text())
+    assert record["encoded_now"] and record["tiles"] > 0
+    assert record["provenance"]["config"]["mpp_override"] == stored.attrs["mpp"]
+
+
+def test_a_cpu_run_prints_only_its_own_lines_on_stderr(page_run, readme_demo, tmp_path):
+    """No library noise (cuFile, libcuda, deprecation warnings between our pinned packages) around the report:
+    a new process, as the user runs it, on a slide that is encoded on this CPU."""
+    from tests.readme import run_subprocess
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r1").symlink_to(readme_demo.out / "train")
+    row = json.loads((readme_demo.out / "reports_heldout.jsonl").read_text().splitlines()[1])
+    slide = tmp_path / "copy" / f"{row['slide']}-copy.tiff"
+    slide.parent.mkdir()
+    shutil.copy(next((readme_demo.out / "slides").rglob(f"{row['slide']}.*")), slide)
+    result = run_subprocess(to_argv(SLIDE_ALONE, {"STORE": readme_demo.store, "SLIDE": str(slide)}), tmp_path,
+                            env={"CUDA_VISIBLE_DEVICES": ""}, timeout=600)
+    assert result.code == 0, result.log[-3000:]
+    foreign = [line for line in result.stderr.splitlines()
+               if line.strip() and not line.startswith(("[extract]", "[slide]", "warning: "))]
+    assert not foreign, "\n".join(foreign)
+    assert not (tmp_path / "cufile.log").exists()
