@@ -42,7 +42,7 @@ from store.clinical import load_clinical  # noqa: E402
 from store.provenance import provenance  # noqa: E402
 from train.annotations import training_patients, write_annotations, write_meta  # noqa: E402
 from train.config import parse_args  # noqa: E402
-from train.generate import generate_reports  # noqa: E402
+from train.generation import generate_reports  # noqa: E402
 from train.run import train  # noqa: E402
 
 HELD_OUT = 0

@@ -141,7 +141,7 @@ def train_and_generate(out: Path, store_url: str, clinical: Path, texts: Path, s
     from store.clinical import load_clinical
     from train.annotations import training_patients, write_annotations, write_meta
     from train.config import parse_args
-    from train.generate import generate_reports
+    from train.generation import generate_reports
     from train.run import train
 
     annotations = out / "annotations.jsonl"

@@ -230,7 +230,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.checkpoint and not args.store:
         raise EvaluationError("--checkpoint (the grounding check) needs --store: the store the checkpoint trained on")
     if args.checkpoint:  # checkpoint and store checked before anything is scored (no model built yet)
-        from train.generate import open_checked
+        from train.generation import open_checked
 
         open_checked(args.checkpoint, args.store)
     scores = score_reports(args.predictions, args.references, clinical, args.endpoint)

@@ -157,8 +157,13 @@ def cross_validate_grade(data: PatientData, folds: dict[str, int], seed: int = 0
     models = {}
     for fold in sorted(set(f.tolist())):
         test, train = f == fold, f != fold
-        if len(np.unique(y[train])) < 2:
-            raise EvaluationError(f"the training part of fold {fold} holds one grade only")
+        if len(np.unique(y[train])) < 2:  # this fold cannot be fitted; the others still can (as survival does)
+            held = f"one grade only ({classes[int(y[train][0])]})" if train.any() else "no patient"
+            why = (f"the training part of fold {fold} holds {held}: nothing to fit; use fewer folds or a split "
+                   "that spreads the grades")
+            results.append({"fold": fold, "n_test": int(test.sum()), "fit_failed": why,
+                            **{key: None for key in GRADE_METRICS}, "not_computed": {key: why for key in GRADE_METRICS}})
+            continue
         proba, models[fold] = _fit_predict_proba(head, x[train], y[train], x[test], len(classes), seed, c, settings)
         pred = proba.argmax(axis=1)
         results.append({"fold": fold, "n_test": int(test.sum()), **_metrics(y[test], pred, proba, len(classes))})
@@ -166,6 +171,8 @@ def cross_validate_grade(data: PatientData, folds: dict[str, int], seed: int = 0
         for i, p, pr in zip(np.flatnonzero(test), pred, proba):
             predictions.append({"patient_id": ids[i], "fold": fold, "true": classes[y[i]], "predicted": classes[p],
                                 **{f"p_{cl}": float(v) for cl, v in zip(classes, pr)}})
+    if not models:
+        raise EvaluationError(f"no fold of {len(results)} could fit the grade head; {results[0]['fit_failed']}")
     summary: dict[str, Any] = summarise(results, GRADE_METRICS)  # over the folds that define each; else null
     chance = {"majority_class_accuracy": float(np.bincount(y).max() / len(y)), "balanced_accuracy": 1 / len(classes)}
     summary["chance"] = chance  # what "clearly beats chance" is measured against

@@ -7,6 +7,7 @@ the rest (batch size, workers, readers) is recorded as provenance only.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -93,6 +94,12 @@ class ExtractConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("target_mpp", "min_tissue", "mpp_override", "reader_cpus"):  # NaN passes every comparison
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if self.stride_px is not None and self.stride_px <= 0:
+            raise ConfigError(f"stride_px must be positive (or left out: the tile size), got {self.stride_px}")
         if self.tile_px <= 0 or self.target_mpp <= 0:
             raise ConfigError(f"tile_px and target_mpp must be positive (got {self.tile_px}, {self.target_mpp})")
         if not 0 <= self.min_tissue <= 1:
@@ -137,7 +144,11 @@ class ExtractConfig:
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
         hints = typing.get_type_hints(cls)
-        return cls(**{name: _typed(name, value, hints[name], where) for name, value in data.items()})
+        typed = {name: _typed(name, value, hints[name], where) for name, value in data.items()}
+        try:
+            return cls(**typed)
+        except ConfigError as e:  # a value of the right type that cannot be used: name the file too
+            raise ConfigError(f"{where}: {e}") from None
 
     @classmethod
     def for_command(cls, config: str | Path | None, overrides: Mapping[str, Any]) -> ExtractConfig:

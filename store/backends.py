@@ -64,14 +64,28 @@ def zarr_store(url: str, read_only: bool, storage_options: dict[str, Any] | None
         return store
 
 
+# scheme://KEY:SECRET@rest — the secret may hold "/" or "+" (AWS secrets do) but no "@"; the key neither "/" nor ":"
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][\w+.-]*://)(?P<user>[^@/:\s]*)(?::(?P<password>[^@\s]*))?@(?P<rest>.*)$")
+
+
+def _userinfo(url: str) -> tuple[str, str, str] | None:
+    """(user, password, url without them) when `url` carries credentials, else None. urlparse alone cuts the
+    netloc at the first "/", so a secret holding "/" would be read as part of the host and shown."""
+    match = _USERINFO.match(url)
+    if match is None or not (match["user"] or match["password"]):
+        return None
+    return match["user"], match["password"] or "", match["scheme"] + match["rest"]
+
+
 def _credentials_from_url(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """`s3://KEY:SECRET@bucket/x` → `s3://bucket/x` with key and secret as storage options (s3fs reads no
     credentials from a URL: it took `KEY:SECRET@bucket` for the bucket name). Options given win."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("s3", "s3a") or not (parsed.username or parsed.password):
+    found = _userinfo(url)
+    if urlparse(url).scheme not in ("s3", "s3a") or found is None:
         return url, options
-    found = {"key": unquote(parsed.username or ""), "secret": unquote(parsed.password or "")}
-    return display_url(url), {**{k: v for k, v in found.items() if v}, **options}
+    user, password, bare = found
+    given = {"key": unquote(user), "secret": unquote(password)}
+    return bare, {**{k: v for k, v in given.items() if v}, **options}
 
 
 def _reach(store: FsspecStore) -> None:
@@ -160,17 +174,18 @@ def _secrets(value: Any, key: str = "") -> Iterator[str]:
 
 def redact(text: str, url: str = "", storage_options: Mapping[str, Any] | None = None) -> str:
     """`text` without the credentials of `url`, of the storage options, of AWS_* variables, or in any URL."""
-    parsed = urlparse(url)
     secrets = [*_secrets(dict(storage_options or {})), *(os.environ.get(k, "") for k in _SECRET_ENV)]
-    secrets += [s for raw in (parsed.username, parsed.password) if raw for s in (raw, unquote(raw))]
+    found = _userinfo(url)
+    if found is not None:
+        secrets += [s for raw in found[:2] if raw for s in (raw, unquote(raw))]
     for secret in sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True):
         text = text.replace(secret, "***")
-    return re.sub(r"(\w+://)[^/@\s]*@", r"\1", text)  # user:password@ of any URL in the text
+    # user:password@ of any URL in the text (a password may hold "/"), then a bare user@
+    text = re.sub(r"([A-Za-z][\w+.-]*://)[^@/:\s]*:[^@\s]*@", r"\1", text)
+    return re.sub(r"([A-Za-z][\w+.-]*://)[^/@\s]*@", r"\1", text)
 
 
 def display_url(url: str) -> str:
     """The URL without any user:password part, for messages and logs."""
-    parsed = urlparse(url)
-    if parsed.password or parsed.username:
-        return parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
-    return url
+    found = _userinfo(url)
+    return found[2] if found is not None else url

@@ -92,7 +92,7 @@ def cmd_import_h5(args: argparse.Namespace) -> int:
         print(f"imported {len(report.imported)} slides into {display_url(report.store.url)} "
               "(fields the .h5 cannot supply are marked unknown)")
     else:
-        print(f"imported 0 slides: no store written at {display_url(args.store)}")
+        print(f"imported 0 slides: nothing written to {display_url(args.store)}")
     for _, message in report.refused:
         print(f"refused: {message}", file=sys.stderr)
     if report.refused:

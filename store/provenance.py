@@ -85,7 +85,8 @@ def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str
     return versions
 
 
-_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# user@ or user:password@ (a password may hold "/", as AWS secrets do; none holds "@")
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/@:\s]*:[^@\s]*|[^/@\s]+)@")
 
 
 def redact_url_credentials(text: str) -> str:

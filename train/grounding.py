@@ -20,7 +20,7 @@ from store.devices import pick_device
 from store.errors import TrainingError
 from store.jsonl import read_jsonl
 from train.data import ConversationEncoder, Sample, SlideConversationDataset, _parse_row
-from train.generate import generate_batch, load_checked
+from train.generation import generate_batch, load_checked
 
 CONDITIONS = ("original", "swapped", "blank")
 

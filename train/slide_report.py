@@ -15,6 +15,7 @@ import dataclasses
 import html
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -93,28 +94,38 @@ def _open_if_present(url: Path) -> EmbeddingStore | None:
         return None
 
 
+def _why_not_reusable(held: EmbeddingStore, entry: SlideEntry, mpp_override: float | None) -> str | None:
+    """Why the slide `held` has under this name is not this file read this way (None: reuse it)."""
+    from extract.slide_source import source_difference
+
+    attrs = held.slide(entry.slide_id).attrs
+    difference = source_difference(attrs.get("source"), entry.path)
+    if difference is None and mpp_override is not None and not math.isclose(float(attrs.get("mpp") or 0), mpp_override):
+        difference = f"it was read at {attrs.get('mpp')} µm/px, --mpp-override is {mpp_override}"
+    return difference
+
+
 def store_holding(entry: SlideEntry, store: EmbeddingStore, page_dir: Path, weights: str | None = None,
                   log: Any = print, mpp_override: float | None = None) -> tuple[EmbeddingStore, bool]:
     """(a store holding the slide, whether it was encoded now): the store itself when it holds this very file
-    (by content, not by name), else the page folder's one-slide store, encoded anew when it holds another file."""
-    from extract.slide_source import source_difference
-
+    (by content, not by name) read at this pixel size, else the page folder's one-slide store, encoded anew when
+    it holds another file or another reading."""
     if entry.slide_id in store:
-        difference = source_difference(store.slide(entry.slide_id).attrs.get("source"), entry.path)
+        difference = _why_not_reusable(store, entry, mpp_override)
         if difference is None:
             log(f"[slide] {entry.slide_id} is in {display_url(store.url)} already (fingerprint "
                 f"{store.fingerprint[:12]}, same file content): not encoded again")
             return store, False
-        log(f"[slide] {display_url(store.url)} holds another file named {entry.slide_id} ({difference}): "
+        log(f"[slide] {display_url(store.url)} holds another reading of {entry.slide_id} ({difference}): "
             f"encoding {entry.path} itself")
     cached = page_dir / SLIDE_STORE
     earlier = _open_if_present(cached)
     if earlier is not None and earlier.fingerprint == store.fingerprint and entry.slide_id in earlier:
-        difference = source_difference(earlier.slide(entry.slide_id).attrs.get("source"), entry.path)
+        difference = _why_not_reusable(earlier, entry, mpp_override)
         if difference is None:
             log(f"[slide] {entry.slide_id} was encoded into {earlier.url} by an earlier run: not encoded again")
             return earlier, False
-        log(f"[slide] {cached} holds another file named {entry.slide_id} ({difference}): replacing it")
+        log(f"[slide] {cached} holds another reading of {entry.slide_id} ({difference}): replacing it")
     if cached.exists():  # this page's own cache, of another file or encoder: the page is rewritten below anyway
         shutil.rmtree(cached)
     log(f"[slide] encoding {entry.path} with the store's encoder and tiling into {cached}")
@@ -225,7 +236,7 @@ def report_slide(checkpoint: str, slide_path: str | Path, store_url: str, page_d
     from train.annotations import QUESTION
     from train.checkpoint import load_for_inference
     from train.data import ConversationEncoder, Sample, SlideConversationDataset
-    from train.generate import generate_batch, open_checked
+    from train.generation import generate_batch, open_checked
     from train.generation_checks import check_generations
 
     torch.manual_seed(seed)

@@ -138,3 +138,19 @@ def test_a_table_without_os_time_names_the_column_and_the_file(sixteen_patients,
     rows_by_task = {row["task"]: row for row in _strict(tmp_path / "sweep" / "sweep.json")["rows"]}
     assert "'OS.time'" in rows_by_task["OS"]["error"] and str(no_time) in rows_by_task["OS"]["error"], rows_by_task
     assert rows_by_task["grade"]["error"] is None, rows_by_task
+
+
+def test_a_fold_whose_training_part_holds_one_grade_is_a_null_the_others_are_scored(two_grades, tmp_path, capsys):
+    """Every G1 patient in fold 0's test part leaves its training part all G4: that fold cannot be fitted and is
+    nulls with the reason; folds 1 and 2 are scored (the run used to stop with exit 2)."""
+    url, table, *_ = two_grades
+    rows = [line.split(",") for line in table.read_text().splitlines()[1:]]
+    g1 = [r[0] for r in rows if r[2] == "G1"]
+    g4 = [r[0] for r in rows if r[2] == "G4"]
+    split = tmp_path / "g1_in_fold0.csv"
+    folds = {p: 0 for p in g1 + g4[:2]} | {p: 1 + i % 2 for i, p in enumerate(g4[2:])}
+    split.write_text("patient_id,fold\n" + "".join(f"{p},{f}\n" for p, f in folds.items()))
+    metrics, out = _grade(url, table, split, tmp_path / "g", capsys)
+    failed = next(fold for fold in metrics["folds"] if fold["fold"] == 0)
+    assert failed["accuracy"] is None and "holds one grade only (G4)" in failed["fit_failed"], failed
+    assert metrics["summary"]["accuracy"]["folds"] == 2 and "0" in metrics["summary"]["accuracy"]["not_computed_in_folds"]

@@ -20,8 +20,9 @@ WRONG_FOR_NUMBERS = st.one_of(st.text(min_size=1, max_size=8), st.lists(st.integ
 
 
 def test_the_issue_examples_exit_2_naming_the_key(tmp_path, synthetic_slides):
-    for key, value in (("target_mpp", "half"), ("tile_px", [224])):
-        config = tmp_path / f"{key}.yaml"
+    for key, value in (("target_mpp", "half"), ("tile_px", [224]), ("target_mpp", float("nan")),
+                       ("target_mpp", float("inf")), ("stride_px", 0)):
+        config = tmp_path / f"{key}-{value}.yaml"
         config.write_text(yaml.safe_dump({"encoder": "virchow2-tiny", key: value}))
         result = run_main("extract", ["--cohort", str(synthetic_slides), "--store", str(tmp_path / "s.zarr"),
                                       "--config", str(config)], tmp_path)

@@ -115,7 +115,7 @@ def test_forward_from_the_cache_equals_the_encoder_run_live(cached, tmp_path):
 
 
 def test_training_from_the_cache_learns_the_captions_and_a_new_image_gets_the_cached_answer(cached, tmp_path):
-    from train.generate import answer_image, generate_reports
+    from train.generation import answer_image, generate_reports
 
     root, meta, store, _ = cached
     out = tmp_path / "run"

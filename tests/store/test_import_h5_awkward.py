@@ -74,7 +74,7 @@ def test_a_folder_of_bad_files_leaves_no_store(tmp_path):
     result = import_h5(h5, tmp_path / "store", "test-encoder")
 
     assert result.returncode == 1, result.stderr
-    assert "imported 0 slides: no store written" in result.stdout
+    assert "imported 0 slides: nothing written to" in result.stdout
     assert "inf.h5" in result.stderr and "overflow.h5" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "store").exists()
 

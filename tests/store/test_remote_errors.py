@@ -106,3 +106,17 @@ def test_evaluate_on_a_store_without_credentials(s3_endpoint, tmp_path):
     result = run("evaluate", "import-split", str(split), "--store", "s3://slidecache-test/x",
                  "--out", str(tmp_path / "split.csv"), env=clean_env(AWS_ENDPOINT_URL=s3_endpoint))
     assert_one_line(result, "s3://slidecache-test/x", "no credentials", "AWS_SECRET_ACCESS_KEY")
+
+
+def test_a_secret_holding_a_slash_in_the_url_is_never_printed(tmp_path):
+    """AWS secrets hold "/" and "+": `s3://KEY:SE/CRET@bucket/x` typed as is must be used and never shown (urlparse
+    alone cuts the host at the first "/" and took the secret for part of the bucket)."""
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "a.svs").write_bytes(b"")
+    key, secret = "AKIASLASHKEY42", "Super/Secret+x/42"
+    env = clean_env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1")
+    result = run("extract", "--cohort", str(tmp_path / "slides"), "--store", f"s3://{key}:{secret}@slidecache-test/x",
+                 "--encoder", "virchow2-tiny", "--executor", "local", env=env)
+    assert result.returncode == 2 and "s3://slidecache-test/x" in result.stdout + result.stderr, result.stderr
+    for shown in (key, secret, "Super", "Secret"):
+        assert shown not in result.stdout + result.stderr, (result.stdout + result.stderr)[-2000:]

@@ -19,7 +19,7 @@ from store.clinical import load_clinical
 from tests.evaluate.helpers import planted_cohort
 from train.annotations import training_patients, write_annotations, write_meta
 from train.config import parse_args
-from train.generate import generate_reports
+from train.generation import generate_reports
 from train.run import train
 
 pytestmark = pytest.mark.xdist_group("test_grounding")  # the module fixtures train twice: build them once

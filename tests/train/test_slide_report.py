@@ -145,7 +145,7 @@ def test_a_file_named_like_a_stored_slide_is_encoded_itself_not_taken_for_it(pag
     result = run(SLIDE_ALONE + " --page_dir DIR", cwd, STORE=readme_demo.store, SLIDE=str(fake), DIR="page")
     assert result.code == 0, result.log[-2000:]
     record = json.loads((cwd / "page" / "report.json").read_text())
-    assert record["encoded_now"] and "holds another file named" in result.stdout, result.stdout[-2000:]
+    assert record["encoded_now"] and "holds another reading of" in result.stdout, result.stdout[-2000:]
     stored = EmbeddingStore.open(readme_demo.store)
     assert record["tiles"] == stored.slide(impostor["slide"]).n_tiles
     assert record["report"] == impostor["text"]  # the impostor's own tiles, read and encoded anew
@@ -176,7 +176,16 @@ def test_a_slide_without_mpp_is_refused_with_a_fix_that_works(page_run, readme_d
     assert result.code == 0, result.log[-2000:]
     record = json.loads((cwd / "slide_reports" / bare.stem / "report.json").read_text())
     assert record["encoded_now"] and record["tiles"] > 0
+    first_tiles = record["tiles"]
     assert record["provenance"]["config"]["mpp_override"] == stored.attrs["mpp"]
+    again = run(SLIDE_ALONE + " --mpp-override X", cwd, STORE=readme_demo.store, SLIDE=str(bare),
+                X=str(stored.attrs["mpp"]))  # the same reading: reused
+    assert not json.loads((cwd / "slide_reports" / bare.stem / "report.json").read_text())["encoded_now"], again.stdout
+    other = run(SLIDE_ALONE + " --mpp-override X", cwd, STORE=readme_demo.store, SLIDE=str(bare),
+                X=str(1.5 * stored.attrs["mpp"]))  # another pixel size: not the cached reading
+    assert "--mpp-override is" in other.stdout and "replacing it" in other.stdout, other.stdout[-2000:]
+    record = json.loads((cwd / "slide_reports" / bare.stem / "report.json").read_text())
+    assert record["encoded_now"] and record["tiles"] < first_tiles
 
 
 def test_a_cpu_run_prints_only_its_own_lines_on_stderr(page_run, readme_demo, tmp_path):
@@ -196,4 +205,6 @@ def test_a_cpu_run_prints_only_its_own_lines_on_stderr(page_run, readme_demo, tm
     foreign = [line for line in result.stderr.splitlines()
                if line.strip() and not line.startswith(("[extract]", "[slide]", "warning: "))]
     assert not foreign, "\n".join(foreign)
+    noise = [line for line in result.stdout.splitlines() if "cuda" in line.lower() or "cufile" in line.lower()]
+    assert not noise, "\n".join(noise)  # cuCIM prints on stdout when torch is loaded in a reader process
     assert not (tmp_path / "cufile.log").exists()

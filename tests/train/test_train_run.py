@@ -16,7 +16,7 @@ from transformers import Qwen2ForCausalLM
 from tests.conftest import REPO_ROOT
 from tests.readme import run_main
 from train.config import parse_args
-from train.generate import generate_reports
+from train.generation import generate_reports
 from train.llm import load_llm
 from train.merge import merge
 from train.run import train
