@@ -14,7 +14,7 @@ import numpy as np
 from store.clinical import ENDPOINTS, ClinicalTable, PatientClinical
 from store.embedding_store import EmbeddingStore, SlideView
 from store.errors import EvaluationError
-from store.ids import tcga_patient_id
+from store.ids import patient_key
 
 POOLINGS = ("mean", "max", "cls")
 
@@ -50,7 +50,7 @@ def slides_by_patient(store: EmbeddingStore) -> dict[str, list[SlideView]]:
     for slide_id in store.slide_ids():
         slide = store.slide(slide_id)
         if slide.n_tiles:
-            grouped[tcga_patient_id(slide.patient_id) or slide.patient_id].append(slide)
+            grouped[patient_key(slide.patient_id)].append(slide)
     return dict(grouped)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from evaluate.report_metrics import parse_grade, parse_risk
 from store.errors import EvaluationError
-from store.ids import tcga_patient_id
+from store.ids import patient_key
 from store.jsonl import read_jsonl
 
 FOLLOWS_DONOR = 0.7  # share of swapped reports stating the donor's grade for "follows the slide"
@@ -120,7 +120,7 @@ def grounding_check(checkpoint: str, store_url: str, predictions: str | Path, re
 
     rows = [row for _, row in read_jsonl(predictions, EvaluationError)]
     ids = [str(r.get("id", r.get("slide_id"))) for r in rows]
-    patients = {i: str(r.get("patient_id") or tcga_patient_id(i) or i) for i, r in zip(ids, rows)}
+    patients = {i: str(r.get("patient_id") or patient_key(i)) for i, r in zip(ids, rows)}
     reference = _references(references)
     missing = sorted(set(ids) - set(reference))
     if missing:

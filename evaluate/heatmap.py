@@ -13,7 +13,7 @@ import numpy as np
 from evaluate.abmil import ABMILModel
 from store.embedding_store import EmbeddingStore, SlideView
 from store.errors import EvaluationError
-from store.ids import tcga_patient_id
+from store.ids import patient_key
 
 CANVAS_LONG_SIDE = 1024  # px, when the slide has no stored thumbnail
 
@@ -92,7 +92,7 @@ def draw_heatmaps(store: EmbeddingStore, slide_ids: Sequence[str], folds: Mappin
         if slide_id not in store:
             raise EvaluationError(f"--heatmaps: slide {slide_id!r} is not in the store {store.url}")
         slide = store.slide(slide_id)
-        patient = tcga_patient_id(slide.patient_id) or slide.patient_id
+        patient = patient_key(slide.patient_id)
         if folds.get(patient) not in models:
             raise EvaluationError(f"--heatmaps: slide {slide_id!r} (patient {patient}) was in no evaluated fold")
         fold = folds[patient]

@@ -30,7 +30,7 @@ from evaluate.report_grades import coverage, score_grades_against_table
 from store.clinical import ClinicalTable
 from store.embedding_store import EmbeddingStore
 from store.errors import EvaluationError
-from store.ids import tcga_patient_id
+from store.ids import SlideMatcher, patient_key
 from store.jsonl import read_jsonl
 
 
@@ -52,7 +52,7 @@ def read_reference_sets(path: str | Path, notes: list[str] | None = None) -> dic
         repeats = repeats_warning(path, reports)
         if repeats and notes is not None:
             notes.append(repeats)
-        return {r.key: ReferenceReport(r.text, r.split or "", tcga_patient_id(r.key) or r.key) for r in reports}
+        return {r.key: ReferenceReport(r.text, r.split or "", patient_key(r.key)) for r in reports}
     out: dict[str, ReferenceReport] = {}
     line_of: dict[str, int] = {}
     for number, row in read_jsonl(path, EvaluationError):
@@ -64,7 +64,7 @@ def read_reference_sets(path: str | Path, notes: list[str] | None = None) -> dic
             raise EvaluationError(f"{path}, line {number}: {key} has an empty \"report\"; leave the line out, or "
                                   "re-import with `python -m train.import_reports` (which refuses it)")
         reference = ReferenceReport(str(row["report"]), str(row["split"]),
-                                    str(row.get("patient_id") or tcga_patient_id(key) or key))
+                                    str(row.get("patient_id") or patient_key(key)))
         if key in out and out[key] != reference:
             raise EvaluationError(f"{path}, lines {line_of[key]} and {number}: {key} has two different references "
                                   "(report or split); keep one")
@@ -108,7 +108,7 @@ def prediction_patients(path: str | Path) -> dict[str, str]:
         key = next((str(row[k]) for k in ("id", "slide_id", "patient_id") if k in row), None)
         if key is not None:
             patient = str(row.get("patient_id") or key)
-            out[key] = tcga_patient_id(patient) or patient
+            out[key] = patient_key(patient)
     return out
 
 
@@ -116,7 +116,6 @@ def match_references(references: Mapping[str, ReferenceReport], patient_of: Mapp
                      ) -> dict[str, ReferenceReport]:
     """`references` keyed by the slides of `patient_of` (the predicted ones, and the store's) each id matches,
     as the import matches report ids to slides; an id matching none keeps its own key."""
-    from train.import_reports import SlideMatcher
 
     out = {}
     for slide, key in SlideMatcher(patient_of).rekey(list(references), str(source), EvaluationError).items():

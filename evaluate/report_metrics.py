@@ -23,7 +23,7 @@ from sklearn.metrics import cohen_kappa_score
 from evaluate.report_grades import HIGH_LOW, RISK_LEVEL, G, stated_grade, stated_prognosis
 from store.clinical import ClinicalTable
 from store.errors import EvaluationError
-from store.ids import tcga_patient_id
+from store.ids import SlideMatcher, patient_key
 from store.jsonl import read_jsonl
 from train.generation_checks import check_generations
 
@@ -66,7 +66,6 @@ def read_references(path: Path, predicted: dict[str, str]) -> dict[str, list[str
 
     if path.suffix == ".json":  # HistGen's annotation JSON: one reference per slide, read as the import reads it
         return {k: [r.text] for k, r in match_references(read_reference_sets(path), predicted, path).items()}
-    from train.import_reports import SlideMatcher
 
     references = _ids_and_text(path)
     return {slide: references[key]
@@ -146,7 +145,7 @@ def stated_risk_concordance(predictions: dict[str, str], clinical: ClinicalTable
 
     levels, times, events, unmatched = [], [], [], 0
     for key, text in predictions.items():
-        patient = clinical.patients.get((patient_of or {}).get(key) or tcga_patient_id(key) or key)
+        patient = clinical.patients.get((patient_of or {}).get(key) or patient_key(key))
         risk = parse_risk(text)
         if patient is None or endpoint not in patient.endpoints:
             unmatched += 1

@@ -14,7 +14,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from store.errors import EvaluationError
-from store.ids import tcga_patient_id
+from store.ids import patient_key
 
 
 def make_folds(patient_ids: Sequence[str], events: Sequence[bool] | None = None, k: int = 5, seed: int = 0,
@@ -111,7 +111,7 @@ def import_published_splits(paths: Sequence[str | Path], patient_of: Callable[[s
     patient, other ids kept). A patient held out by two files, or in both the training and held-out sets
     of one file (a slide-level split that leaks patients), is an error.
     """
-    to_patient = patient_of or (lambda i: tcga_patient_id(i) or i)
+    to_patient = patient_of or patient_key
     folds: dict[str, int] = {}
     source: dict[str, Path] = {}
     for fold, raw in enumerate(paths):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -11,7 +10,7 @@ from typing import Sequence
 from extract.cohorts import resolve_cohort
 from extract.config import CONFIG_DIR, DEFAULT_CONFIG, DEVICE_DEFAULTS, EXECUTORS, ExtractConfig
 from store.backends import display_url
-from store.cli_args import ArgumentParser
+from store.cli_args import ArgumentParser, storage_options
 from store.cli import guarded
 from store.errors import ConfigError
 
@@ -144,10 +143,7 @@ def _extract(args: argparse.Namespace) -> int:
     stores = [(store, ExtractConfig.for_command(args.config, {**overrides, "encoder": name, "weights": weights}))
               for store, name, weights in encoder_stores(args.encoder, args.store, args.weights)]
     cfg = stores[0][1]
-    try:
-        options = json.loads(args.storage_options) if args.storage_options else {}
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--storage-options must be JSON: {e}") from e
+    options = storage_options(args.storage_options)
     entries = resolve_cohort(args.cohort)
     shown = ", ".join(display_url(url) for url, _ in stores)
     print(f"[extract] cohort {args.cohort}: {len(entries)} slides; store{'s' * (len(stores) > 1)} {shown}", flush=True)

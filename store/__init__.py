@@ -27,6 +27,7 @@ _LAZY = {
     "SlideWriter": "store.embedding_store",
     "patient_id_for": "store.ids",
     "tcga_patient_id": "store.ids",
+    "patient_key": "store.ids",
     "validate_slide_id": "store.ids",
     "fingerprint": "store.provenance",
     "provenance": "store.provenance",

@@ -8,7 +8,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from store.backends import display_url
-from store.cli_args import ArgumentParser
+from store.cli_args import ArgumentParser, storage_options
 from store.embedding_store import EmbeddingStore
 from store.errors import ConfigError, SlidecacheError
 from store.h5io import export_h5, import_h5_files
@@ -17,15 +17,7 @@ from store.verify import verify_store
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.storage_options:
-        return {}
-    try:
-        options = json.loads(args.storage_options)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--storage-options must be a JSON object: {e}") from e
-    if not isinstance(options, dict):
-        raise ConfigError("--storage-options must be a JSON object, e.g. '{\"anon\": false}'")
-    return options
+    return storage_options(args.storage_options)
 
 
 def _open(args: argparse.Namespace, url: str, mode: str = "r") -> EmbeddingStore:

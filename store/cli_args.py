@@ -1,4 +1,5 @@
-"""One rule for boolean flags in every slidecache CLI, the one InternVL's (Hugging Face) flags follow:
+"""The command-line rules every slidecache CLI shares: `--storage-options JSON` read one way, and one rule for
+boolean flags, the one InternVL's (Hugging Face) flags follow:
 `--flag`, `--flag True`, `--flag False` (and `--flag=false`, yes/no, 1/0) all work.
 
 A plain `nargs="?"` flag would swallow the next positional argument (`rm --force STORE ID` would read
@@ -9,10 +10,26 @@ taking the next word only when it is a boolean literal.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any, Sequence
 
+from store.errors import ConfigError
+
 TRUE, FALSE = ("true", "yes", "y", "1"), ("false", "no", "n", "0")
+
+
+def storage_options(text: str | None) -> dict[str, Any]:
+    """`--storage-options JSON` as fsspec takes it: a JSON object (nothing given: {}), else a ConfigError."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--storage-options must be a JSON object: {e}") from e
+    if not isinstance(options, dict):
+        raise ConfigError("--storage-options must be a JSON object, e.g. '{\"anon\": false}'")
+    return options
 
 
 def parse_bool(value: str | bool) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from store.errors import ClinicalTableError
-from store.ids import tcga_patient_id
+from store.ids import patient_key, tcga_patient_id
 
 ENDPOINTS = ("OS", "DSS", "DFI", "PFI")
 DAYS_PER_MONTH = 30.4375
@@ -192,7 +192,7 @@ def _cdr_like(path: Path, header: list[str], rows: list[_Row]) -> ClinicalTable:
         pid = row.text(key)
         if pid is None:
             raise row.fail(key, "missing patient id")
-        pid = tcga_patient_id(pid) or pid
+        pid = patient_key(pid)
         if (row.text("Redaction") or "").lower() == "redacted":
             dropped["redacted"] += 1
             continue

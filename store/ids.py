@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 
-from store.errors import InvalidSlideId
+from store.errors import InvalidSlideId, SlidecacheError
 
 # TCGA barcode: TCGA-<TSS>-<participant>... ; the patient is the first 12 characters (TCGA-XX-XXXX).
 TCGA_BARCODE = re.compile(r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}(?:$|[-.])", re.IGNORECASE)
@@ -46,9 +48,52 @@ def tcga_patient_id(identifier: str) -> str | None:
     return None
 
 
+def patient_key(identifier: str) -> str:
+    """The key that joins a patient across stores, clinical tables, splits and reports: the TCGA patient
+    barcode when `identifier` is a TCGA barcode (of a slide, sample or patient), else `identifier` as given."""
+    return tcga_patient_id(identifier) or identifier
+
+
 def patient_id_for(slide_id: str, patient_column: str | None = None) -> str:
     """TCGA barcode prefix when the slide id is one, else the table's patient id, else the slide id."""
     return tcga_patient_id(slide_id) or (patient_column.strip() if patient_column else None) or slide_id
+
+
+class SlideMatcher:
+    """The one matching of report ids to slides: the import's (against the store's slides) and `evaluate
+    report`'s (against the predicted slides). A slide id exactly, else by its TCGA barcode (the part before
+    the first '.') when that names one slide, else a patient id (all its slides)."""
+
+    def __init__(self, patient_of: Mapping[str, str]) -> None:
+        self.patient_of = dict(patient_of)
+        self.by_barcode: dict[str, list[str]] = defaultdict(list)
+        self.by_patient: dict[str, list[str]] = defaultdict(list)
+        for slide, patient in self.patient_of.items():
+            self.by_barcode[slide.split(".")[0]].append(slide)
+            self.by_patient[patient].append(slide)
+
+    def slides_for(self, key: str) -> list[str]:
+        if key in self.patient_of:
+            return [key]
+        barcode = key.split(".")[0]
+        if len(self.by_barcode.get(barcode, [])) == 1:
+            return list(self.by_barcode[barcode])
+        patient = tcga_patient_id(key) if len(barcode) <= 12 else None
+        return sorted(self.by_patient.get(patient or key, []))
+
+    def rekey(self, keys: Sequence[str], source: str, error: type[SlidecacheError]) -> dict[str, str]:
+        """{slide: report id} for `keys` (report ids): an id naming a slide exactly keeps it (so non-TCGA ids
+        such as 'a.png' and 'a.jpg' stay apart), the others take the slides they match, an id matching none
+        keeps its own key. Two ids matching one slide raise `error` naming both and `source`."""
+        out = {key: key for key in keys if key in self.patient_of}
+        for key in keys:
+            if key in self.patient_of:
+                continue
+            for slide in [s for s in self.slides_for(key) if out.get(s) != s] or [key]:  # exact claims stand
+                if slide in out:
+                    raise error(f"{source}: {out[slide]!r} and {key!r} both match slide {slide}; keep one")
+                out[slide] = key
+        return out
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -33,7 +33,7 @@ from store.cli import run_command
 from store.clinical import ENDPOINTS, ClinicalTable, load_clinical_tables
 from store.embedding_store import EmbeddingStore
 from store.errors import AnnotationError
-from store.ids import tcga_patient_id
+from store.ids import patient_key
 from store.jsonl import read_jsonl
 
 QUESTION = "<image>\nWrite the pathology report for this slide, stating the tumour grade and the prognosis."
@@ -111,7 +111,7 @@ def write_annotations(store: EmbeddingStore, clinical: ClinicalTable, out: str |
     with open(partial, "w", encoding="utf-8") as f:
         for slide_id in store.slide_ids():
             slide = store.slide(slide_id)
-            patient = tcga_patient_id(slide.patient_id) or slide.patient_id
+            patient = patient_key(slide.patient_id)
             record = clinical.patients.get(patient)
             if record is None or not slide.n_tiles:
                 no_patient += 1

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from store.embedding_store import EmbeddingStore
 from store.errors import AnnotationError
-from store.ids import image_key, tcga_patient_id
+from store.ids import image_key, patient_key
 from store.jsonl import read_jsonl
 from store.meta import DatasetSpec, read_meta
 from train.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
@@ -86,7 +86,7 @@ def read_annotations(spec: DatasetSpec, seed: int = 0) -> list[Sample]:
 
 def patient_of(store: EmbeddingStore, slide_id: str) -> str:
     patient = store.slide(slide_id).patient_id
-    return tcga_patient_id(patient) or patient
+    return patient_key(patient)
 
 
 def filter_by_split(samples: list[Sample], store: EmbeddingStore, folds: dict[str, int], fold: int,

@@ -32,7 +32,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -40,8 +40,8 @@ from evaluate.splits import SETS, read_set_split, write_set_split
 from store.cli import run_command
 from store.clinical import ENDPOINTS, ClinicalTable, load_clinical_tables
 from store.embedding_store import EmbeddingStore
-from store.errors import AnnotationError, SlidecacheError
-from store.ids import tcga_patient_id
+from store.errors import AnnotationError
+from store.ids import SlideMatcher, patient_key
 from train.annotations import report_text, risk_groups, write_meta
 
 REPORT_QUESTION = "<image>\nWrite the pathology report for this slide."
@@ -145,45 +145,8 @@ def store_patients(store: EmbeddingStore) -> dict[str, str]:
     for slide_id in store.slide_ids():
         slide = store.slide(slide_id)
         if slide.n_tiles:
-            patient_of[slide_id] = tcga_patient_id(slide.patient_id) or slide.patient_id
+            patient_of[slide_id] = patient_key(slide.patient_id)
     return patient_of
-
-
-class SlideMatcher:
-    """The one matching of report ids to slides: the import's (against the store's slides) and `evaluate
-    report`'s (against the predicted slides). A slide id exactly, else by its TCGA barcode (the part before
-    the first '.') when that names one slide, else a patient id (all its slides)."""
-
-    def __init__(self, patient_of: Mapping[str, str]) -> None:
-        self.patient_of = dict(patient_of)
-        self.by_barcode: dict[str, list[str]] = defaultdict(list)
-        self.by_patient: dict[str, list[str]] = defaultdict(list)
-        for slide, patient in self.patient_of.items():
-            self.by_barcode[slide.split(".")[0]].append(slide)
-            self.by_patient[patient].append(slide)
-
-    def slides_for(self, key: str) -> list[str]:
-        if key in self.patient_of:
-            return [key]
-        barcode = key.split(".")[0]
-        if len(self.by_barcode.get(barcode, [])) == 1:
-            return list(self.by_barcode[barcode])
-        patient = tcga_patient_id(key) if len(barcode) <= 12 else None
-        return sorted(self.by_patient.get(patient or key, []))
-
-    def rekey(self, keys: Sequence[str], source: str, error: type[SlidecacheError]) -> dict[str, str]:
-        """{slide: report id} for `keys` (report ids): an id naming a slide exactly keeps it (so non-TCGA ids
-        such as 'a.png' and 'a.jpg' stay apart), the others take the slides they match, an id matching none
-        keeps its own key. Two ids matching one slide raise `error` naming both and `source`."""
-        out = {key: key for key in keys if key in self.patient_of}
-        for key in keys:
-            if key in self.patient_of:
-                continue
-            for slide in [s for s in self.slides_for(key) if out.get(s) != s] or [key]:  # exact claims stand
-                if slide in out:
-                    raise error(f"{source}: {out[slide]!r} and {key!r} both match slide {slide}; keep one")
-                out[slide] = key
-        return out
 
 
 def draw_patient_split(patients: Sequence[str], seed: int) -> dict[str, str]:
