@@ -10,8 +10,7 @@ from typing import Sequence
 
 from demo.cohort import DemoSize
 from demo.pipeline import DemoSettings, run
-from store.cli_args import ArgumentParser
-from store.cli import guarded
+from store.cli_args import ArgumentParser, guarded
 from store.errors import PipelineError
 
 

@@ -10,8 +10,7 @@ from typing import Sequence
 from extract.cohorts import resolve_cohort
 from extract.config import CONFIG_DIR, DEFAULT_CONFIG, DEVICE_DEFAULTS, EXECUTORS, ExtractConfig
 from store.backends import display_url
-from store.cli_args import ArgumentParser, storage_options
-from store.cli import guarded
+from store.cli_args import ArgumentParser, guarded, storage_options
 from store.errors import ConfigError
 
 CONFIG_HELP = (f"extraction YAML (default: configs/extract/ENCODER.yaml when --encoder names one that exists, else "

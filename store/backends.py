@@ -19,6 +19,7 @@ from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
 from store.errors import ConfigError, SlidecacheError, StoreAccessError
+from store.provenance import URL_USERINFO, is_secret_setting
 
 # Exception class names (anywhere in the cause chain) of the fsspec backends' credential and network failures;
 # matched by name so that botocore, aiohttp or google-auth need not be installed to classify them.
@@ -27,7 +28,6 @@ _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialR
 _UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectTimeout", "ConnectionClosedError",
                 "ClientConnectorError", "ClientConnectionError", "ServerTimeoutError", "ReadTimeoutError",
                 "gaierror"}
-_SECRET_KEYS = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 CREDENTIALS_FIX = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or give key and secret in the "
                    "storage options (--storage-options '{\"key\": ..., \"secret\": ...}'; '{\"anon\": true}' for a "
@@ -168,7 +168,7 @@ def _secrets(value: Any, key: str = "") -> Iterator[str]:
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _secrets(v, key)
-    elif isinstance(value, str) and value and _SECRET_KEYS.search(key):
+    elif isinstance(value, str) and value and is_secret_setting(key):
         yield value
 
 
@@ -180,9 +180,7 @@ def redact(text: str, url: str = "", storage_options: Mapping[str, Any] | None =
         secrets += [s for raw in found[:2] if raw for s in (raw, unquote(raw))]
     for secret in sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True):
         text = text.replace(secret, "***")
-    # user:password@ of any URL in the text (a password may hold "/"), then a bare user@
-    text = re.sub(r"([A-Za-z][\w+.-]*://)[^@/:\s]*:[^@\s]*@", r"\1", text)
-    return re.sub(r"([A-Za-z][\w+.-]*://)[^/@\s]*@", r"\1", text)
+    return URL_USERINFO.sub(r"\1", text)  # user@ or user:password@ of any other URL in the text
 
 
 def display_url(url: str) -> str:

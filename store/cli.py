@@ -8,9 +8,9 @@ import sys
 from typing import Any, Callable, Sequence
 
 from store.backends import display_url
-from store.cli_args import ArgumentParser, storage_options
+from store.cli_args import ArgumentParser, guarded, storage_options
 from store.embedding_store import EmbeddingStore
-from store.errors import ConfigError, SlidecacheError
+from store.errors import ConfigError
 from store.h5io import export_h5, import_h5_files
 from store.merge import merge_stores
 from store.verify import verify_store
@@ -150,23 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SRC")
     p.add_argument("dest", metavar="DEST")
     return parser
-
-
-INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
-
-
-def guarded(action: Callable[[], int], refusal_code: Callable[[SlidecacheError], int] = lambda e: 2) -> int:
-    """Run a command's action: our errors become one line on stderr and exit code 2 (or refusal_code's), Ctrl-C
-    one line and 130. Every store write commits per slide, so what finished is kept and a rerun resumes."""
-    try:
-        return action()
-    except SlidecacheError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return refusal_code(e)
-    except KeyboardInterrupt:
-        print("\ninterrupted; what was finished is kept: rerun the same command to resume", file=sys.stderr,
-              flush=True)
-        return INTERRUPTED
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:

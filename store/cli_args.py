@@ -12,11 +12,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from store.errors import ConfigError
+from store.errors import ConfigError, SlidecacheError
 
 TRUE, FALSE = ("true", "yes", "y", "1"), ("false", "no", "n", "0")
+
+
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
+
+def guarded(action: Callable[[], int], refusal_code: Callable[[SlidecacheError], int] = lambda e: 2) -> int:
+    """Run a command's action: our errors become one line on stderr and exit code 2 (or refusal_code's), Ctrl-C
+    one line and 130. Every store write commits per slide, so what finished is kept and a rerun resumes."""
+    try:
+        return action()
+    except SlidecacheError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return refusal_code(e)
+    except KeyboardInterrupt:
+        print("\ninterrupted; what was finished is kept: rerun the same command to resume", file=sys.stderr,
+              flush=True)
+        return INTERRUPTED
 
 
 def storage_options(text: str | None) -> dict[str, Any]:

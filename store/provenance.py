@@ -86,12 +86,12 @@ def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str
 
 
 # user@ or user:password@ (a password may hold "/", as AWS secrets do; none holds "@")
-_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/@:\s]*:[^@\s]*|[^/@\s]+)@")
+URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/@:\s]*:[^@\s]*|[^/@\s]+)@")
 
 
 def redact_url_credentials(text: str) -> str:
     """'s3://KEY:SECRET@bucket/x' → 's3://<redacted>@bucket/x', anywhere in a string (argv, logs, URLs)."""
-    return _URL_USERINFO.sub(r"\1<redacted>@", text)
+    return URL_USERINFO.sub(r"\1<redacted>@", text)
 
 
 def scrub_secrets(obj: Any) -> Any:
@@ -99,7 +99,7 @@ def scrub_secrets(obj: Any) -> Any:
     (user:password@) removed from every string, so they never reach disk."""
     if isinstance(obj, Mapping):
         return {
-            k: "<redacted>" if _is_secret(str(k)) and not isinstance(v, Mapping) else scrub_secrets(v)
+            k: "<redacted>" if is_secret_setting(str(k)) and not isinstance(v, Mapping) else scrub_secrets(v)
             for k, v in obj.items()
         }
     if isinstance(obj, (list, tuple)):
@@ -111,7 +111,7 @@ def scrub_secrets(obj: Any) -> Any:
     return obj
 
 
-def _is_secret(name: str) -> bool:
+def is_secret_setting(name: str) -> bool:
     name = name.lower()
     if name in _TOKEN_SETTINGS:  # counts and grids of tokens, not credentials
         return False

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from typing import Sequence
 
-from store.cli import guarded
+from store.cli_args import guarded
+
 
 
 def launch_distributed(argv: Sequence[str]) -> int | None:
