@@ -27,11 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluate.abmil import TrainSettings, load_bags  # noqa: E402
 from evaluate.features import patient_features  # noqa: E402
-from evaluate.splits import make_folds  # noqa: E402
 from evaluate.survival import cross_validate  # noqa: E402
+from slidecache.cohorts.clinical import load_clinical  # noqa: E402
+from slidecache.cohorts.splits import make_folds  # noqa: E402
+from slidecache.provenance import provenance  # noqa: E402
 from store import EmbeddingStore  # noqa: E402
-from store.clinical import load_clinical  # noqa: E402
-from store.provenance import provenance  # noqa: E402
 
 H200_VIRCHOW2_TILES_PER_S = 1160.0
 

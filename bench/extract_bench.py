@@ -30,8 +30,8 @@ from demo.slides import write_repeated_slide  # noqa: E402
 from extract.config import ExtractConfig  # noqa: E402
 from extract.readers import READERS  # noqa: E402
 from extract.slide_prep import prepare_slide, read_tiles  # noqa: E402
-from store.cohort import SlideEntry  # noqa: E402
-from store.provenance import provenance  # noqa: E402
+from slidecache.cohorts.slides import SlideEntry  # noqa: E402
+from slidecache.provenance import provenance  # noqa: E402
 
 
 def slide_for_tiles(path: Path, n_tiles: int, mpp: float, seed: int = 0) -> Path:
@@ -61,7 +61,7 @@ def bench_pipeline(work: Path, tiles: int) -> dict[str, float]:
     import ray
     import torch
 
-    from extract.encode import BatchEncoder
+    from extract.inference import BatchEncoder
     from extract.job import Extraction
 
     slides = [slide_for_tiles(work / "cohort" / f"p{i}.tiff", tiles // 3, mpp=0.25, seed=i) for i in range(3)]

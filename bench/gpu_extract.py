@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from extract.encoders import build_encoder  # noqa: E402
+from extract.tile_encoders import build_encoder  # noqa: E402
 
 DATASHEET_BF16_DENSE_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -91,7 +91,7 @@ def time_batch_encoder(args: argparse.Namespace, device: torch.device, flops: fl
                        peak_sheet: float | None) -> list[dict]:
     """The extractor's BatchEncoder end to end: numpy uint8 (B, 224, 224, 3) on the host → fp16 numpy."""
     from extract.config import ExtractConfig
-    from extract.encode import BatchEncoder
+    from extract.inference import BatchEncoder
 
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 matmul ceiling")
     parser.add_argument("--compile", action="store_true", help="also time bf16 weights under torch.compile")
     parser.add_argument("--batch-encoder", action="store_true",
-                        help="also time extract.encode.BatchEncoder, the extractor's own path: host uint8 tiles in, "
+                        help="also time extract.inference.BatchEncoder, the extractor's own path: host uint8 tiles in, "
                              "fp16 embeddings out (needs PyYAML)")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -33,8 +33,8 @@ from demo.slides import write_repeated_slide  # noqa: E402
 from extract.config import ExtractConfig  # noqa: E402
 from extract.executors import LocalExecutor  # noqa: E402
 from extract.job import Extraction  # noqa: E402
-from store.cohort import SlideEntry  # noqa: E402
-from store.devices import usable_cores  # noqa: E402
+from slidecache.cohorts.slides import SlideEntry  # noqa: E402
+from slidecache.devices import usable_cores  # noqa: E402
 
 DEFAULTS = {  # per device: a cohort the run can finish within its time (GPU: 6 minutes with set-up)
     "cuda": {"encoder": "virchow2-random", "slides": 20, "side": 23_000, "read_alone_slides": 4},
@@ -100,7 +100,7 @@ def encoder_alone(cfg: ExtractConfig, device: str, seconds: float) -> dict[str, 
     """The extraction's encoder call on host uint8 tiles of the pipeline's chunk size, for about `seconds`."""
     import torch
 
-    from extract.encode import BatchEncoder
+    from extract.inference import BatchEncoder
 
     encoder = BatchEncoder(cfg, torch.device(device))  # compiles (and warms) here when cfg.compile
     h, w = encoder.input_size

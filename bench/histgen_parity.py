@@ -84,9 +84,9 @@ def theirs(histgen_src: Path, annotation: Path, predictions: Path, threshold: in
 
 def ours(annotation: Path, predictions: Path, threshold: int, max_len: int) -> dict:
     from evaluate.histgen_protocol import Vocabulary, histgen_scores
-    from evaluate.report_benchmark import read_reference_sets
-    from store.errors import EvaluationError
-    from store.jsonl import read_jsonl
+    from evaluate.report_inputs import read_reference_sets
+    from slidecache.errors import EvaluationError
+    from slidecache.jsonl import read_jsonl
 
     refs = read_reference_sets(annotation)
     vocabulary = Vocabulary.from_training([r.text for r in refs.values() if r.split == "train"], threshold, max_len)

@@ -34,7 +34,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from store.provenance import provenance  # noqa: E402
+from slidecache.provenance import provenance  # noqa: E402
 
 PEER_DIR = Path(os.environ.get("SLIDECACHE_PEER_DIR", REPO_ROOT.parent / "shared" / "peer"))
 OURS = {"tiny": "virchow2-tiny", "small": "virchow2-small"}  # TRIDENT's encoders.py name → our registry name

@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train.llm as llm_module  # noqa: E402
 from evaluate.grounding import grounding_check  # noqa: E402
 from evaluate.report_metrics import clinical_correctness, stated_risk_concordance  # noqa: E402
+from slidecache.cohorts.clinical import load_clinical  # noqa: E402
+from slidecache.provenance import provenance  # noqa: E402
 from store import EmbeddingStore  # noqa: E402
-from store.clinical import load_clinical  # noqa: E402
-from store.provenance import provenance  # noqa: E402
 from train.annotations import training_patients, write_annotations, write_meta  # noqa: E402
 from train.config import parse_args  # noqa: E402
 from train.generation import generate_reports  # noqa: E402

@@ -110,7 +110,7 @@ def child(n_slides: int, encoders: int, tile_px: int, work: Path, tiles_per_slid
     from extract.executors import RayExecutor
     from extract.job import Extraction
     from extract.slide_prep import prepare_slide
-    from store.cohort import SlideEntry
+    from slidecache.cohorts.slides import SlideEntry
 
     cfg = ExtractConfig(encoder="virchow2-tiny", batch_size=256, read_chunk=256, num_encoders=encoders)
     template_path = write_pyramid(work / "template.tiff", synthetic_he(1400, 1400, seed=0), mpp=0.5)

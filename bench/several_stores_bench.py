@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.extract_bench import slide_for_tiles  # noqa: E402
-from store.provenance import provenance  # noqa: E402
+from slidecache.provenance import provenance  # noqa: E402
 
 STORES = 3
 
@@ -39,7 +39,7 @@ def one_run(encoders: list[str], cohort: list[str], work: Path) -> dict[str, flo
     from extract.config import ExtractConfig
     from extract.executors import LocalExecutor
     from extract.job import Extraction
-    from store.cohort import SlideEntry
+    from slidecache.cohorts.slides import SlideEntry
 
     entries = [SlideEntry(Path(p).stem, p, Path(p).stem) for p in cohort]
     configs = [ExtractConfig(encoder=name, precision="fp32", executor="local") for name in encoders]

@@ -25,8 +25,8 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from slidecache.provenance import provenance  # noqa: E402
 from store import EmbeddingStore  # noqa: E402
-from store.provenance import provenance  # noqa: E402
 
 RANDOM_ROWS = 512
 WRITE_BLOCK = 4096  # what the extractor streams per append

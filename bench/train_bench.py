@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from slidecache.provenance import provenance  # noqa: E402
 from store import EmbeddingStore  # noqa: E402
-from store.provenance import provenance  # noqa: E402
 from train.checkpoint import ModelSpec, build_model  # noqa: E402
 from train.config import SYSTEM_MESSAGE  # noqa: E402
 from train.data import Collator, ConversationEncoder, Sample, SlideConversationDataset  # noqa: E402
@@ -97,7 +97,7 @@ def time_steps(model, optimiser, batches, device: torch.device) -> float:
 
 def live_encoder(device: torch.device, largest: int):
     from extract.config import ExtractConfig
-    from extract.encode import BatchEncoder
+    from extract.inference import BatchEncoder
 
     batch = largest if device.type == "cuda" else 32
     return BatchEncoder(ExtractConfig(encoder="virchow2-random", batch_size=batch), device)

@@ -1,2 +1,2 @@
 """The configs slidecache ships (extract/, train/, cohorts/ YAML files), installed as package data so that a
-wheel install finds them through importlib.resources: `store.configs.SHIPPED` is their one locator."""
+wheel install finds them through importlib.resources: `slidecache.configs.SHIPPED` is their one locator."""

@@ -10,8 +10,8 @@ from typing import Sequence
 
 from demo.cohort import DemoSize
 from demo.pipeline import DemoSettings, run
-from store.cli_args import ArgumentParser, guarded
-from store.errors import PipelineError
+from slidecache.cli_args import ArgumentParser, guarded
+from slidecache.errors import PipelineError
 
 
 def build_parser() -> ArgumentParser:

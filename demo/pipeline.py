@@ -30,16 +30,16 @@ from typing import Any, Callable, Iterator
 
 from demo.cohort import SEED, DemoSize, plan_patients, write_clinical, write_report_texts, write_slides
 from demo.summary import write_summary
-from evaluate import json_out
 from extract.config import CONFIG_DIR, ExtractConfig
 from extract.executors import lazy_ray_session
 from extract.job import Extraction
 from extract.qc import write_qc
+from slidecache import json_out
+from slidecache.cohorts.slides import load_cohort
+from slidecache.errors import PipelineError
+from slidecache.provenance import provenance
 from store import EmbeddingStore
-from store.cohort import load_cohort
-from store.errors import PipelineError
 from store.h5io import export_h5
-from store.provenance import provenance
 from store.verify import verify_store
 
 TINY_ENCODER, TINY_LLM, QWEN2_05B_RANDOM = "virchow2-tiny", "tiny-qwen2", "qwen2-0.5b-random"
@@ -128,8 +128,8 @@ def extract(out: Path, cohort: Path, settings: DemoSettings, log: Callable[[str]
 
 def make_split(out: Path, store_url: str, clinical: Path, folds: int) -> tuple[Path, Any]:
     from evaluate.features import patient_features
-    from evaluate.splits import make_folds, write_split
-    from store.clinical import load_clinical
+    from slidecache.cohorts.clinical import load_clinical
+    from slidecache.cohorts.splits import make_folds, write_split
 
     data = patient_features(EmbeddingStore.open(store_url), load_clinical(clinical))
     _, _, events = data.endpoint("OS")
@@ -138,7 +138,7 @@ def make_split(out: Path, store_url: str, clinical: Path, folds: int) -> tuple[P
 
 def train_and_generate(out: Path, store_url: str, clinical: Path, texts: Path, split: Path, settings: DemoSettings,
                        log: Callable[[str], None]) -> dict[str, Any]:
-    from store.clinical import load_clinical
+    from slidecache.cohorts.clinical import load_clinical
     from train.annotations import training_patients, write_annotations, write_meta
     from train.config import parse_args
     from train.generation import generate_reports
@@ -203,10 +203,10 @@ def evaluate_all(out: Path, data: Any, split: Path, clinical: Path, annotations:
     from evaluate.grade import confusion_plot, cross_validate_grade
     from evaluate.grounding import grounding_check, grounding_lines
     from evaluate.report_metrics import score_reports
-    from evaluate.splits import read_split
     from evaluate.survival import cross_validate, km_plot
-    from store.clinical import load_clinical
-    from store.errors import EvaluationError
+    from slidecache.cohorts.clinical import load_clinical
+    from slidecache.cohorts.splits import read_split
+    from slidecache.errors import EvaluationError
 
     folder = out / "evaluation"
     inputs = _evaluation_inputs(out, split, clinical, annotations, generated)

@@ -16,16 +16,15 @@ import numpy as np
 from evaluate.abmil import TrainSettings, load_bags
 from evaluate.features import POOLINGS, PatientData, patient_features
 from evaluate.grade import GRADE_HEADS, confusion_plot, cross_validate_grade, refit_grade_on_all
-from evaluate.json_out import dumps
-from evaluate.saved_heads import check_savable, save_grade_head, save_survival_head
-from evaluate.splits import import_published_splits, make_folds, read_split, write_split
 from evaluate.survival import BAG_HEADS, HEADS, clinical_covariates, cross_validate, km_plot, refit_on_all
-from store.cli import run_command
-from store.cli_args import ArgumentParser
-from store.clinical import ENDPOINTS, load_clinical_tables
+from slidecache.cli_args import ArgumentParser, run_command
+from slidecache.cohorts.clinical import ENDPOINTS, load_clinical_tables
+from slidecache.cohorts.splits import import_published_splits, make_folds, read_split, write_split
+from slidecache.errors import ClinicalTableError, EvaluationError
+from slidecache.heads.saved import check_savable, save_grade_head, save_survival_head
+from slidecache.json_out import dumps
+from slidecache.provenance import encoder_modules_loaded, provenance
 from store.embedding_store import EmbeddingStore
-from store.errors import ClinicalTableError, EvaluationError
-from store.provenance import encoder_modules_loaded, provenance
 
 
 def _data(args: argparse.Namespace, endpoint: str | None = None):
@@ -72,7 +71,7 @@ def _heatmap_slides(requested: list[str], data: PatientData, scores: dict[str, f
 
 def _draw_heatmaps(args: argparse.Namespace, store: EmbeddingStore, data: PatientData, folds: dict[str, int],
                    models: dict[int, object], scores: dict[str, float], out: Path) -> list[dict]:
-    from evaluate.heatmap import draw_heatmaps
+    from evaluate.heatmaps import draw_heatmaps
 
     drawn = draw_heatmaps(store, _heatmap_slides(args.heatmaps, data, scores), folds, models, out)
     for d in drawn:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from store.clinical import ENDPOINTS, ClinicalTable, PatientClinical
+from slidecache.cohorts.clinical import ENDPOINTS, ClinicalTable, PatientClinical
+from slidecache.cohorts.ids import patient_key
+from slidecache.errors import EvaluationError
 from store.embedding_store import EmbeddingStore, SlideView
-from store.errors import EvaluationError
-from store.ids import patient_key
 
 POOLINGS = ("mean", "max", "cls")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     accuracy_score,
@@ -27,14 +28,13 @@ from sklearn.metrics import (
     f1_score,
     roc_auc_score,
 )
-from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from evaluate.abmil import TrainSettings, train_abmil
 from evaluate.features import PatientData
 from evaluate.survival_metrics import NotComputed, computed, summarise
-from store.errors import EvaluationError
+from slidecache.errors import EvaluationError
 
 GRADE_ORDER = {"G1-G4": ["G1", "G2", "G3", "G4"], "high-low": ["Low Grade", "High Grade"]}
 

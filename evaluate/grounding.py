@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from evaluate.report_metrics import parse_grade, parse_risk
-from store.errors import EvaluationError
-from store.ids import patient_key
-from store.jsonl import read_jsonl
+from slidecache.cohorts.ids import patient_key
+from slidecache.errors import EvaluationError
+from slidecache.jsonl import read_jsonl
 
 FOLLOWS_DONOR = 0.7  # share of swapped reports stating the donor's grade for "follows the slide"
 BLIND_CHANGE = 0.1  # share of swapped reports whose stated grade changes, below which the reporter is blind

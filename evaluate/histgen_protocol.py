@@ -27,11 +27,12 @@ import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Mapping
 
 import numpy as np
 
-from store.errors import EvaluationError
+from slidecache.errors import EvaluationError
 
 THRESHOLD = 10
 MAX_SEQ_LENGTH = 100
@@ -87,12 +88,18 @@ class Vocabulary:
         return " ".join(words[: self.max_seq_length - 1])
 
 
+@lru_cache(maxsize=1)
+def meteor_scorer():
+    """One METEOR JVM (~10-13 s to start, its paraphrase table loaded) for every scoring in this process."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
+
+
 def caption_metrics(predictions: Mapping[str, str], references: Mapping[str, str]) -> dict[str, float]:
     """BLEU-1..4, METEOR, ROUGE-L (pycocoevalcap) of already-prepared strings, one reference each."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.rouge.rouge import Rouge
-
-    from evaluate.report_metrics import meteor_scorer  # one JVM per process, shared with our report scoring
 
     keys = sorted(predictions)
     gts = {k: [references[k]] for k in keys}

@@ -12,12 +12,9 @@ or a patient id for all its slides. Predictions repeating an id are refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from evaluate import json_out
 from evaluate.histgen_protocol import (
     MAX_SEQ_LENGTH,
     THRESHOLD,
@@ -27,101 +24,11 @@ from evaluate.histgen_protocol import (
     nearest_training_reports,
 )
 from evaluate.report_grades import coverage, score_grades_against_table
-from store.clinical import ClinicalTable
+from evaluate.report_inputs import match_references, prediction_patients, read_predictions, read_reference_sets
+from slidecache import json_out
+from slidecache.cohorts.clinical import ClinicalTable
+from slidecache.errors import EvaluationError
 from store.embedding_store import EmbeddingStore
-from store.errors import EvaluationError
-from store.ids import SlideMatcher, patient_key
-from store.jsonl import read_jsonl
-
-
-@dataclass(frozen=True)
-class ReferenceReport:
-    text: str
-    split: str
-    patient: str
-
-
-def read_reference_sets(path: str | Path, notes: list[str] | None = None) -> dict[str, ReferenceReport]:
-    """{report id: reference} from HistGen's JSON (read as the import reads it: exact repeats kept once and
-    told in `notes`) or our imported annotations.jsonl."""
-    path = Path(path)
-    if path.suffix == ".json":
-        from train.import_reports import read_histgen, repeats_warning
-
-        reports = read_histgen(path)  # refused as the import refuses it: empty reports, conflicting repeats
-        repeats = repeats_warning(path, reports)
-        if repeats and notes is not None:
-            notes.append(repeats)
-        return {r.key: ReferenceReport(r.text, r.split or "", patient_key(r.key)) for r in reports}
-    out: dict[str, ReferenceReport] = {}
-    line_of: dict[str, int] = {}
-    for number, row in read_jsonl(path, EvaluationError):
-        if "split" not in row or "report" not in row:
-            raise EvaluationError(f"{path}, line {number}: the HistGen protocol needs each reference's \"report\" and "
-                                  "\"split\" (HistGen's annotation JSON, or `python -m train.import_reports` output)")
-        key = str(row.get("id", row.get("slide"))).strip()
-        if not str(row["report"]).strip():  # an empty training report would become the most frequent baseline
-            raise EvaluationError(f"{path}, line {number}: {key} has an empty \"report\"; leave the line out, or "
-                                  "re-import with `python -m train.import_reports` (which refuses it)")
-        reference = ReferenceReport(str(row["report"]), str(row["split"]),
-                                    str(row.get("patient_id") or patient_key(key)))
-        if key in out and out[key] != reference:
-            raise EvaluationError(f"{path}, lines {line_of[key]} and {number}: {key} has two different references "
-                                  "(report or split); keep one")
-        line_of.setdefault(key, number)
-        out[key] = reference
-    return out
-
-
-def duplicate_ids_error(path: str | Path, lines: Mapping[str, list[int]]) -> EvaluationError | None:
-    """The refusal of ids that several lines of `path` predict ({id: line numbers}), or None."""
-    repeated = {k: v for k, v in lines.items() if len(v) > 1}
-    if not repeated:
-        return None
-    listed = "; ".join(f"{k} (lines {', '.join(map(str, v))})" for k, v in list(repeated.items())[:5])
-    more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
-    return EvaluationError(f"{path}: {len(repeated)} ids have more than one prediction: {listed}{more}; keep one "
-                           "prediction per id")
-
-
-def read_predictions(path: str | Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    lines: dict[str, list[int]] = defaultdict(list)
-    for number, row in read_jsonl(path, EvaluationError):
-        if "id" not in row or "text" not in row:
-            raise EvaluationError(f"{path}, line {number}: a prediction needs \"id\" and \"text\" "
-                                  "(what `python -m train.generate` writes)")
-        out[str(row["id"])] = str(row["text"])
-        lines[str(row["id"])].append(number)
-    if (error := duplicate_ids_error(path, lines)) is not None:
-        raise error
-    if not out:
-        raise EvaluationError(f"{path} holds no predictions")
-    return out
-
-
-def prediction_patients(path: str | Path) -> dict[str, str]:
-    """{prediction id: patient}: the prediction's "patient_id" (train.generate writes it), else the id's TCGA
-    patient, else the id."""
-    out = {}
-    for _, row in read_jsonl(path, EvaluationError):
-        key = next((str(row[k]) for k in ("id", "slide_id", "patient_id") if k in row), None)
-        if key is not None:
-            patient = str(row.get("patient_id") or key)
-            out[key] = patient_key(patient)
-    return out
-
-
-def match_references(references: Mapping[str, ReferenceReport], patient_of: Mapping[str, str], source: str | Path
-                     ) -> dict[str, ReferenceReport]:
-    """`references` keyed by the slides of `patient_of` (the predicted ones, and the store's) each id matches,
-    as the import matches report ids to slides; an id matching none keeps its own key."""
-
-    out = {}
-    for slide, key in SlideMatcher(patient_of).rekey(list(references), str(source), EvaluationError).items():
-        ref = references[key]
-        out[slide] = ReferenceReport(ref.text, ref.split, patient_of.get(slide, ref.patient)) if slide != key else ref
-    return out
 
 
 def _pooled(store: EmbeddingStore, slides: list[str]) -> dict[str, Any]:
@@ -137,9 +44,7 @@ def histgen_benchmark(predictions_path: str | Path, references_path: str | Path,
     predictions = read_predictions(predictions_path)
     slides = prediction_patients(predictions_path)
     if store is not None:
-        from train.import_reports import store_patients
-
-        slides = store_patients(store) | slides  # training references matched to store slides: the retrieval baseline
+        slides = store.slide_patients() | slides  # training references matched to store slides: the retrieval baseline
     references = match_references(read_reference_sets(references_path, notes), slides, references_path)
     unknown = sorted(set(predictions) - set(references))
     if unknown:

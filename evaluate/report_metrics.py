@@ -13,18 +13,19 @@ from __future__ import annotations
 import re
 import shutil
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import cohen_kappa_score
 
+from evaluate.histgen_protocol import meteor_scorer
 from evaluate.report_grades import HIGH_LOW, RISK_LEVEL, G, stated_grade, stated_prognosis
-from store.clinical import ClinicalTable
-from store.errors import EvaluationError
-from store.ids import SlideMatcher, patient_key
-from store.jsonl import read_jsonl
+from evaluate.report_inputs import ids_and_texts, read_references
+from slidecache.cohorts.clinical import ClinicalTable
+from slidecache.cohorts.ids import patient_key
+from slidecache.errors import EvaluationError
+from slidecache.jsonl import read_jsonl
 from train.generation_checks import check_generations
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -41,51 +42,12 @@ def parse_risk(text: str) -> str | None:
     return stated_prognosis(text)
 
 
-def _ids_and_text(path: Path, lines: dict[str, list[int]] | None = None) -> dict[str, list[str]]:
-    """jsonl lines: {"id"|"slide_id"|"patient_id", "text"|"answer"|"caption"} or InternVL conversations;
-    `lines` gets each id's line numbers."""
-    out: dict[str, list[str]] = {}
-    for number, row in read_jsonl(path, EvaluationError):
-        key = next((row[k] for k in ("id", "slide_id", "patient_id") if k in row), None)
-        text = next((row[k] for k in ("text", "answer", "caption") if k in row), None)
-        if text is None and "conversations" in row:
-            text = " ".join(t["value"] for t in row["conversations"] if t.get("from") == "gpt")
-        if key is None or text is None:
-            raise EvaluationError(f"{path}, line {number}: needs an id (id/slide_id/patient_id) and a text "
-                                  "(text/answer/caption, or InternVL conversations)")
-        out.setdefault(str(key), []).append(str(text))
-        if lines is not None:
-            lines.setdefault(str(key), []).append(number)
-    return out
-
-
-def read_references(path: Path, predicted: dict[str, str]) -> dict[str, list[str]]:
-    """{slide: reference texts}: the jsonl's or HistGen's JSON's ids matched to the `predicted` slides
-    ({id: patient}) as the import matches them."""
-    from evaluate.report_benchmark import match_references, read_reference_sets
-
-    if path.suffix == ".json":  # HistGen's annotation JSON: one reference per slide, read as the import reads it
-        return {k: [r.text] for k, r in match_references(read_reference_sets(path), predicted, path).items()}
-
-    references = _ids_and_text(path)
-    return {slide: references[key]
-            for slide, key in SlideMatcher(predicted).rekey(list(references), str(path), EvaluationError).items()}
-
-
 @dataclass
 class ReportScores:
     caption: dict[str, float]
     clinical: dict[str, Any]
     notes: list[str]
     n: int
-
-
-@lru_cache(maxsize=1)
-def meteor_scorer():
-    """One METEOR JVM (~10-13 s to start, its paraphrase table loaded) for every scoring in this process."""
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    return Meteor()
 
 
 def caption_scores(predictions: dict[str, str], references: dict[str, list[str]], notes: list[str]) -> dict[str, float]:
@@ -164,10 +126,10 @@ def stated_risk_concordance(predictions: dict[str, str], clinical: ClinicalTable
 
 def score_reports(predictions_path: str | Path, references_path: str | Path, clinical: ClinicalTable | None = None,
                   endpoint: str = "OS") -> ReportScores:
-    from evaluate.report_benchmark import duplicate_ids_error, prediction_patients
+    from evaluate.report_inputs import duplicate_ids_error, prediction_patients
 
     lines: dict[str, list[int]] = {}
-    predictions = {k: v[0] for k, v in _ids_and_text(Path(predictions_path), lines).items()}
+    predictions = {k: v[0] for k, v in ids_and_texts(Path(predictions_path), lines).items()}
     if (error := duplicate_ids_error(predictions_path, lines)) is not None:
         raise error
     references = read_references(Path(references_path), prediction_patients(predictions_path))

@@ -36,10 +36,10 @@ from sksurv.nonparametric import kaplan_meier_estimator
 from evaluate import survival_metrics as sm
 from evaluate.abmil_settings import TrainSettings
 from evaluate.features import PatientData
-from store.errors import EvaluationError, SlidecacheError
+from slidecache.errors import EvaluationError, SlidecacheError
 
 if TYPE_CHECKING:  # torch is imported only by the ABMIL heads, when they run
-    from evaluate.abmil import ABMILModel
+    from slidecache.heads.abmil import ABMILModel
 
 PCA_COMPONENTS = 16
 SUMMARY_METRICS = ("harrell_c", "uno_c", "mean_auc", "ibs")

@@ -28,7 +28,7 @@ from sksurv.metrics import (
 from sksurv.nonparametric import CensoringDistributionEstimator
 from sksurv.util import Surv
 
-from store.errors import EvaluationError
+from slidecache.errors import EvaluationError
 
 IBS_GRID_POINTS = 50
 BOOTSTRAP_RESAMPLES = 200

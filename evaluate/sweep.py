@@ -19,9 +19,9 @@ from evaluate.abmil import TrainSettings, load_bags
 from evaluate.features import PatientData, patient_features
 from evaluate.grade import GRADE_HEADS, cross_validate_grade
 from evaluate.survival import BAG_HEADS, HEADS, cross_validate
-from store.clinical import ENDPOINTS, ClinicalTable
+from slidecache.cohorts.clinical import ENDPOINTS, ClinicalTable
+from slidecache.errors import EvaluationError, SlidecacheError
 from store.embedding_store import EmbeddingStore
-from store.errors import EvaluationError, SlidecacheError
 
 SURVIVAL_COLUMNS = ("harrell_c", "uno_c", "mean_auc", "ibs")
 GRADE_COLUMNS = ("balanced_accuracy", "macro_f1", "qwk", "auc")

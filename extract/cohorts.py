@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 
 from extract.config import CONFIG_DIR
-from store.cohort import SlideEntry, load_cohort
-from store.errors import CohortError
+from slidecache.cohorts.slides import SlideEntry, load_cohort
+from slidecache.errors import CohortError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^{}]|\{[^{}]*\})*))?\}")
 

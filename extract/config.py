@@ -17,8 +17,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from store.configs import SHIPPED, find_config
-from store.errors import ConfigError
+from slidecache.configs import SHIPPED, find_config
+from slidecache.errors import ConfigError
 
 CONFIG_DIR = SHIPPED
 _GRID = re.compile(r"^(\d+)x\1$")

@@ -31,7 +31,7 @@ class EncoderWorker:
     def _build_encoder(config: ExtractConfig, device: str | None) -> Any:
         import torch
 
-        from extract.encode import BatchEncoder
+        from extract.inference import BatchEncoder
 
         return BatchEncoder(config, torch.device(device) if device else None)
 

@@ -33,9 +33,9 @@ from extract.config import ExtractConfig
 from extract.encoder_worker import EncoderWorker
 from extract.faults import forwarded_faults, set_faults
 from extract.slide_prep import PreparedSlide, prepare_slide, read_tiles
-from store.cohort import SlideEntry
-from store.devices import usable_cores, visible_gpus
-from store.errors import ConfigError, ReaderDied
+from slidecache.cohorts.slides import SlideEntry
+from slidecache.devices import usable_cores, visible_gpus
+from slidecache.errors import ConfigError, ReaderDied
 
 READER_NICENESS = 10
 READ_RETRIES = 2  # as Ray's max_retries for the reader tasks

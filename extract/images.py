@@ -20,11 +20,11 @@ import numpy as np
 
 from extract.config import ExtractConfig
 from extract.dynamic_tiling import dynamic_tiles
+from slidecache.cohorts.ids import image_key
+from slidecache.cohorts.meta import read_meta
+from slidecache.errors import AnnotationError, SlideBusy, StoreNotFound
+from slidecache.jsonl import read_jsonl
 from store import EmbeddingStore
-from store.errors import AnnotationError, SlideBusy, StoreNotFound
-from store.ids import image_key
-from store.jsonl import read_jsonl
-from store.meta import read_meta
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def image_encoder_config(cfg: ExtractConfig) -> ExtractConfig:
     """Images keep patch-token grids: the full grid unless `tokens` asks for a coarser one."""
     from dataclasses import replace
 
-    from extract.encoders import patch_grid
+    from extract.tile_encoders import patch_grid
 
     if cfg.tokens:
         return cfg
@@ -140,7 +140,7 @@ def _actor_class(cfg: ExtractConfig, tiling: DynamicTiling, gpus: float) -> Any:
     @ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1, max_restarts=-1, max_task_retries=-1)
     class ImageEncoderActor:
         def __init__(self) -> None:
-            from extract.encode import BatchEncoder
+            from extract.inference import BatchEncoder
 
             self.encoder = BatchEncoder(cfg)
 
@@ -216,7 +216,7 @@ class ImageExtraction:
     def _all_complete(self, device: str) -> ImageSummary | None:
         """When the store already holds every image: the summary, with no encoder started (the fingerprint
         checked from the config, as extract/job.py does); else None."""
-        from extract.encode import expected_encoder
+        from extract.inference import expected_encoder
 
         try:
             store = EmbeddingStore.open(self.store_url)

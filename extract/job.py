@@ -38,9 +38,9 @@ from typing import Any, Callable, Iterable
 from extract.config import ExtractConfig, check_one_read
 from extract.executors import Executor, RayExecutor
 from extract.slide_prep import PreparedSlide, tissue_params
-from store.cohort import SlideEntry
+from slidecache.cohorts.slides import SlideEntry
+from slidecache.errors import ConfigError, EncoderError, SlideBusy, SlidecacheError, StoreNotFound, WriterRestarted
 from store.embedding_store import EmbeddingStore
-from store.errors import ConfigError, EncoderError, SlideBusy, SlidecacheError, StoreNotFound, WriterRestarted
 
 PROGRESS_EVERY_S = 10.0
 MAX_CHUNK_RETRIES = 2  # a chunk runs at most 3 times on encoder actors that die under it
@@ -319,7 +319,7 @@ class Extraction:
         """A store with every slide complete or failed before: no encoder starts for it (10-30 s of process
         start and model build saved on a rerun), but its fingerprint is still checked, from the config, so a
         complete store of another encoder or tiling is refused as a run that had work would be."""
-        from extract.encode import expected_encoder
+        from extract.inference import expected_encoder
 
         assert target.existing is not None
         device = "cuda" if self.ex.gpus() else "cpu"

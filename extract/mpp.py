@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from store.errors import MppError
+from slidecache.errors import MppError
 
 PLAUSIBLE_MPP = (0.05, 20.0)  # 0.05 µm/px is beyond any optical scanner; 20 µm/px is a ~0.5x overview
 ANISOTROPY_TOLERANCE = 0.05

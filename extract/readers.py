@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from store.errors import SlideReadError
+from slidecache.errors import SlideReadError
 
 log = logging.getLogger(__name__)
 READER_ORDER = ("cucim", "openslide", "tiffslide")

@@ -18,7 +18,7 @@ from extract.readers import READERS, SlideReader, open_slide
 from extract.slide_source import source_facts
 from extract.tiling import TilePlan, plan_tiles
 from extract.tissue import TissueParams, read_thumbnail, tile_tissue_fractions, tissue_mask
-from store.cohort import SlideEntry
+from slidecache.cohorts.slides import SlideEntry
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from store.errors import ConfigError
+from slidecache.errors import ConfigError
 
 _LEVEL_TOLERANCE = 1e-3  # a level 0.1% finer than needed still counts as "not coarser than the target"
 

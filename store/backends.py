@@ -18,8 +18,8 @@ from urllib.parse import unquote, urlparse
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
-from store.errors import ConfigError, SlidecacheError, StoreAccessError
-from store.provenance import URL_USERINFO, is_secret_setting
+from slidecache.errors import ConfigError, SlidecacheError, StoreAccessError
+from slidecache.provenance import URL_USERINFO, is_secret_setting
 
 # Exception class names (anywhere in the cause chain) of the fsspec backends' credential and network failures;
 # matched by name so that botocore, aiohttp or google-auth need not be installed to classify them.

@@ -7,12 +7,11 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
+from slidecache.cli_args import ArgumentParser, run_command, storage_options
 from store.backends import display_url
-from store.cli_args import ArgumentParser, guarded, storage_options
 from store.embedding_store import EmbeddingStore
-from store.errors import ConfigError
 from store.h5io import export_h5, import_h5_files
-from store.merge import merge_stores
+from store.merge_stores import merge_stores
 from store.verify import verify_store
 
 
@@ -150,12 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SRC")
     p.add_argument("dest", metavar="DEST")
     return parser
-
-
-def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse, run the chosen subcommand under `guarded`."""
-    args = parser.parse_args(argv)
-    return guarded(lambda: args.func(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,8 +41,8 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ContainsGroupError, GroupNotFoundError, NodeNotFoundError
 
-from store.backends import display_url, opening, zarr_store
-from store.errors import (
+from slidecache.cohorts.ids import patient_key, validate_slide_id
+from slidecache.errors import (
     FingerprintMismatch,
     SlideBusy,
     SlideNotFound,
@@ -51,9 +51,9 @@ from store.errors import (
     StoreNotFound,
     StoreSchemaError,
 )
-from store.ids import validate_slide_id
+from slidecache.provenance import fingerprint, provenance, spec_differences, utc_now
+from store.backends import display_url, opening, zarr_store
 from store.lease import DEFAULT_LEASE_SECONDS, Lease
-from store.provenance import fingerprint, provenance, spec_differences, utc_now
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: arrays directly in the slide group; a store written to is upgraded to 2
@@ -237,6 +237,15 @@ class EmbeddingStore:
     def slide_ids(self) -> list[str]:
         """Complete slides only, sorted: what every reader may use."""
         return sorted(sid for sid, complete in self.slide_states().items() if complete)
+
+    def slide_patients(self) -> dict[str, str]:
+        """{slide: patient key} over the complete slides with tiles (what reports and references match)."""
+        patients = {}
+        for slide_id in self.slide_ids():
+            slide = self.slide(slide_id)
+            if slide.n_tiles:
+                patients[slide_id] = patient_key(slide.patient_id)
+        return patients
 
     def __contains__(self, slide_id: str) -> bool:
         return self.is_complete(slide_id)

@@ -23,10 +23,11 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
+from slidecache.cohorts.ids import patient_id_for, validate_slide_id
+from slidecache.encoder_widths import embedding_width
+from slidecache.errors import InteropError, InvalidSlideId, SlideBusy, SlideWriteError
+from slidecache.provenance import UNKNOWN
 from store.embedding_store import EmbeddingStore
-from store.errors import InteropError, InvalidSlideId, SlideBusy, SlideWriteError
-from store.ids import patient_id_for, validate_slide_id
-from store.provenance import UNKNOWN
 
 MPP_AT_1X = 10.0  # the usual convention: 0.5 µm/px at 20x, 0.25 at 40x
 
@@ -135,21 +136,6 @@ def _checked_rows(path: Path, features: np.ndarray, coords: np.ndarray) -> tuple
     return stored, coords.astype(np.int64)
 
 
-def encoder_dim(name: str) -> int | None:
-    """The embedding width of an encoder of the registry (extract/encoders.py); None for a name it does not
-    know (another tool's encoder: its features are taken as they are) or where extract cannot be imported
-    (store does not need torch). The one import of extract in store: lazy, so store stays importable alone."""
-    try:
-        from extract.encoders import REGISTRY, build_encoder
-    except ImportError:
-        return None
-    spec = REGISTRY.get(name)
-    if spec is None:
-        return None
-    # built on the meta device without weights: its widths, no download and no memory
-    return int(build_encoder(name, spec=spec.variant(spec.name), meta=True).embedding_dim)
-
-
 def _positive(value: Any) -> float | None:
     try:
         v = float(value)
@@ -189,7 +175,7 @@ def import_h5_files(in_dir: str | Path, url: str, encoder_name: str, storage_opt
     files = sorted(p for p in Path(in_dir).glob("*.h5") if not p.name.startswith("."))
     if not files:
         raise InteropError(f"no .h5 files in {in_dir}")
-    expected = encoder_dim(encoder_name)
+    expected = embedding_width(encoder_name)
     report = H5Import(store=None)
     dim, first = expected, ""
     for path in files:

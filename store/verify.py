@@ -7,10 +7,10 @@ from typing import Callable
 
 import numpy as np
 
+from slidecache.errors import StoreError
+from slidecache.provenance import fingerprint
 from store.embedding_store import WRITER, EmbeddingStore, data_group
-from store.errors import StoreError
 from store.lease import Lease
-from store.provenance import fingerprint
 
 POOLED_TOLERANCE = 1e-2  # pooled_mean is computed in float64 from the float16 rows; this is rounding slack
 

@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # spin-wait between torch ops would burn the core another process needs (two processes of small ops ran 25x
 # slower than one; passive waiting: 1.7x). Set before anything imports torch; every child inherits it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# And one thread per process by default (an encoder still sets its own count: extract.encode.cpu_threads): the
+# And one thread per process by default (an encoder still sets its own count: extract.inference.cpu_threads): the
 # suite runs two workers and their subprocesses on the cores, so torch's and OpenBLAS's pools of one thread per
 # core oversubscribed them (tests ran 2.3x slower in the suite than alone, on 2 workers).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -37,7 +37,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     waits (on Ray starting, on subprocesses, on a shared fixture: 2,238 test-s ran in 792 s on 2 cores), which
     a spare worker fills: the whole suite took 1,149 s with 2 workers, 792 s with 3 and 803 s with 4; its peak
     memory in use was 13.7 GiB with 3 workers and 17.7 GiB with 4 (a wider machine must not start 9)."""
-    from store.devices import usable_cores
+    from slidecache.devices import usable_cores
 
     return max(1, min(usable_cores() + 1, _memory_bytes() // (5 * 2**30)))
 

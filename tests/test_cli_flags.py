@@ -6,13 +6,14 @@ import argparse
 
 import pytest
 
-from store.cli_args import normalise_bools, parse_bool
+from slidecache.cli_args import normalise_bools, parse_bool
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     from demo.__main__ import build_parser as demo
     from evaluate.cli import build_parser as evaluate
-    from extract.cli import build_images_parser, build_parser as extract
+    from extract.cli import build_images_parser
+    from extract.cli import build_parser as extract
     from store.cli import build_parser as store
     from train.generate import build_parser as generate
 

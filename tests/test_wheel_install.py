@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.readme import run_subprocess, to_argv
+from tests.readme import to_argv
 
 pytestmark = pytest.mark.timeout(1500)  # may wait on the shared README demo run (its lock)
 
@@ -58,7 +58,7 @@ def in_venv(venv: Path, argv: list[str], cwd: Path, timeout: float = 600) -> sub
 
 
 def test_the_wheel_holds_the_configs_and_the_console_script(wheel_venv, tmp_path):
-    code = ("import extract, configs; from store.configs import SHIPPED; "
+    code = ("import extract, configs; from slidecache.configs import SHIPPED; "
             "print(extract.__file__); print(SHIPPED); "
             "print(sorted(p.name for p in (SHIPPED / 'train').glob('*.yaml')))")
     done = in_venv(wheel_venv, ["python", "-c", code], tmp_path)
@@ -69,7 +69,7 @@ def test_the_wheel_holds_the_configs_and_the_console_script(wheel_venv, tmp_path
     assert (wheel_venv / "bin" / "slidecache").is_file()
     helped = in_venv(wheel_venv, ["slidecache", "--help"], tmp_path)
     assert helped.returncode == 0 and "train.generate" in helped.stdout
-    version = in_venv(wheel_venv, ["python", "-c", "from store.provenance import code_version; print(code_version())"],
+    version = in_venv(wheel_venv, ["python", "-c", "from slidecache.provenance import code_version; print(code_version())"],
                       tmp_path)
     assert version.stdout.strip() == "slidecache==0.1.0", version.stdout + version.stderr
 

@@ -29,12 +29,12 @@ from typing import Any, Collection, Sequence
 
 import numpy as np
 
-from store.cli import run_command
-from store.clinical import ENDPOINTS, ClinicalTable, load_clinical_tables
+from slidecache.cli_args import run_command
+from slidecache.cohorts.clinical import ENDPOINTS, ClinicalTable, load_clinical_tables
+from slidecache.cohorts.ids import patient_key
+from slidecache.errors import AnnotationError
+from slidecache.jsonl import read_jsonl
 from store.embedding_store import EmbeddingStore
-from store.errors import AnnotationError
-from store.ids import patient_key
-from store.jsonl import read_jsonl
 
 QUESTION = "<image>\nWrite the pathology report for this slide, stating the tumour grade and the prognosis."
 
@@ -133,7 +133,7 @@ def write_annotations(store: EmbeddingStore, clinical: ClinicalTable, out: str |
 
 def training_patients(split: str | Path, fold: int) -> set[str]:
     """The patients of a split file outside the held-out fold."""
-    from evaluate.splits import read_split
+    from slidecache.cohorts.splits import read_split
 
     folds = read_split(split)
     if fold not in set(folds.values()):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from store.errors import TrainingError
+from slidecache.errors import TrainingError
 from train.llm import LEGACY_STAND_IN_CONFIGS, LoadedLLM, load_llm
 from train.model import SlideVLM
 from train.standardize import STANDARDIZER_FILE, TileStandardizer

@@ -9,8 +9,7 @@ import subprocess
 import sys
 from typing import Sequence
 
-from store.cli_args import guarded
-
+from slidecache.cli_args import guarded
 
 
 def launch_distributed(argv: Sequence[str]) -> int | None:

@@ -23,9 +23,9 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
-from evaluate.splits import is_set_split
-from store.configs import find_config, shipped
-from store.errors import ConfigError
+from slidecache.cohorts.splits import is_set_split
+from slidecache.configs import find_config, shipped
+from slidecache.errors import ConfigError
 
 CONFIG_DIR = shipped("train")
 DEFAULT_LLM = "Qwen/Qwen2-0.5B-Instruct"  # InternVL2-1B's language model

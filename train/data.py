@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from slidecache.cohorts.ids import image_key, patient_key
+from slidecache.cohorts.meta import DatasetSpec, read_meta
+from slidecache.errors import AnnotationError
+from slidecache.jsonl import read_jsonl
 from store.embedding_store import EmbeddingStore
-from store.errors import AnnotationError
-from store.ids import image_key, patient_key
-from store.jsonl import read_jsonl
-from store.meta import DatasetSpec, read_meta
 from train.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 from train.visual import grid_to_visual_tokens, tokens_per_tile
 
@@ -38,7 +38,7 @@ class Sample:
     slides: list[str]
     conversations: list[dict[str, str]]
     meta: dict[str, Any] = field(default_factory=dict)
-    kind: str = "slide"  # slide: `slides` are slide ids; image: store keys of InternVL images (store.ids.image_key)
+    kind: str = "slide"  # slide: `slides` are slide ids; image: store keys of InternVL images (slidecache.cohorts.ids.image_key)
 
     @property
     def reference(self) -> str:
@@ -110,7 +110,7 @@ def select_by_split(samples: list[Sample], store: EmbeddingStore, split: str | P
     scoring). A train/val/test split file keeps the samples whose slides all sit in that set; a fold file
     trains on the folds other than `fold` and holds `fold` out for both val and test. Also returns how many
     samples the file does not place (left out)."""
-    from evaluate.splits import is_set_split, read_set_split, read_split
+    from slidecache.cohorts.splits import is_set_split, read_set_split, read_split
 
     if is_set_split(split):
         if fold >= 0:

@@ -22,9 +22,8 @@ from typing import Sequence
 # Light imports only at the top: a reader process of the local executor imports the driver's __main__ module
 # (multiprocessing does, for `python -m train.generate`), and torch there cost each reader ~5 s and made cuCIM
 # print cuFile/libcuda noise. The library is train/generation.py, imported when the command runs.
-from store.cli import run_command
-from store.cli_args import ArgumentParser
-from store.errors import TrainingError
+from slidecache.cli_args import ArgumentParser, run_command
+from slidecache.errors import TrainingError
 
 
 def build_parser() -> ArgumentParser:

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from slidecache.devices import pick_device
+from slidecache.errors import TrainingError
+from slidecache.provenance import provenance
 from store.backends import display_url
-from store.devices import pick_device
 from store.embedding_store import EmbeddingStore
-from store.errors import TrainingError
-from store.provenance import provenance
 from train.checkpoint import ModelSpec, load_for_inference, read_spec
 from train.data import (
     Collator,

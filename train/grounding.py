@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from store.devices import pick_device
-from store.errors import TrainingError
-from store.jsonl import read_jsonl
+from slidecache.devices import pick_device
+from slidecache.errors import TrainingError
+from slidecache.jsonl import read_jsonl
 from train.data import ConversationEncoder, Sample, SlideConversationDataset, _parse_row
 from train.generation import generate_batch, load_checked
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slidecache.errors import ConfigError
 from store.embedding_store import EmbeddingStore
-from store.errors import ConfigError
 from train.visual import grid_to_visual_tokens
 
 
@@ -34,7 +34,7 @@ def encode_image(image_path: str | Path, store: EmbeddingStore, weights: str | N
 
     from extract.config import ExtractConfig
     from extract.dynamic_tiling import dynamic_tiles
-    from extract.encode import BatchEncoder
+    from extract.inference import BatchEncoder
 
     if store.kind != "images":
         raise ConfigError(f"--image needs the images store the model was trained on; {store.url} holds {store.kind}")

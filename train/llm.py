@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
-from store.errors import TrainingError
+from slidecache.errors import TrainingError
 from train.tokenizer import IMAGE_TOKENS, IMG_CONTEXT, add_image_tokens, offline_qwen2_tokenizer
 
 # PEFT 0.21 reads an attribute transformers 5.24 deprecated, on every adapter it wraps or loads: a warning

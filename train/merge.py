@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
-from store.cli import run_command
-from store.provenance import provenance
+from slidecache.cli_args import run_command
+from slidecache.provenance import provenance
 from train.checkpoint import MERGED_LLM_DIR, MODEL_FILE, PROJECTOR_FILE, TRAINABLE_FILE, load_for_inference
 from train.model import SlideVLM
 from train.standardize import STANDARDIZER_FILE

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from store.errors import TrainingError
+from slidecache.errors import TrainingError
 from train.data import IGNORE_INDEX
 from train.standardize import TileStandardizer
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from store.errors import ConfigError
+from slidecache.errors import ConfigError
 
 BATCH_ENV = ("BATCH_SIZE", "PER_DEVICE_BATCH_SIZE")
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
+from slidecache.errors import AnnotationError, ConfigError
+from slidecache.provenance import encoder_modules_loaded, provenance
 from store.embedding_store import EmbeddingStore
-from store.errors import AnnotationError, ConfigError
-from store.provenance import encoder_modules_loaded, provenance
 from train.checkpoint import ModelSpec, build_model, load_trainable, restore_standardizer, save_checkpoint
 from train.config import DataArguments, ModelArguments, check_image_flags
 from train.data import (

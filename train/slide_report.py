@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from slidecache.cohorts.ids import patient_id_for, validate_slide_id
+from slidecache.cohorts.slides import SlideEntry
+from slidecache.errors import ConfigError, SlideReadError, StoreNotFound
+from slidecache.provenance import provenance, spec_differences
 from store.backends import display_url
-from store.cohort import SlideEntry
 from store.embedding_store import EmbeddingStore, SlideView
-from store.errors import ConfigError, SlideReadError, StoreNotFound
-from store.ids import patient_id_for, validate_slide_id
-from store.provenance import provenance, spec_differences
 
 SLIDE_STORE = "slide_store.zarr"
 PAGE, RECORD, PICTURE = "report.html", "report.json", "thumbnail.png"
@@ -144,7 +144,7 @@ def draw_picture(slide: SlideView, page_dir: Path, attention_head: Any = None) -
     """thumbnail.png: the stored thumbnail, with an ABMIL head's tile attention over it when one is given."""
     path = page_dir / PICTURE
     if attention_head is not None:
-        from evaluate.heatmap import draw_heatmap
+        from slidecache.heads.heatmap import draw_heatmap
 
         draw_heatmap(attention_head, slide, path, f"{slide.slide_id}: attention of the saved ABMIL head")
         return path
@@ -231,8 +231,8 @@ def report_slide(checkpoint: str, slide_path: str | Path, store_url: str, page_d
     """Encode (or reuse) the slide, write its report and head predictions, and the page. Returns report.json."""
     import torch
 
-    from evaluate.saved_heads import load_head
-    from store.devices import pick_device
+    from slidecache.devices import pick_device
+    from slidecache.heads.saved import load_head
     from train.annotations import QUESTION
     from train.checkpoint import load_for_inference
     from train.data import ConversationEncoder, Sample, SlideConversationDataset

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from store.errors import TrainingError
+from slidecache.errors import TrainingError
 
 STANDARDIZER_FILE = "tile_standardizer.safetensors"
 DEFAULT_CLIP = 10.0

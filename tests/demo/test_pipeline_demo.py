@@ -16,7 +16,7 @@ import pytest
 from demo.cohort import DemoSize, nuclear_density, plan_patients
 from demo.pipeline import _evaluation_inputs, _reusable_evaluation
 from evaluate.report_metrics import parse_grade, parse_risk
-from evaluate.splits import read_split
+from slidecache.cohorts.splits import read_split
 from store import EmbeddingStore
 from tests.conftest import REPO_ROOT
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from demo.cohort import DemoSize
 from demo.pipeline import DemoSettings, run
-from extract.encoders import build_encoder
+from extract.tile_encoders import build_encoder
 from store import EmbeddingStore
 from train.llm import load_llm
 

@@ -17,11 +17,11 @@ from evaluate.abmil import (
     quantile_bins,
 )
 from evaluate.features import patient_features
-from evaluate.splits import make_folds
 from evaluate.survival import cross_validate
+from slidecache.cohorts.clinical import load_clinical
+from slidecache.cohorts.splits import make_folds
+from slidecache.errors import EvaluationError
 from store import EmbeddingStore
-from store.clinical import load_clinical
-from store.errors import EvaluationError
 from tests.evaluate.helpers import planted_cohort
 
 pytestmark = pytest.mark.xdist_group("test_abmil")  # its module fixture is built once, on one worker

@@ -11,11 +11,11 @@ from PIL import Image
 
 from evaluate.abmil import load_bags
 from evaluate.features import patient_features
-from evaluate.heatmap import attention_overlay, draw_heatmap, tile_scores
-from evaluate.splits import read_split
 from evaluate.survival import cross_validate
+from slidecache.cohorts.clinical import load_clinical
+from slidecache.cohorts.splits import read_split
+from slidecache.heads.heatmap import attention_overlay, draw_heatmap, tile_scores
 from store import EmbeddingStore
-from store.clinical import load_clinical
 from tests.conftest import REPO_ROOT
 from tests.evaluate.helpers import THUMB_DOWNSAMPLE, TILE, planted_cohort
 from tests.readme import run_main

@@ -8,10 +8,10 @@ import pytest
 from evaluate.abmil import TrainSettings, load_bags
 from evaluate.features import patient_features
 from evaluate.grade import cross_validate_grade, grade_labels
-from evaluate.splits import make_folds
+from slidecache.cohorts.clinical import PatientClinical, load_clinical
+from slidecache.cohorts.splits import make_folds
+from slidecache.errors import EvaluationError
 from store import EmbeddingStore
-from store.clinical import PatientClinical, load_clinical
-from store.errors import EvaluationError
 from tests.conftest import REPO_ROOT
 from tests.evaluate.helpers import planted_cohort
 from tests.readme import run_main

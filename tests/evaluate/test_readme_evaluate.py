@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from evaluate.splits import read_split
+from slidecache.cohorts.splits import read_split
 from tests.readme import run_in_process, to_argv
 
 SPLIT = ("python -m evaluate split --store STORE --clinical TABLE [TABLE ...] [--endpoint OS] [--folds 5] "

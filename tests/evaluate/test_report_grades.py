@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evaluate.report_grades import (
-    G,
     GLEASON,
     HIGH_LOW,
+    G,
     grade_mentions,
     score_grades_against_table,
     stated_grade,

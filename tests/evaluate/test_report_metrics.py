@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from evaluate.report_metrics import clinical_correctness, parse_grade, parse_risk, score_reports
-from store.errors import EvaluationError
+from slidecache.errors import EvaluationError
 from tests.conftest import REPO_ROOT
 
 REFS = {f"S{i}": f"Tumour grade: G{1 + i % 3}. Invasive carcinoma with {'high' if i % 2 else 'low'} mitotic activity. "
@@ -75,7 +75,7 @@ def test_clinical_correctness_counts_only_stated_references():
 
 
 def test_stated_risk_is_scored_like_a_head(tmp_path):
-    from store.clinical import load_clinical
+    from slidecache.cohorts.clinical import load_clinical
 
     # High-risk reports (odd ids) belong to patients who died early: the stated risk ranks them perfectly.
     table = tmp_path / "clinical.csv"

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from evaluate.features import patient_features
-from evaluate.saved_heads import affine_map, load_head
 from evaluate.survival import refit_on_all
+from slidecache.cohorts.clinical import load_clinical
+from slidecache.errors import EvaluationError
+from slidecache.heads.saved import affine_map, load_head
 from store import EmbeddingStore
-from store.clinical import load_clinical
-from store.errors import EvaluationError
 from tests.evaluate.helpers import planted_cohort
 from tests.readme import run_main
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from evaluate.features import patient_features
-from evaluate.splits import make_folds, read_split, write_split
 from evaluate.survival import cross_validate
+from slidecache.cohorts.clinical import Outcome, PatientClinical, load_clinical
+from slidecache.cohorts.splits import make_folds, read_split, write_split
+from slidecache.errors import EvaluationError
 from store import EmbeddingStore
-from store.clinical import Outcome, PatientClinical, load_clinical
-from store.errors import EvaluationError
 from tests.conftest import REPO_ROOT
 from tests.evaluate.helpers import planted_cohort
 

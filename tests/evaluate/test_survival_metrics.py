@@ -9,7 +9,7 @@ from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.preprocessing import OneHotEncoder
 
 from evaluate import survival_metrics as sm
-from store.errors import EvaluationError
+from slidecache.errors import EvaluationError
 
 
 def brute_force_harrell(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> float:

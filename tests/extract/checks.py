@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from extract.config import ExtractConfig
-from extract.encode import BatchEncoder
+from extract.inference import BatchEncoder
 from extract.slide_prep import prepare_slide, read_tiles
+from slidecache.cohorts.slides import SlideEntry
 from store import EmbeddingStore
-from store.cohort import SlideEntry
 from store.verify import verify_store
 
 

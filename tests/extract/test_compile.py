@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from extract.config import ExtractConfig
-from extract.encode import BatchEncoder
+from extract.inference import BatchEncoder
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOLERANCE = {"cpu": 1e-4, "cuda": 2e-2}  # fp32 vs bf16 arithmetic (embeddings are stored as fp16)

@@ -35,7 +35,7 @@ def test_the_issue_examples_exit_2_naming_the_key(tmp_path, synthetic_slides):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(sorted(NUMBERS)), value=WRONG_FOR_NUMBERS)
 def test_any_wrongly_typed_number_is_a_config_error_naming_it(key, value):
-    from store.errors import ConfigError
+    from slidecache.errors import ConfigError
 
     try:
         ExtractConfig.from_dict({key: value}, "bad.yaml")

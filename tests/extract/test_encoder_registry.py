@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from extract.encoders import REGISTRY, EncoderError, build_encoder, pool_tile_embedding
+from extract.tile_encoders import REGISTRY, EncoderError, build_encoder, pool_tile_embedding
 from store.embedding_store import EmbeddingStore
 from tests.store.helpers import spec as store_spec
 from tests.store.helpers import write_slide
@@ -150,3 +150,12 @@ def test_a_class_token_stores_cls_pooling_is_the_whole_vector(tmp_path):
         cls = store.slide("S1").pooled("cls")
         assert cls.shape == (width,)
         np.testing.assert_array_equal(cls, store.slide("S1").pooled("mean")[:width])
+
+
+def test_the_torch_free_width_table_matches_every_registered_build():
+    from slidecache.encoder_widths import embedding_width
+
+    for name, spec in REGISTRY.items():
+        built = build_encoder(name, spec=spec.variant(spec.name), meta=True).embedding_dim
+        assert embedding_width(name) == built, name
+    assert embedding_width("another-tools-encoder") is None

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from extract.encoders import REGISTRY, EncoderError, build_encoder, pool_tile_embedding, pool_token_grid
+from extract.tile_encoders import REGISTRY, EncoderError, build_encoder, pool_tile_embedding, pool_token_grid
 
 
 def test_registry_names():
@@ -91,7 +91,7 @@ def test_full_virchow2_architecture_shapes_and_pooling():
     card gives 632M parameters, 261 tokens (1 class + 4 registers + 16x16 patches) of width 1280, and the
     2560-d tile embedding class ‖ mean of the patch tokens. The full model runs for real in the slow
     tests/demo/test_real_model_path.py; the pooling's numbers are checked on the tiny one above."""
-    from extract.encoders import REGISTRY, build_model
+    from extract.tile_encoders import REGISTRY, build_model
 
     with torch.device("meta"):
         model = build_model(REGISTRY["virchow2-random"])
@@ -102,7 +102,7 @@ def test_full_virchow2_architecture_shapes_and_pooling():
 
 
 def test_patch_grid_is_known_without_building_the_encoder():
-    from extract.encoders import patch_grid
+    from extract.tile_encoders import patch_grid
 
     assert patch_grid("virchow2") == patch_grid("virchow2-tiny") == build_encoder("virchow2-tiny").grid == 16
     with pytest.raises(EncoderError, match="unknown encoder"):
@@ -113,7 +113,7 @@ def test_the_fingerprint_without_building_is_the_built_encoders(tmp_path):
     """A rerun over a complete store checks its fingerprint from expected_encoder_spec (no model built): it
     must equal what the encoder actor would have described, random or from a weights file, with tokens."""
     from extract.config import ExtractConfig
-    from extract.encode import BatchEncoder, expected_encoder
+    from extract.inference import BatchEncoder, expected_encoder
 
     save_file(build_encoder("virchow2-tiny").model.state_dict(), tmp_path / "model.safetensors")
     for cfg in (ExtractConfig(encoder="virchow2-tiny"), ExtractConfig(encoder="virchow2-tiny", tokens="4x4"),

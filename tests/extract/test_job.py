@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from extract.config import ExtractConfig
-from extract.encode import BatchEncoder
 from extract.faults import PAUSE_AFTER_FIRST_APPEND, RESUME_WHEN
+from extract.inference import BatchEncoder
 from extract.job import Extraction
 from extract.readers import READERS
 from extract.slide_prep import prepare_slide, read_tiles
+from slidecache.cohorts.slides import SlideEntry, load_cohort
+from slidecache.errors import FingerprintMismatch
 from store import EmbeddingStore
-from store.cohort import SlideEntry, load_cohort
-from store.errors import FingerprintMismatch
 from store.verify import verify_store
 from tests.extract.checks import assert_store_holds_each_slide_once
 from tests.store.helpers import spec as other_spec

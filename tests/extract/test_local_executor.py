@@ -15,9 +15,9 @@ from extract.config import ExtractConfig
 from extract.encoder_worker import EncoderWorker
 from extract.executors import LocalExecutor, executor_session, resolve_executor
 from extract.job import Extraction
+from slidecache.cohorts.slides import load_cohort
+from slidecache.errors import ConfigError, EncoderError
 from store import EmbeddingStore
-from store.cohort import load_cohort
-from store.errors import ConfigError, EncoderError
 from tests.extract.checks import assert_store_holds_each_slide_once
 
 REPO = Path(__file__).resolve().parents[2]

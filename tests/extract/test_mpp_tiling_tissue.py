@@ -14,7 +14,7 @@ from extract.readers import open_slide
 from extract.slide_prep import read_tiles
 from extract.tiling import plan_tiles
 from extract.tissue import read_thumbnail, tile_tissue_fractions, tissue_mask
-from store.errors import MppError
+from slidecache.errors import MppError
 
 
 @pytest.mark.parametrize("props, expected", [

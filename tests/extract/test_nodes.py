@@ -13,12 +13,12 @@ import time
 import numpy as np
 import pytest
 
+from demo.slides import synthetic_he, write_pyramid
 from extract.config import ExtractConfig
 from extract.job import Extraction
-from demo.slides import synthetic_he, write_pyramid
+from slidecache.cohorts.slides import load_cohort
 from store import EmbeddingStore
 from store.embedding_store import LEASE_ENV
-from store.cohort import load_cohort
 from store.verify import verify_store
 
 # many small chunks: a slide is held long enough for the kill to catch it

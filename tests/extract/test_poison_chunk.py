@@ -14,8 +14,8 @@ from demo.slides import HEMATOXYLIN, synthetic_he, write_pyramid
 from extract.config import ExtractConfig
 from extract.faults import KILL_ENCODER_ON
 from extract.job import MAX_CHUNK_RETRIES, Extraction
+from slidecache.cohorts.slides import load_cohort
 from store import EmbeddingStore
-from store.cohort import load_cohort
 
 TINY = dict(encoder="virchow2-tiny", precision="fp32", batch_size=16, read_chunk=64)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from extract.readers import READERS, is_blank, open_slide
-from store.errors import SlideReadError
+from slidecache.errors import SlideReadError
 
 
 @pytest.mark.parametrize("relpath, reader, level0", [

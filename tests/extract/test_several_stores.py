@@ -13,9 +13,9 @@ import pytest
 from extract.config import ExtractConfig
 from extract.executors import LocalExecutor
 from extract.job import Extraction
+from slidecache.cohorts.slides import load_cohort
+from slidecache.errors import ConfigError
 from store import EmbeddingStore
-from store.cohort import load_cohort
-from store.errors import ConfigError
 from tests.extract.checks import assert_store_holds_each_slide_once
 from tests.readme import run_subprocess, to_argv
 

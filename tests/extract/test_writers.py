@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from extract.writers import PinnedWriters
+from slidecache.errors import SlideWriteError, WriterRestarted
 from store import EmbeddingStore
-from store.errors import SlideWriteError, WriterRestarted
 from store.verify import verify_store
 from tests.store.helpers import slide_rows, spec
 

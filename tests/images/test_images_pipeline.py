@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from extract.dynamic_tiling import choose_layout
+from slidecache.cohorts.ids import image_key
+from slidecache.errors import AnnotationError, ConfigError
 from store import EmbeddingStore
-from store.errors import AnnotationError, ConfigError
-from store.ids import image_key
 from tests.conftest import REPO_ROOT
 from tests.images.helpers import IMAGES, write_dataset
 from tests.readme import run_in_process, run_subprocess, to_argv
@@ -36,7 +36,7 @@ TINY = str(REPO_ROOT / "configs" / "extract" / "virchow2-tiny.yaml")
 EXTRACT = ("python -m extract images --meta_path meta.json --store images.zarr [--config configs/extract/virchow2.yaml] "
            "[--max_dynamic_patch 6] [--min_dynamic_patch 1] [--use_thumbnail True] [--tokens 8x8]")
 TRAIN = ("GPUS=8 PER_DEVICE_BATCH_SIZE=4 BATCH_SIZE=16 python -m train --config "
-         "configs/train/internvl2_1b_virchow2_lora.yaml --meta_path meta.json --store images.zarr "
+         "configs/train/images-internvl2-1b-lora.yaml --meta_path meta.json --store images.zarr "
          "--output_dir runs/caption-lora")
 GENERATE = ("python -m train.generate --checkpoint runs/caption-lora --store images.zarr --meta_path test_meta.json "
             "--out gen.jsonl")
@@ -128,9 +128,9 @@ def test_training_from_the_cache_learns_the_captions_and_a_new_image_gets_the_ca
     assert live and live == rows["wide.png"]["text"]  # encoded now or read from the cache: the same answer
 
 
-@pytest.mark.recipe("internvl2_1b_virchow2_lora.yaml")
-@pytest.mark.recipe("internvl2_1b_virchow2_full.yaml")
-@pytest.mark.parametrize("recipe", ["internvl2_1b_virchow2_lora.yaml", "internvl2_1b_virchow2_full.yaml"])
+@pytest.mark.recipe("images-internvl2-1b-lora.yaml")
+@pytest.mark.recipe("images-internvl2-1b-full.yaml")
+@pytest.mark.parametrize("recipe", ["images-internvl2-1b-lora.yaml", "images-internvl2-1b-full.yaml"])
 def test_each_image_recipe_takes_a_step_at_its_own_settings(cached, saved_tiny_llm, recipe, tmp_path):
     _, meta, store, _ = cached
     out = tmp_path / "run"

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from store import EmbeddingStore
-from store.embedding_store import data_group
 from store.cli import build_parser
+from store.embedding_store import data_group
 from tests.conftest import REPO_ROOT
 from tests.store.helpers import spec, write_slide
 

@@ -8,9 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from store import EmbeddingStore
-from store.embedding_store import data_group
-from store.errors import (
+from slidecache.errors import (
     FingerprintMismatch,
     InvalidSlideId,
     SlideNotFound,
@@ -18,6 +16,8 @@ from store.errors import (
     StoreNotFound,
     StoreSchemaError,
 )
+from store import EmbeddingStore
+from store.embedding_store import data_group
 from store.verify import verify_store
 from tests.store.helpers import DIM, slide_rows, spec, write_slide
 

@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
+from slidecache.errors import InteropError
 from store import EmbeddingStore
-from store.errors import InteropError
 from store.h5io import export_h5, import_h5
 from store.verify import verify_store
 from tests.store.helpers import spec, write_slide
@@ -56,7 +56,7 @@ def test_import_of_foreign_h5_without_our_attributes(tmp_path):
 
 def test_import_split_works_on_an_imported_tcga_store(tmp_path):
     from evaluate.cli import main as evaluate_main
-    from evaluate.splits import read_split
+    from slidecache.cohorts.splits import read_split
 
     (tmp_path / "h5").mkdir()
     for i in range(4):

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from slidecache.errors import SlideBusy, SlideOwnershipLost, SlideWriteError
 from store import EmbeddingStore
-from store.errors import SlideBusy, SlideOwnershipLost, SlideWriteError
 from store.verify import verify_store
 from tests.store.helpers import slide_rows, spec, write_slide
 

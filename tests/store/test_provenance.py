@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from store.provenance import fingerprint, provenance, scrub_secrets, spec_differences
+from slidecache.provenance import fingerprint, provenance, scrub_secrets, spec_differences
 from tests.conftest import REPO_ROOT
 from tests.store.helpers import spec
 
@@ -49,7 +49,7 @@ def test_credentials_inside_urls_are_redacted_everywhere():
 
 
 def test_store_imports_neither_torch_nor_ray():
-    code = "import store, store.cli, store.h5io, store.verify, store.merge, store.cohort, store.clinical, sys; " \
+    code = "import store, store.cli, store.h5io, store.verify, store.merge_stores, slidecache.cohorts.slides, slidecache.cohorts.clinical, sys; " \
            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'extract', 'train', 'evaluate')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -58,7 +58,7 @@ def test_store_imports_neither_torch_nor_ray():
 def test_cufile_log_stays_out_of_the_working_directory(tmp_path):
     """cuFile (loaded by cuCIM and CUDA builds of torch) writes cufile.log into the working directory
     unless told where; every process importing our code points it to the temp folder, and none is committed."""
-    code = "import os, store; print(os.environ['CUFILE_LOGFILE_PATH'])"
+    code = "import os, slidecache; print(os.environ['CUFILE_LOGFILE_PATH'])"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={k: v for k, v in os.environ.items() if k != "CUFILE_LOGFILE_PATH"})
     path = out.stdout.strip()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from slidecache.cohorts.clinical import load_clinical
 from store import EmbeddingStore
-from store.clinical import load_clinical
 from tests.evaluate.helpers import planted_cohort
 from train.annotations import write_annotations, write_meta
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from evaluate.splits import write_split
+from slidecache.cohorts.clinical import load_clinical
+from slidecache.cohorts.splits import write_split
 from store import EmbeddingStore
-from store.clinical import load_clinical
 from tests.conftest import REPO_ROOT
 from train.annotations import risk_groups, training_patients, write_annotations
 

@@ -13,9 +13,9 @@ import pytest
 
 from evaluate.grounding import FOLLOWS_DONOR, choose_donors, grounding_check, grounding_scores, verdict_of
 from evaluate.report_metrics import clinical_correctness
-from evaluate.splits import write_split
+from slidecache.cohorts.clinical import load_clinical
+from slidecache.cohorts.splits import write_split
 from store import EmbeddingStore
-from store.clinical import load_clinical
 from tests.evaluate.helpers import planted_cohort
 from train.annotations import training_patients, write_annotations, write_meta
 from train.config import parse_args

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from evaluate.splits import read_set_split
+from slidecache.cohorts.reports import read_histgen, read_report_csv
+from slidecache.cohorts.splits import read_set_split
+from slidecache.errors import AnnotationError
 from store import EmbeddingStore
-from store.errors import AnnotationError
 from tests.evaluate.report_fixtures import CLINICAL, HISTGEN_JSON, REPORTS_CSV, fixture_slides, report_store
 from tests.readme import Result, run_main, to_argv
 from train.data import load_samples, select_by_split
-from train.import_reports import import_reports, read_histgen, read_report_csv
+from train.import_reports import import_reports
 
 TWO_SET_PATIENT = "TCGA-F1-P007"
 IMPORT_HISTGEN = ("python -m train.import_reports --store STORE --histgen annotation.json --out reports "

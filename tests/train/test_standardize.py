@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from slidecache.errors import TrainingError
 from store import EmbeddingStore
-from store.errors import TrainingError
 from tests.train.conftest import make_inputs
 from train.checkpoint import load_for_inference, read_spec
 from train.config import parse_args
@@ -114,7 +114,7 @@ def test_training_on_awkward_features_gives_no_nan(micro_llm, kind, seed):
 def leaky_split(tmp_path_factory):
     """A planted cohort whose held-out patients' tiles sit far from the training patients' (+500 on every
     dimension): statistics that saw them would be visibly shifted."""
-    from evaluate.splits import write_split
+    from slidecache.cohorts.splits import write_split
 
     root = tmp_path_factory.mktemp("leak")
     inputs = make_inputs(root, 8)

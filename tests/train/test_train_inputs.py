@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from evaluate.splits import write_set_split
-from store.errors import AnnotationError, ConfigError, StoreNotFound
+from slidecache.cohorts.splits import write_set_split
+from slidecache.errors import AnnotationError, ConfigError, StoreNotFound
 from train.config import CONFIG_DIR, parse_args
 from train.data import IGNORE_INDEX, ConversationEncoder, SlideConversationDataset, load_samples, select_tiles
 from train.llm import TINY_CONFIG, load_llm
@@ -196,7 +196,7 @@ def test_resampler_maps_a_slide_to_k_tokens(four_slides, tmp_path):
 
 
 def test_split_keeps_held_out_patients_out_of_training(four_slides, tmp_path):
-    from evaluate.splits import write_split
+    from slidecache.cohorts.splits import write_split
 
     split = write_split(tmp_path / "split.csv", {"PT0000": 0, "PT0001": 1, "PT0002": 1, "PT0003": 0})
     ready = setup(*parse_args(four_slides.flags(tmp_path / "o", "--split", str(split), "--fold", "0")))

@@ -111,7 +111,7 @@ def test_resume_continues_the_same_curve_and_never_imports_the_encoder(four_slid
 
 
 def test_generation_on_held_out_fold_only_and_sampling(overfit, tmp_path):
-    from evaluate.splits import write_split
+    from slidecache.cohorts.splits import write_split
 
     inputs, out, _ = overfit
     split = write_split(tmp_path / "split.csv", {"PT0000": 0, "PT0001": 1, "PT0002": 1, "PT0003": 0})

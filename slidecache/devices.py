@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from store.errors import ConfigError
+from slidecache.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from store.errors import CohortError, InvalidSlideId
-from store.ids import patient_id_for, validate_slide_id
+from slidecache.cohorts.ids import patient_id_for, validate_slide_id
+from slidecache.errors import CohortError, InvalidSlideId
 
 SLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".qptiff", ".dcm",

@@ -3,7 +3,7 @@
 Every error we raise derives from SlidecacheError and also from the builtin a caller would expect
 (ValueError for bad input, KeyError for a missing slide, FileNotFoundError for a missing store), so
 `except ValueError` still works for code that does not know us. Messages name the file, slide or line
-and say what to do. Lives in `store` because every other package imports `store`, never the reverse.
+and say what to do. Lives in `slidecache`, the library every stage imports.
 """
 
 from __future__ import annotations

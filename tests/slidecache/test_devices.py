@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from store.devices import pick_device
-from store.errors import ConfigError
+from slidecache.devices import pick_device
+from slidecache.errors import ConfigError
 
 
 def test_auto_follows_cuda_visibility():

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from store.errors import AnnotationError
+from slidecache.errors import AnnotationError
 
 
 @dataclass

@@ -7,7 +7,7 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-from store.errors import InvalidSlideId, SlidecacheError
+from slidecache.errors import InvalidSlideId, SlidecacheError
 
 # TCGA barcode: TCGA-<TSS>-<participant>... ; the patient is the first 12 characters (TCGA-XX-XXXX).
 TCGA_BARCODE = re.compile(r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}(?:$|[-.])", re.IGNORECASE)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from store.errors import ClinicalTableError
-from store.ids import patient_key, tcga_patient_id
+from slidecache.cohorts.ids import patient_key, tcga_patient_id
+from slidecache.errors import ClinicalTableError
 
 ENDPOINTS = ("OS", "DSS", "DFI", "PFI")
 DAYS_PER_MONTH = 30.4375

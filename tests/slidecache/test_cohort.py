@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from store.cohort import load_cohort
-from store.errors import CohortError
-from store.ids import patient_id_for, tcga_patient_id
+from slidecache.cohorts.ids import patient_id_for, tcga_patient_id
+from slidecache.cohorts.slides import load_cohort
+from slidecache.errors import CohortError
 
 
 def touch(path):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from store.errors import SlidecacheError
+from slidecache.errors import SlidecacheError
 
 
 def read_jsonl(path: str | Path, error: type[SlidecacheError]) -> Iterator[tuple[int, dict[str, Any]]]:

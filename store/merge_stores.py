@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from slidecache.errors import FingerprintMismatch, StoreSchemaError
 from store.backends import display_url
 from store.embedding_store import COMPLETE, EmbeddingStore, SlideView
-from store.errors import FingerprintMismatch, StoreSchemaError
 
 _COMMIT_FIELDS = {COMPLETE, "n_tiles", "embedding_dim", "has_tokens", "token_shape", "empty_reason",
                   "write_seconds", "committed_at", "fingerprint"}

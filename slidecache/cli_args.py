@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-from store.errors import ConfigError, SlidecacheError
+from slidecache.errors import ConfigError, SlidecacheError
 
 TRUE, FALSE = ("true", "yes", "y", "1"), ("false", "no", "n", "0")
 
@@ -34,6 +34,12 @@ def guarded(action: Callable[[], int], refusal_code: Callable[[SlidecacheError],
         print("\ninterrupted; what was finished is kept: rerun the same command to resume", file=sys.stderr,
               flush=True)
         return INTERRUPTED
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse, run the chosen subcommand under `guarded`."""
+    args = parser.parse_args(argv)
+    return guarded(lambda: args.func(args))
 
 
 def storage_options(text: str | None) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from store.errors import EvaluationError
-from store.ids import patient_key
+from slidecache.cohorts.ids import patient_key
+from slidecache.errors import EvaluationError
 
 
 def make_folds(patient_ids: Sequence[str], events: Sequence[bool] | None = None, k: int = 5, seed: int = 0,

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from evaluate.abmil import ABMILModel, GatedABMIL
-from evaluate.json_out import dumps
-from store.embedding_store import SlideView
-from store.errors import EvaluationError
-from store.provenance import provenance
+from slidecache.errors import EvaluationError
+from slidecache.heads.abmil import ABMILModel, GatedABMIL
+from slidecache.heads.slide_tiles import SlideTiles
+from slidecache.json_out import dumps
+from slidecache.provenance import provenance
 
 TENSORS, CARD = "head.safetensors", "head.json"
 SAVABLE_SURVIVAL = ("coxnet", "coxph", "abmil-cox", "abmil-nll")
@@ -121,14 +121,14 @@ class SavedHead:
     def task(self) -> str:
         return str(self.card["task"])
 
-    def _scores(self, slide: SlideView) -> np.ndarray:
+    def _scores(self, slide: SlideTiles) -> np.ndarray:
         if self.abmil is not None:
             tiles = [slide.embeddings().astype(np.float32)]
             return (self.abmil.outputs(tiles) if self.task == "grade" else self.abmil.risk(tiles).reshape(1, 1))[0]
         assert self.weight is not None and self.bias is not None
         return slide.pooled(self.card["pooling"]).astype(np.float64) @ self.weight + self.bias
 
-    def predict(self, slide: SlideView) -> dict[str, Any]:
+    def predict(self, slide: SlideTiles) -> dict[str, Any]:
         """Survival: risk and group (high above the saved cut); grade: class probabilities and the most likely."""
         scores = self._scores(slide)
         if self.task == "survival":

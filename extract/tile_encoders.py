@@ -26,7 +26,7 @@ import timm
 import torch
 from timm.layers import SwiGLUPacked
 
-from store.errors import EncoderError  # pure Python: importable without zarr
+from slidecache.errors import EncoderError  # pure Python: importable without zarr
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from store.clinical import DAYS_PER_MONTH, load_clinical, load_clinical_tables
-from store.errors import ClinicalTableError
+from slidecache.cohorts.clinical import DAYS_PER_MONTH, load_clinical, load_clinical_tables
+from slidecache.errors import ClinicalTableError
 
 CDR_HEADER = "bcr_patient_barcode,type,age_at_initial_pathologic_diagnosis,ajcc_pathologic_tumor_stage,histological_grade,OS,OS.time,DSS,DSS.time,DFI,DFI.time,PFI,PFI.time,Redaction\n"
 

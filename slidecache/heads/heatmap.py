@@ -1,28 +1,25 @@
 """Attention heatmaps from the cache alone: every tile's ABMIL attention drawn over the stored thumbnail at
-the stored coordinates (CLAM's picture). The model used for a slide is the one whose training fold did not
-hold the slide's patient, so the picture shows what the head saw in a patient it was tested on.
+the stored coordinates (CLAM's picture).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from evaluate.abmil import ABMILModel
-from store.embedding_store import EmbeddingStore, SlideView
-from store.errors import EvaluationError
-from store.ids import patient_key
+from slidecache.heads.abmil import ABMILModel
+from slidecache.heads.slide_tiles import SlideTiles
 
 CANVAS_LONG_SIDE = 1024  # px, when the slide has no stored thumbnail
 
 
-def tile_scores(model: ABMILModel, slide: SlideView) -> np.ndarray:
+def tile_scores(model: ABMILModel, slide: SlideTiles) -> np.ndarray:
     return np.concatenate([model.tile_attention(slide.embeddings(rows)) for rows in slide.row_blocks()])
 
 
-def _tile_size_level0(slide: SlideView, coords: np.ndarray) -> float:
+def _tile_size_level0(slide: SlideTiles, coords: np.ndarray) -> float:
     if "tile_px_level0" in slide.attrs:
         return float(slide.attrs["tile_px_level0"])
     steps = np.diff(np.unique(coords[:, 0]))
@@ -50,7 +47,7 @@ def attention_overlay(rgb: np.ndarray, coords: np.ndarray, scores: np.ndarray, t
     return blended
 
 
-def draw_heatmap(model: ABMILModel, slide: SlideView, path: str | Path, title: str = "") -> dict[str, Any]:
+def draw_heatmap(model: ABMILModel, slide: SlideTiles, path: str | Path, title: str = "") -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,22 +77,3 @@ def draw_heatmap(model: ABMILModel, slide: SlideView, path: str | Path, title: s
     top = np.argsort(scores)[::-1][:5]
     return {"slide_id": slide.slide_id, "tiles": int(len(scores)), "png": str(path),
             "thumbnail": stored is not None, "top_tiles_level0_xy": coords[top].astype(int).tolist()}
-
-
-def draw_heatmaps(store: EmbeddingStore, slide_ids: Sequence[str], folds: Mapping[str, int],
-                  models: Mapping[int, ABMILModel], out_dir: str | Path) -> list[dict[str, Any]]:
-    """One PNG per slide, each drawn with the model of the fold holding the slide's patient out."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    drawn = []
-    for slide_id in slide_ids:
-        if slide_id not in store:
-            raise EvaluationError(f"--heatmaps: slide {slide_id!r} is not in the store {store.url}")
-        slide = store.slide(slide_id)
-        patient = patient_key(slide.patient_id)
-        if folds.get(patient) not in models:
-            raise EvaluationError(f"--heatmaps: slide {slide_id!r} (patient {patient}) was in no evaluated fold")
-        fold = folds[patient]
-        drawn.append(draw_heatmap(models[fold], slide, out / f"heatmap_{slide_id}.png",
-                                  f"{slide_id} — attention of the fold-{fold} head (patient held out)") | {"fold": fold})
-    return drawn

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from extract.config import ExtractConfig
-from extract.encoders import TileEncoder, build_encoder, pool_tile_embedding, pool_token_grid
 from extract.faults import maybe_kill_encoder
-from store.devices import pick_device, usable_cores
+from extract.tile_encoders import TileEncoder, build_encoder, pool_tile_embedding, pool_token_grid
+from slidecache.devices import pick_device, usable_cores
 
 STORE_DTYPE = "float16"
 # Ray hands the encoder read-only views of its shared memory, which are only read: silence torch's warning
