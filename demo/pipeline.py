@@ -30,12 +30,13 @@ from typing import Any, Callable, Iterator
 
 from demo.cohort import SEED, DemoSize, plan_patients, write_clinical, write_report_texts, write_slides
 from demo.summary import write_summary
-from extract.config import CONFIG_DIR, ExtractConfig
+from extract.config import ExtractConfig
 from extract.executors import lazy_ray_session
 from extract.job import Extraction
 from extract.qc import write_qc
 from slidecache import json_out
 from slidecache.cohorts.slides import load_cohort
+from slidecache.configs import shipped
 from slidecache.errors import PipelineError
 from slidecache.provenance import provenance
 from store import EmbeddingStore
@@ -85,8 +86,8 @@ class DemoSettings:
 
     def extract_config(self) -> ExtractConfig:
         if not self.real_encoder:
-            return ExtractConfig.from_yaml(CONFIG_DIR / "extract" / "virchow2-tiny.yaml")
-        return ExtractConfig.from_yaml(CONFIG_DIR / "extract" / "virchow2.yaml",
+            return ExtractConfig.from_yaml(shipped("extract", "virchow2-tiny.yaml"))
+        return ExtractConfig.from_yaml(shipped("extract", "virchow2.yaml"),
                                        {"encoder": self.encoder, "weights": self.weights})
 
     def epochs(self) -> int | None:

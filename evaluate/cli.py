@@ -23,6 +23,7 @@ from slidecache.cohorts.splits import import_published_splits, make_folds, read_
 from slidecache.errors import ClinicalTableError, EvaluationError
 from slidecache.heads.saved import check_savable, save_grade_head, save_survival_head
 from slidecache.json_out import dumps
+from slidecache.labels import distinct_labels
 from slidecache.provenance import encoder_modules_loaded, provenance
 from store.embedding_store import EmbeddingStore
 
@@ -284,8 +285,7 @@ def cmd_import_split(args: argparse.Namespace) -> int:
 
 def _store_labels(stores: Sequence[EmbeddingStore]) -> list[str]:
     """Each store's encoder name; a name given twice is numbered (the same store twice compares to itself)."""
-    names = [str(s.spec.get("encoder", {}).get("name") or Path(s.url).stem) for s in stores]
-    return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
+    return distinct_labels([str(s.spec.get("encoder", {}).get("name") or Path(s.url).stem) for s in stores])
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

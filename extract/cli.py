@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Sequence
 
 from extract.cohorts import resolve_cohort
-from extract.config import CONFIG_DIR, DEFAULT_CONFIG, DEVICE_DEFAULTS, EXECUTORS, ExtractConfig
+from extract.config import DEFAULT_CONFIG, DEVICE_DEFAULTS, EXECUTORS, ExtractConfig
 from slidecache.cli_args import ArgumentParser, guarded, storage_options
+from slidecache.configs import SHIPPED
 from slidecache.errors import ConfigError
 from store.backends import display_url
 
 CONFIG_HELP = (f"extraction YAML (default: configs/extract/ENCODER.yaml when --encoder names one that exists, else "
-               f"{DEFAULT_CONFIG.relative_to(CONFIG_DIR.parent)}; settings it leaves out follow the device: batch / "
+               f"{DEFAULT_CONFIG.relative_to(SHIPPED.parent)}; settings it leaves out follow the device: batch / "
                f"read chunk {DEVICE_DEFAULTS['cuda']['batch_size']} / {DEVICE_DEFAULTS['cuda']['read_chunk']} with GPUs, "
                f"{DEVICE_DEFAULTS['cpu']['batch_size']} / {DEVICE_DEFAULTS['cpu']['read_chunk']} on CPU)")
 ENCODER_HELP = ("registry name (extract/tile_encoders.py: virchow2, uni2-h, h-optimus-1, h-optimus-0, prov-gigapath, "

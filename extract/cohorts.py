@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from extract.config import CONFIG_DIR
 from slidecache.cohorts.slides import SlideEntry, load_cohort
+from slidecache.configs import shipped
 from slidecache.errors import CohortError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^{}]|\{[^{}]*\})*))?\}")
@@ -27,11 +27,11 @@ def resolve_cohort(name_or_path: str) -> list[SlideEntry]:
     path = Path(name_or_path)
     if path.exists():
         return load_cohort(path)
-    config = CONFIG_DIR / "cohorts" / f"{name_or_path}.yaml"
+    config = shipped("cohorts", f"{name_or_path}.yaml")
     if not config.is_file():
-        known = sorted(p.stem for p in (CONFIG_DIR / "cohorts").glob("*.yaml"))
+        known = sorted(p.stem for p in shipped("cohorts").glob("*.yaml"))
         raise CohortError(f"cohort {name_or_path!r} is neither a path nor a named cohort ({', '.join(known)} in "
-                          f"{CONFIG_DIR / 'cohorts'})")
+                          f"{shipped('cohorts')})")
     data = yaml.safe_load(config.read_text()) or {}
     slides = expand(str(data.get("slides", "")))
     if not slides:

@@ -17,12 +17,11 @@ from typing import Any, Mapping
 
 import yaml
 
-from slidecache.configs import SHIPPED, find_config
+from slidecache.configs import find_config, shipped
 from slidecache.errors import ConfigError
 
-CONFIG_DIR = SHIPPED
 _GRID = re.compile(r"^(\d+)x\1$")
-DEFAULT_CONFIG = CONFIG_DIR / "extract" / "virchow2.yaml"
+DEFAULT_CONFIG = shipped("extract", "virchow2.yaml")
 EXECUTORS = ("auto", "ray", "local")  # extract/executors.py
 # Encoder batch and tiles per reader task where a config leaves them out. GPU: ~1,160 tiles/s on an H200 in
 # bf16 from batch 128 up (bench/RESULTS.md). CPU: an encoder does 5-500 tiles/s, so small read chunks keep
@@ -155,7 +154,7 @@ class ExtractConfig:
         """The command line's rule: `--config` when given, else configs/extract/<--encoder>.yaml when that
         exists, else the default (virchow2.yaml); `--encoder` and the other flags override what it says."""
         if config is None:
-            named = CONFIG_DIR / "extract" / f"{overrides.get('encoder')}.yaml"
+            named = shipped("extract", f"{overrides.get('encoder')}.yaml")
             config = named if overrides.get("encoder") and named.is_file() else DEFAULT_CONFIG
         return cls.from_yaml(config, overrides)
 

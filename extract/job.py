@@ -40,6 +40,7 @@ from extract.executors import Executor, RayExecutor
 from extract.slide_prep import PreparedSlide, tissue_params
 from slidecache.cohorts.slides import SlideEntry
 from slidecache.errors import ConfigError, EncoderError, SlideBusy, SlidecacheError, StoreNotFound, WriterRestarted
+from slidecache.labels import distinct_labels
 from store.embedding_store import EmbeddingStore
 
 PROGRESS_EVERY_S = 10.0
@@ -191,10 +192,7 @@ class Extraction:
         their encoder's name (#2, #3 ... for repeats)."""
         if len(stores) == 1:
             return cls(entries, stores[0][0], stores[0][1], storage_options, log, executor)
-        labels: list[str] = []
-        for _, cfg in stores:
-            repeats = sum(label.split("#")[0] == cfg.encoder for label in labels)
-            labels.append(cfg.encoder if not repeats else f"{cfg.encoder}#{repeats + 1}")
+        labels = distinct_labels([cfg.encoder for _, cfg in stores])
         urls = [url for url, _ in stores]
         if len(set(urls)) < len(urls):
             raise ConfigError(f"the stores of one run must differ; given {urls}")

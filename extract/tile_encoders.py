@@ -27,6 +27,7 @@ import torch
 from timm.layers import SwiGLUPacked
 
 from slidecache.errors import EncoderError  # pure Python: importable without zarr
+from slidecache.tile_embeddings import CLS, CLS_MEAN_PATCH, POOLINGS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,9 +36,6 @@ HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 INPUT_PX = 224  # every encoder's input: the 224 px tile at 0.5 µm/px, as it is
 
-CLS_MEAN_PATCH = "cls+mean_patch(no_registers)"  # the string older stores' fingerprints hold
-CLS = "cls"
-_POOLINGS = (CLS_MEAN_PATCH, CLS)
 
 _SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
 # The architecture as published with the weights (paige-ai/Virchow2 config.json), plus the two
@@ -237,8 +235,8 @@ def embedding_width(pooling: str, width: int) -> int:
 def pool_tile_embedding(tokens: torch.Tensor, num_prefix_tokens: int, pooling: str = CLS_MEAN_PATCH) -> torch.Tensor:
     """(B, 1 + R + P, C) → (B, 2C) class ‖ mean(patch tokens) or (B, C) class token. Index 0 is the class
     token; 1..R are registers, never averaged in."""
-    if pooling not in _POOLINGS:
-        raise EncoderError(f"unknown pooling {pooling!r}: {', '.join(_POOLINGS)}")
+    if pooling not in POOLINGS:
+        raise EncoderError(f"unknown pooling {pooling!r}: {', '.join(POOLINGS)}")
     cls = tokens[:, 0]  # (B, C)
     if pooling == CLS:
         return cls

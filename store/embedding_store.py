@@ -52,6 +52,7 @@ from slidecache.errors import (
     StoreSchemaError,
 )
 from slidecache.provenance import fingerprint, provenance, spec_differences, utc_now
+from slidecache.tile_embeddings import CLS
 from store.backends import display_url, opening, zarr_store
 from store.lease import DEFAULT_LEASE_SECONDS, Lease
 
@@ -215,7 +216,7 @@ class EmbeddingStore:
         """The leading values of a tile embedding that are the class token: all of a class-token encoder's
         (UNI2-h, H-optimus, Prov-GigaPath, Phikon-v2), half of a class ‖ mean-patch one's (Virchow-2)."""
         encoder = self.spec["encoder"]
-        return self.embedding_dim if encoder.get("pooling") == "cls" else self.embedding_dim // 2
+        return self.embedding_dim if encoder.get("pooling") == CLS else self.embedding_dim // 2
 
     @property
     def compression(self) -> str:

@@ -24,9 +24,9 @@ import h5py
 import numpy as np
 
 from slidecache.cohorts.ids import patient_id_for, validate_slide_id
-from slidecache.encoder_widths import embedding_width
 from slidecache.errors import InteropError, InvalidSlideId, SlideBusy, SlideWriteError
 from slidecache.provenance import UNKNOWN
+from slidecache.tile_embeddings import embedding_width
 from store.embedding_store import EmbeddingStore
 
 MPP_AT_1X = 10.0  # the usual convention: 0.5 µm/px at 20x, 0.25 at 40x

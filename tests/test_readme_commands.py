@@ -5,7 +5,7 @@ test fails here. The rules and substitutions are in tests/readme.py."""
 
 from __future__ import annotations
 
-from extract.config import CONFIG_DIR
+from slidecache.configs import shipped
 from tests.readme import EXEMPT, readme_commands, readme_markers, to_argv
 
 
@@ -21,11 +21,11 @@ def test_every_readme_command_is_run_by_a_test_or_exempt_with_a_reason():
 
 
 def test_every_shipped_config_runs_at_its_own_settings():
-    shipped = {p.name for p in (CONFIG_DIR / "train").glob("*.yaml")} | {
-        f"extract/{p.name}" for p in (CONFIG_DIR / "extract").glob("*.yaml")}
+    configs = {p.name for p in shipped("train").glob("*.yaml")} | {
+        f"extract/{p.name}" for p in shipped("extract").glob("*.yaml")}
     covered = set(readme_markers("recipe"))
-    assert shipped <= covered, f"configs no test runs at their own settings: {sorted(shipped - covered)}"
-    assert covered <= shipped, f"recipe markers for configs that do not exist: {sorted(covered - shipped)}"
+    assert configs <= covered, f"configs no test runs at their own settings: {sorted(configs - covered)}"
+    assert covered <= configs, f"recipe markers for configs that do not exist: {sorted(covered - configs)}"
 
 
 def test_the_command_rules():

@@ -27,7 +27,6 @@ from slidecache.cohorts.splits import is_set_split
 from slidecache.configs import find_config, shipped
 from slidecache.errors import ConfigError
 
-CONFIG_DIR = shipped("train")
 DEFAULT_LLM = "Qwen/Qwen2-0.5B-Instruct"  # InternVL2-1B's language model
 SYSTEM_MESSAGE = ("You are a pathology assistant. You read a whole-slide image of a tumour and write a short "
                   "report that states the tumour grade and the prognosis.")
@@ -89,7 +88,7 @@ class DataArguments:
 def _yaml_defaults(path: str | Path) -> dict:
     path = find_config(path, "train")
     if not path.is_file():
-        raise ConfigError(f"training config {path} does not exist (those shipped are in {CONFIG_DIR})")
+        raise ConfigError(f"training config {path} does not exist (those shipped are in {shipped('train')})")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a training config is a mapping of flag: value")

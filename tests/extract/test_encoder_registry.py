@@ -153,7 +153,7 @@ def test_a_class_token_stores_cls_pooling_is_the_whole_vector(tmp_path):
 
 
 def test_the_torch_free_width_table_matches_every_registered_build():
-    from slidecache.encoder_widths import embedding_width
+    from slidecache.tile_embeddings import embedding_width
 
     for name, spec in REGISTRY.items():
         built = build_encoder(name, spec=spec.variant(spec.name), meta=True).embedding_dim

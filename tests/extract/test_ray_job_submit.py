@@ -27,9 +27,10 @@ def test_cli_refusals_are_clear(tmp_path):
 
 
 def test_every_extract_config_loads():
-    from extract.config import CONFIG_DIR, ExtractConfig
+    from extract.config import ExtractConfig
+    from slidecache.configs import shipped
 
-    configs = sorted((CONFIG_DIR / "extract").glob("*.yaml"))
+    configs = sorted(shipped("extract").glob("*.yaml"))
     assert configs
     for path in configs:
         ExtractConfig.from_yaml(path)
@@ -38,7 +39,8 @@ def test_every_extract_config_loads():
 def test_the_config_follows_the_encoder_and_the_device():
     """`--encoder NAME` takes configs/extract/NAME.yaml when there is one, else the default config with that
     encoder; what a config leaves out (batch, read chunk) follows the device; `--config` and flags win."""
-    from extract.config import CONFIG_DIR, DEVICE_DEFAULTS, ExtractConfig
+    from extract.config import DEVICE_DEFAULTS, ExtractConfig
+    from slidecache.configs import shipped
 
     tiny = ExtractConfig.for_command(None, {"encoder": "virchow2-tiny"})
     assert (tiny.encoder, tiny.batch_size, tiny.read_chunk, tiny.precision) == ("virchow2-tiny", 64, 128, "fp32")
@@ -48,7 +50,7 @@ def test_the_config_follows_the_encoder_and_the_device():
         resolved = small.for_device(device)
         assert (resolved.batch_size, resolved.read_chunk) == tuple(DEVICE_DEFAULTS[device].values())
     assert tiny.for_device("cuda").batch_size == 64  # what the config says is kept
-    given = ExtractConfig.for_command(CONFIG_DIR / "extract" / "virchow2.yaml", {"encoder": "virchow2-tiny",
+    given = ExtractConfig.for_command(shipped("extract", "virchow2.yaml"), {"encoder": "virchow2-tiny",
                                                                                  "batch_size": 8})
     assert (given.encoder, given.batch_size, given.precision) == ("virchow2-tiny", 8, "auto")
     assert ExtractConfig.for_command(None, {}).encoder == "virchow2"

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from slidecache.cohorts.splits import write_set_split
+from slidecache.configs import shipped
 from slidecache.errors import AnnotationError, ConfigError, StoreNotFound
-from train.config import CONFIG_DIR, parse_args
+from train.config import parse_args
 from train.data import IGNORE_INDEX, ConversationEncoder, SlideConversationDataset, load_samples, select_tiles
 from train.llm import TINY_CONFIG, load_llm
 from train.run import freeze, setup
@@ -57,7 +58,7 @@ def test_every_training_config_loads(tmp_path):
     """Each config with only the inputs its header asks for; one that validates during training also needs the
     train/val/test split file, and is refused without it."""
     split = write_set_split(tmp_path / "split.csv", [("s1", "p1", "train"), ("s2", "p2", "val"), ("s3", "p3", "test")])
-    configs = sorted(CONFIG_DIR.glob("*.yaml"))
+    configs = sorted(shipped("train").glob("*.yaml"))
     assert len(configs) >= 2
     for path in configs:
         base = ["--config", str(path), "--meta_path", "m.json", "--store", "s", "--output_dir", str(tmp_path)]
