@@ -4,20 +4,15 @@ transformers (never `trust_remote_code`), random-init variants of the same archi
 This module needs only torch, timm, safetensors and huggingface_hub (transformers for Phikon-v2), so GPU
 benchmarks can import it from a bare source tree. Every encoder sees the same 224 px tiles at 0.5 µm/px.
 
-The tile embedding is each model card's own output (the registry says which):
-    cls+mean_patch(no_registers)  tokens (B, 1 + R + P, C) → concat(tokens[:, 0], tokens[:, 1 + R:].mean(1)): 2C
-                                  (Virchow-2; several public tools get it wrong: class token only, or
-                                  registers averaged in)
-    cls                           tokens[:, 0]: C (UNI2-h, H-optimus-0/1, Prov-GigaPath, Phikon-v2)
+The tile embedding is each model card's own output (the registry says which pooling: slidecache.tile_embeddings;
+for Virchow-2 the class token ‖ the mean of the patch tokens, registers left out, which several public tools
+get wrong). Weights are found and read by extract.encoder_weights.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 import threading
-import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +21,14 @@ import timm
 import torch
 from timm.layers import SwiGLUPacked
 
+from extract.encoder_weights import (
+    HF_CONFIG,
+    STATE_DICT_FILENAME,
+    WEIGHTS_FILENAME,
+    load_weights,
+    resolve_weights_file,
+    sha256_file,
+)
 from slidecache.errors import EncoderError  # pure Python: importable without zarr
 from slidecache.tile_embeddings import CLS, CLS_MEAN_PATCH, POOLINGS
 
@@ -73,9 +76,6 @@ PHIKON2_ARCH: dict[str, Any] = dict(hidden_size=1024, num_hidden_layers=24, num_
                                     use_swiglu_ffn=False, qkv_bias=True, hidden_act="gelu")
 
 VIRCHOW2_HUB_ID = "paige-ai/Virchow2"
-WEIGHTS_FILENAME = "model.safetensors"
-STATE_DICT_FILENAME = "pytorch_model.bin"  # a plain state dict: read with torch.load(weights_only=True)
-HF_CONFIG = "config.json"
 
 
 @dataclass(frozen=True)
@@ -256,98 +256,6 @@ def pool_token_grid(tokens: torch.Tensor, num_prefix_tokens: int, out_grid: int)
     return pooled.flatten(2).transpose(1, 2)  # (B, o*o, C)
 
 
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _hub_download(repo: str, filenames: tuple[str, ...]) -> Path:
-    """The first of `filenames` the hub repository has (HF_TOKEN from the environment; never read by us)."""
-    from huggingface_hub import hf_hub_download  # imported late: no network probe at import time
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
-    last: Exception | None = None
-    for filename in filenames:
-        try:
-            return Path(hf_hub_download(repo, filename))
-        except EntryNotFoundError as e:  # the repository exists but ships another file name: try the next
-            last = e
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-            last = e
-            break
-    raise EncoderError(
-        f"could not fetch {' or '.join(filenames)} of {repo!r} ({type(last).__name__}). The weights are gated: "
-        "accept the licence on the hub and set HF_TOKEN, or pass a local weights file"
-    ) from last
-
-
-def _resolve_weights_file(weights: str, spec: EncoderSpec) -> Path:
-    """A local weights file, a directory holding one of the entry's weights files, or a hub id (HF_TOKEN).
-    A transformers model (Phikon-v2) also needs its config.json beside the file."""
-    names = spec.weights_files
-    local = Path(weights).expanduser()
-    if local.is_dir():
-        found = [local / n for n in names if (local / n).is_file()]
-        if not found:
-            raise EncoderError(f"{local} holds no {' or '.join(names)}: point --weights at the weights file")
-        local = found[0]
-    if local.is_file():
-        path = local
-    elif weights.startswith((".", "/", "~")) or weights.count("/") != 1:
-        raise EncoderError(f"weights {weights!r}: no such file, and not a hub id of the form owner/name")
-    else:
-        path = _hub_download(weights, names)
-        if spec.library == "transformers":
-            _hub_download(weights, (HF_CONFIG,))  # lands beside the weights in the same snapshot folder
-    if spec.library == "transformers" and not (path.parent / HF_CONFIG).is_file():
-        raise EncoderError(f"{path}: a {spec.name} checkpoint needs its {HF_CONFIG} in the same folder")
-    return path
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors, or a plain state dict read with weights_only=True (a pickle that would run code is refused)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if path.suffix in (".bin", ".pt", ".pth"):
-        try:
-            # mmap for the zip format torch.save writes; a legacy-format file is read whole (still weights_only)
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except Exception as e:  # weights_only's refusal is an UnpicklingError; a torn file another error
-            raise EncoderError(f"{path}: not a state dict torch.load(weights_only=True) can read "
-                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); checkpoints that need "
-                               "arbitrary unpickling are never loaded") from e
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise EncoderError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
-        return state
-    raise EncoderError(f"{path}: weights must be .safetensors or a state dict (.bin/.pt/.pth, read with "
-                       "weights_only=True)")
-
-
-def _load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Fill `model` (built on the meta device: no memory, no random init) with the file's tensors."""
-    # fp32 as the initialised model was (a bf16 file would otherwise make a bf16 model); .float() of fp32 is free
-    state = {k: v.float() if v.is_floating_point() else v for k, v in _read_state_dict(path).items()}
-    target = model.backbone if isinstance(model, _Dinov2Tokens) else model
-    try:
-        missing, unexpected = target.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:  # a tensor of another shape: another size of the family
-        shapes = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
-        raise EncoderError(f"{path} does not match the architecture: {shapes}") from e
-    left_empty = [name for name, t in [*target.named_parameters(), *target.named_buffers()]
-                  if t.is_meta and name not in missing]  # e.g. a buffer no state dict holds
-    if missing or unexpected or left_empty:
-        raise EncoderError(
-            f"{path} does not match the architecture: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-            + (f", {len(left_empty)} tensors left unfilled (e.g. {left_empty[:3]})" if left_empty else "")
-        )
-
-
 def patch_grid(name: str) -> int:
     """Patches per side at the encoder's input size, without building it (16 for Virchow-2 at 224 px)."""
     return registered(name).grid
@@ -418,7 +326,8 @@ def build_encoder(
     its fingerprint so)."""
     spec = spec or registered(name)
     source = weights if weights is not None else spec.weights
-    path = None if source is None else _resolve_weights_file(source, spec)
+    path = None if source is None else resolve_weights_file(source, spec.weights_files, spec.name,
+                                                           needs_config=spec.library == "transformers")
     # Weights from a file: built without initialising (the full ViT-H's random init takes 13 s on 2 cores,
     # for 2.5 GB that the file's tensors replace at once).
     with torch.device("meta") if meta or path is not None else contextlib.nullcontext():
@@ -427,7 +336,7 @@ def build_encoder(
         weights_id, digest = f"random-init:seed={spec.seed}", None
     else:
         if not meta:
-            _load_weights(model, path)
+            load_weights(model.backbone if isinstance(model, _Dinov2Tokens) else model, path)
         is_local = Path(source).expanduser().exists()
         weights_id, digest = (path.name if is_local else source), sha256_file(path)
     model.eval().requires_grad_(False)

@@ -1,11 +1,13 @@
-"""Every command README.md shows, and how the suite runs it.
+"""Every command README.md and the pages of docs/ show, and how the suite runs it.
 
-`readme_commands()` reads them: each command of a ```bash block (a line starting with white space, or
-following a trailing backslash, continues the one before; `# ...` comments dropped), the inline
-`python -m ...`, `make ...`, `bash ...` spans of the prose, and each ```python block as one snippet.
-Each must be run by a test that carries `@pytest.mark.readme(COMMAND)` (COMMAND exactly as printed) or be
-listed in EXEMPT with the reason: tests/test_readme_commands.py fails otherwise, so a command added to the
-README without a test fails the suite.
+`shown_commands()` reads them from README.md and every docs/*.md, each with the file and line it is printed
+at: each command of a ```bash block (a line starting with white space, or following a trailing backslash,
+continues the one before; `# ...` comments dropped, whole comment lines too), the inline `python -m ...`,
+`make ...`, `bash ...` spans of the prose, and each ```python block as one snippet (`readme_commands()`:
+the same, as the distinct texts). Each must be run by a test that carries `@pytest.mark.readme(COMMAND)`
+(COMMAND exactly as printed; the marker covers that text in whichever file prints it) or be listed in EXEMPT
+with the reason: tests/test_readme_commands.py fails otherwise, naming the file and line, so a command added
+to the README or a docs page without a test fails the suite.
 
 A test runs a command through `to_argv`: the optional `[...]` parts left out, the first of `a|b`, `X...`
 read as one X, a bare `...` read as the words of the command printed before it, and the upper-case
@@ -39,7 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 TESTS = Path(__file__).resolve().parent
 
 EXEMPT = {
@@ -54,48 +58,183 @@ EXEMPT = {
     "ray job submit": "a mention in the prose; the whole command is in the extraction block and is run",
     "python -m store failures": "a mention in the prose; `python -m store failures STORE [--json]` is run",
 }
+
+# The guides docs/tcga.md and docs/reports.md print the commands of a real run: real paths, the real data and
+# weights. Their general forms (placeholders and options, in the README and the stage pages) are run above.
+_TCGA = ("the real run of docs/tcga.md: needs its store of the TCGA slides (encoded with the gated Virchow-2 weights "
+         "on GPUs)")
+_HISTGEN = ("the real run of docs/reports.md: needs HistGen's TCGA slides or their store (encoded with the gated "
+            "Virchow-2 weights) and a GPU")
+_S3 = ", a Ray cluster and S3"
+_ENV = "sets environment variables for the commands after it: nothing runs"
+_GDC = "downloads TCGA slides from the GDC (network, terabytes); the suite makes its own slides"
+
+
+def _general(test: str) -> str:
+    return f"; its general form is run by {test}"
+
+
+EXEMPT |= {
+    # docs/reports.md
+    "gdc-client download -m histgen_manifest.txt -d /data/tcga/slides": _GDC,
+    "export TCGA_MANIFEST=/data/tcga/histgen_manifest.txt TCGA_SLIDE_ROOT=/data/tcga/slides": _ENV,
+    "export HF_TOKEN=...": _ENV,
+    "python -m extract --cohort TCGA --store /data/stores/histgen-virchow2.zarr --compile":
+        _HISTGEN + _general("tests/extract/test_readme_extract.py"),
+    "python -m store verify /data/stores/histgen-virchow2.zarr":
+        _HISTGEN + _general("tests/store/test_readme_store.py"),
+    "python -m train.import_reports --store /data/stores/histgen-virchow2.zarr --histgen annotation712_update.json "
+    "--out runs/histgen/reports": _HISTGEN + _general("tests/train/test_import_reports.py"),
+    "python -m train --config configs/train/histgen-internvl2-1b-lora.yaml --meta_path runs/histgen/reports/meta.json "
+    "--store /data/stores/histgen-virchow2.zarr --split runs/histgen/reports/split.csv --output_dir runs/histgen/lora":
+        _HISTGEN + _general("tests/train/test_import_reports.py"),
+    "python -m train.generate --checkpoint runs/histgen/lora --store /data/stores/histgen-virchow2.zarr --meta_path "
+    "runs/histgen/reports/meta.json --split runs/histgen/reports/split.csv --batch_size 32 --max_new_tokens 512 "
+    "--out runs/histgen/gen/test.jsonl": _HISTGEN + _general("tests/train/test_import_reports.py"),
+    "python -m evaluate report --protocol histgen --predictions runs/histgen/gen/test.jsonl --references "
+    "runs/histgen/reports/annotations.jsonl --store /data/stores/histgen-virchow2.zarr --clinical TCGA-CDR.csv "
+    "--out runs/histgen/scores": _HISTGEN + _general("tests/train/test_import_reports.py"),
+    "python -m evaluate report --predictions runs/histgen/gen/test.jsonl --references "
+    "runs/histgen/reports/annotations.jsonl --checkpoint runs/histgen/lora --store /data/stores/histgen-virchow2.zarr "
+    "--out runs/histgen/grounding": _HISTGEN + _general("tests/train/test_readme_train.py"),
+    "git clone https://github.com/dddavid4real/HistGen /opt/histgen":
+        "fetches HistGen's source from GitHub (network); tests/evaluate/test_histgen_parity.py runs the parity check "
+        "when SLIDECACHE_HISTGEN_SRC names such a checkout",
+    "python bench/histgen_parity.py --histgen-src /opt/histgen --annotation annotation712_update.json --predictions "
+    "runs/histgen/gen/test.jsonl": _HISTGEN + _general("tests/evaluate/test_histgen_parity.py"),
+    "python -m evaluate survival --store /data/stores/histgen-virchow2.zarr --clinical TCGA-CDR.csv --head abmil-cox "
+    "--save-head runs/histgen/heads/os --out runs/histgen/os": _HISTGEN + _general("tests/train/test_slide_report.py"),
+    "python -m evaluate grade --store /data/stores/histgen-virchow2.zarr --clinical TCGA-CDR.csv --head logreg "
+    "--save-head runs/histgen/heads/grade --out runs/histgen/grade":
+        _HISTGEN + _general("tests/train/test_slide_report.py"),
+    "python -m train.generate --checkpoint runs/histgen/lora --store /data/stores/histgen-virchow2.zarr --slide "
+    "new-case.svs --survival_head runs/histgen/heads/os --grade_head runs/histgen/heads/grade --max_new_tokens 512 "
+    "--page_dir pages/new-case": _HISTGEN + _general("tests/train/test_slide_report.py"),
+    # docs/tcga.md
+    "gdc-client download -m gdc_manifest.txt -d /data/tcga/slides": _GDC,
+    "export TCGA_MANIFEST=/data/tcga/gdc_manifest.txt TCGA_SLIDE_ROOT=/data/tcga/slides": _ENV,
+    "export AWS_ENDPOINT_URL=... AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...": _ENV,
+    "ray start --head": "starts the head node of a Ray cluster; the `ray job submit` tests start their own head "
+                        "(tests/ray_head.py)",
+    "ray job submit --working-dir . -- python -m extract --cohort TCGA --store s3://bucket/tcga-virchow2.zarr":
+        _TCGA + _S3 + _general("tests/extract/test_readme_extract.py (on a Ray head and a moto S3 server)"),
+    "python -m store verify s3://bucket/tcga-virchow2.zarr":
+        _TCGA + _S3 + _general("tests/store/test_readme_store.py"),
+    "python -m store failures s3://bucket/tcga-virchow2.zarr":
+        _TCGA + _S3 + _general("tests/store/test_readme_store.py"),
+    "python -m evaluate split --store s3://bucket/tcga-virchow2.zarr --clinical TCGA-CDR.csv --cancer-type KIRC "
+    "--site-preserving --folds 5 --out runs/kirc/splits.csv":
+        _TCGA + _S3 + _general("tests/evaluate/test_readme_evaluate.py"),
+    "python -m train.annotations --store s3://bucket/tcga-virchow2.zarr --clinical TCGA-CDR.csv --reports "
+    "pathology_report_texts.jsonl --split runs/kirc/splits.csv --fold 0 --out runs/kirc/annotations.jsonl --meta "
+    "runs/kirc/meta.json": _TCGA + _S3 + _general("tests/train/test_readme_train.py"),
+    "GPUS=8 PER_DEVICE_BATCH_SIZE=4 BATCH_SIZE=128 python -m train --config configs/train/internvl2-1b-lora.yaml "
+    "--meta_path runs/kirc/meta.json --store s3://bucket/tcga-virchow2.zarr --split runs/kirc/splits.csv --fold 0 "
+    "--output_dir runs/kirc/fold0": _TCGA + _S3 + _general("tests/train/test_readme_train.py (GPUS=2 gloo processes)"),
+    "ray job submit --working-dir . --runtime-env-json '{\"env_vars\": {\"PER_DEVICE_BATCH_SIZE\": \"4\", "
+    "\"BATCH_SIZE\": \"128\"}}' -- python -m train --ray_workers 16 --config configs/train/internvl2-1b-lora.yaml "
+    "--meta_path runs/kirc/meta.json --store s3://bucket/tcga-virchow2.zarr --split runs/kirc/splits.csv --fold 0 "
+    "--output_dir /shared/runs/kirc/fold0": _TCGA + _S3 + " and a shared file system"
+        + _general("tests/train/test_accumulation.py (--ray_workers 2 gloo workers)"),
+    "python -m train.generate --checkpoint runs/kirc/fold0 --store s3://bucket/tcga-virchow2.zarr --meta_path "
+    "runs/kirc/meta.json --split runs/kirc/splits.csv --fold 0 --out runs/kirc/fold0/reports.jsonl":
+        _TCGA + _S3 + _general("tests/train/test_readme_train.py"),
+    "python -m evaluate report --predictions runs/kirc/fold0/reports.jsonl --references runs/kirc/annotations.jsonl "
+    "--clinical TCGA-CDR.csv --out runs/kirc/fold0/report_metrics":
+        _TCGA + _general("tests/train/test_readme_train.py"),
+    "python -m evaluate sweep --store s3://bucket/tcga-virchow2.zarr --clinical TCGA-CDR.csv --cancer-type KIRC "
+    "--tasks OS DSS PFI grade --split runs/kirc/splits.csv --out runs/kirc/sweep":
+        _TCGA + _S3 + _general("tests/evaluate/test_readme_evaluate.py"),
+    "python -m evaluate survival --store s3://bucket/tcga-virchow2.zarr --clinical TCGA-CDR.csv --cancer-type KIRC "
+    "--head abmil-cox --split runs/kirc/splits.csv --heatmaps auto --out runs/kirc/abmil":
+        _TCGA + _S3 + _general("tests/evaluate/test_readme_evaluate.py"),
+}
 PLACEHOLDERS = {"STORE", "STORE_A", "STORE_B", "TABLE", "DIR", "ID", "SRC", "DST", "NAME", "SLIDES_OR_TABLE", "OUT", "HUB_ID_OR_FILE",
-                "SLIDE_ID", "SLIDE", "X", "N"}  # the README's placeholders; other upper-case words (OS, TCGA) are literal
+                "SLIDE_ID", "SLIDE", "X", "N"}  # README's and docs' placeholders; other upper-case words (OS, TCGA) are literal
 INLINE = re.compile(r"^(python -m |make |bash |ray job submit)")
 REWRITES = (("GPUS=8", "GPUS=2"), ("--ray_workers 16", "--ray_workers 2"))  # the table's plain rewrites
 
 
-def _bash_commands(body: str) -> list[str]:
-    commands: list[str] = []
+def _bash_commands(body: str) -> list[tuple[int, str]]:
+    """(line offset within the block, command) for each command of a shell block."""
+    commands: list[tuple[int, str]] = []
     joining = False
-    for raw in body.splitlines():
-        line = re.sub(r"\s+#.*$", "", raw).rstrip()
+    for offset, raw in enumerate(body.splitlines()):
+        line = re.sub(r"(^|\s+)#.*$", "", raw).rstrip()
         if not line.strip():
             joining = False
             continue
         continues = joining or raw[:1].isspace()
         text = line.rstrip("\\").strip()
         if continues and commands:
-            commands[-1] = f"{commands[-1]} {text}"
+            commands[-1] = (commands[-1][0], f"{commands[-1][1]} {text}")
         else:
-            commands.append(text)
+            commands.append((offset, text))
         joining = line.endswith("\\")
     return commands
 
 
-def readme_commands(readme: Path = README) -> list[str]:
-    """Every command README.md shows, each as one line of single-spaced words."""
-    text = readme.read_text()
-    commands: list[str] = []
-    for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
-        if lang in ("bash", "sh", "shell"):
-            commands += _bash_commands(body)
-        elif lang == "python":
-            commands.append("python: " + body.strip().splitlines()[0])
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    commands += [span for span in re.findall(r"`([^`\n]+)`", prose) if INLINE.match(span)]
-    return list(dict.fromkeys(" ".join(c.split()) for c in commands))
+def documents() -> list[Path]:
+    """The files whose commands the suite runs: README.md, then every docs/*.md."""
+    return [README, *sorted(DOCS.glob("*.md"))]
 
 
-def python_snippet(first_line: str, readme: Path = README) -> str:
-    for lang, body in re.findall(r"```(\w*)\n(.*?)```", readme.read_text(), re.S):
-        if lang == "python" and body.strip().splitlines()[0] == first_line.removeprefix("python: "):
-            return body
+@dataclass(frozen=True)
+class Shown:
+    """A command as one file prints it."""
+    command: str  # one line of single-spaced words
+    file: str  # relative to the repository root, e.g. "docs/store.md"
+    line: int  # the line it starts on
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.command}"
+
+
+def _files(files: Path | Sequence[Path] | None) -> list[Path]:
+    if files is None:
+        return documents()
+    return [files] if isinstance(files, Path) else list(files)
+
+
+def _name(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def shown_commands(files: Path | Sequence[Path] | None = None) -> list[Shown]:
+    """Every command README.md and docs/*.md show (or `files`), with where, once per file and text."""
+    shown: dict[tuple[str, str], Shown] = {}
+    for path in _files(files):
+        text, name = path.read_text(encoding="utf-8"), _name(path)
+        found: list[tuple[int, str]] = []
+        for block in re.finditer(r"```(\w*)\n(.*?)```", text, re.S):
+            lang, body = block.group(1), block.group(2)
+            first = text.count("\n", 0, block.start(2)) + 1
+            if lang in ("bash", "sh", "shell"):
+                found += [(first + offset, command) for offset, command in _bash_commands(body)]
+            elif lang == "python":
+                found.append((first, "python: " + body.strip().splitlines()[0]))
+        prose = re.sub(r"```.*?```", lambda block: "\n" * block.group(0).count("\n"), text, flags=re.S)
+        found += [(prose.count("\n", 0, span.start()) + 1, span.group(1))
+                  for span in re.finditer(r"`([^`\n]+)`", prose) if INLINE.match(span.group(1))]
+        for line, command in sorted(found):
+            command = " ".join(command.split())
+            shown.setdefault((name, command), Shown(command, name, line))
+    return list(shown.values())
+
+
+def readme_commands(files: Path | Sequence[Path] | None = None) -> list[str]:
+    """Every command README.md and docs/*.md show (or `files`), each text once, as one line of single-spaced
+    words."""
+    return list(dict.fromkeys(shown.command for shown in shown_commands(files)))
+
+
+def python_snippet(first_line: str, files: Path | Sequence[Path] | None = None) -> str:
+    """The ```python block of README.md or a docs page whose first line is `first_line`."""
+    for path in _files(files):
+        for lang, body in re.findall(r"```(\w*)\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
+            if lang == "python" and body.strip().splitlines()[0] == first_line.removeprefix("python: "):
+                return body
     raise KeyError(first_line)
 
 
@@ -117,7 +256,7 @@ class Run:
 
 def to_argv(command: str, values: Mapping[str, str] | None = None, *, dots: Sequence[str] = (),
             llm_dir: str | None = None, tiny_encoder: bool = False) -> Run:
-    """The words a test runs for a README command: see the module docstring for every rule."""
+    """The words a test runs for a command of the README or a docs page: see the module docstring for every rule."""
     values = dict(values or {})
     substituted = []
     for printed, here in REWRITES:
@@ -214,7 +353,7 @@ def run_main(module: str, args: Sequence[str], cwd: Path, env: Mapping[str, str]
 
 
 def run_in_process(run: Run, cwd: Path) -> Result:
-    """A README command (see to_argv) run by run_main."""
+    """A README or docs command (see to_argv) run by run_main."""
     return run_main(run.module, run.args, cwd, run.env)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from slidecache.cohorts.ids import patient_key, tcga_patient_id
+from slidecache.cohorts.ids import patient_key, tcga_site
 from slidecache.errors import ClinicalTableError
 
 ENDPOINTS = ("OS", "DSS", "DFI", "PFI")
@@ -212,7 +212,7 @@ def _cdr_like(path: Path, header: list[str], rows: list[_Row]) -> ClinicalTable:
             grade_scheme=scheme,
             age=row.number("age_at_initial_pathologic_diagnosis" if key == "bcr_patient_barcode" else "age", 0.0),
             stage=row.text("ajcc_pathologic_tumor_stage", "stage"),
-            site=row.text("site") or (pid[5:7] if tcga_patient_id(pid) else None),
+            site=row.text("site") or tcga_site(pid),
         )
         first_line[pid] = row.line
     fmt = "tcga-cdr" if key == "bcr_patient_barcode" else "slidecache"
@@ -245,7 +245,7 @@ def _survpath(path: Path, header: list[str], rows: list[_Row]) -> ClinicalTable:
             cancer_type=row.text("oncotree_code"),
             endpoints=endpoints,
             age=row.number("age", 0.0),
-            site=row.text("site") or (pid[5:7] if tcga_patient_id(pid) else None),
+            site=row.text("site") or tcga_site(pid),
         )
     needed = {e: (f"survival_months{s}", f"censorship{s}") for e, s in suffixes.items()}
     missing = _missing_columns(path, header, needed)
@@ -261,7 +261,7 @@ def _survpath_clinical(path: Path, header: list[str], rows: list[_Row]) -> Clini
         grade, scheme = row.grade("grade")
         patients[pid] = PatientClinical(pid, cancer_type=row.text("subtype"), grade=grade, grade_scheme=scheme,
                                         stage=row.text("stage"),
-                                        site=pid[5:7] if tcga_patient_id(pid) else None)
+                                        site=tcga_site(pid))
     missing = {e: f"{path} is a SurvPath clinical table (case_id, grade, stage): it has no survival columns"
                for e in ENDPOINTS}
     return ClinicalTable(str(path), "survpath-clinical", patients, {}, missing)

@@ -48,6 +48,12 @@ def tcga_patient_id(identifier: str) -> str | None:
     return None
 
 
+def tcga_site(identifier: str) -> str | None:
+    """The tissue source site of a TCGA barcode ('TCGA-CR-7395' → 'CR': site-preserving folds keep each site in
+    one fold, against batch effects); None when it is not a TCGA barcode."""
+    return identifier[5:7].upper() if TCGA_BARCODE.match(identifier) else None
+
+
 def patient_key(identifier: str) -> str:
     """The key that joins a patient across stores, clinical tables, splits and reports: the TCGA patient
     barcode when `identifier` is a TCGA barcode (of a slide, sample or patient), else `identifier` as given."""
