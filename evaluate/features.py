@@ -14,7 +14,8 @@ import numpy as np
 from slidecache.cohorts.clinical import ENDPOINTS, ClinicalTable, PatientClinical
 from slidecache.cohorts.ids import patient_key
 from slidecache.errors import EvaluationError
-from store.embedding_store import EmbeddingStore, SlideView
+from store.embedding_store import EmbeddingStore
+from store.slide_view import SlideView
 
 POOLINGS = ("mean", "max", "cls")
 

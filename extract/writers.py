@@ -22,7 +22,8 @@ from typing import Any, Callable, Collection, Mapping
 import numpy as np
 
 from slidecache.errors import SlideBusy, WriterRestarted
-from store.embedding_store import EmbeddingStore, SlideWriter
+from store.embedding_store import EmbeddingStore
+from store.slide_writer import SlideWriter
 
 HEARTBEAT_EVERY_S = 5.0  # cheap: a writer renews its lease only when a tenth of it has passed
 

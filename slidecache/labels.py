@@ -4,6 +4,5 @@ from __future__ import annotations
 
 
 def distinct_labels(names: list[str]) -> list[str]:
-    """Names as labels of a run's stores or a sweep's rows: a name given more than once is numbered
-    (virchow2, virchow2#2, ...)."""
-    return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
+    """Names as labels: a name given again is numbered from its second time (virchow2, virchow2#2, ...)."""
+    return [n if not names[:i].count(n) else f"{n}#{names[:i].count(n) + 1}" for i, n in enumerate(names)]

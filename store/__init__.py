@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {
-    "SCHEMA_VERSION": "store.embedding_store",
+_LAZY = {  # name -> the module that defines it
+    "SCHEMA_VERSION": "store.schema",
     "EmbeddingStore": "store.embedding_store",
-    "SlideView": "store.embedding_store",
-    "SlideWriter": "store.embedding_store",
+    "SlideView": "store.slide_view",
+    "SlideWriter": "store.slide_writer",
 }
 
 

@@ -7,7 +7,9 @@ from typing import Any, Callable, Mapping
 
 from slidecache.errors import FingerprintMismatch, StoreSchemaError
 from store.backends import display_url
-from store.embedding_store import COMPLETE, EmbeddingStore, SlideView
+from store.embedding_store import EmbeddingStore
+from store.schema import COMPLETE
+from store.slide_view import SlideView
 
 _COMMIT_FIELDS = {COMPLETE, "n_tiles", "embedding_dim", "has_tokens", "token_shape", "empty_reason",
                   "write_seconds", "committed_at", "fingerprint"}

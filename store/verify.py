@@ -9,8 +9,9 @@ import numpy as np
 
 from slidecache.errors import StoreError
 from slidecache.provenance import fingerprint
-from store.embedding_store import WRITER, EmbeddingStore, data_group
+from store.embedding_store import EmbeddingStore
 from store.lease import Lease
+from store.schema import WRITER, data_group
 
 POOLED_TOLERANCE = 1e-2  # pooled_mean is computed in float64 from the float16 rows; this is rounding slack
 

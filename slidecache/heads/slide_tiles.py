@@ -1,4 +1,4 @@
-"""What a head reads of a slide: the reading methods of a store's SlideView (store.embedding_store), named here
+"""What a head reads of a slide: the reading methods of a store's SlideView (store.slide_view), named here
 so that heads need no store to be defined, saved or tested."""
 
 from __future__ import annotations

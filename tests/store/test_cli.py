@@ -9,7 +9,7 @@ import pytest
 
 from store import EmbeddingStore
 from store.cli import build_parser
-from store.embedding_store import data_group
+from store.schema import data_group
 from tests.conftest import REPO_ROOT
 from tests.store.helpers import spec, write_slide
 

@@ -17,7 +17,7 @@ from slidecache.errors import (
     StoreSchemaError,
 )
 from store import EmbeddingStore
-from store.embedding_store import data_group
+from store.schema import data_group
 from store.verify import verify_store
 from tests.store.helpers import DIM, slide_rows, spec, write_slide
 
