@@ -81,7 +81,7 @@ def bench_pipeline(work: Path, tiles: int) -> dict[str, float]:
     del encoder
     ray.init(num_cpus=2, object_store_memory=500 * 1024**2, include_dashboard=False, log_to_driver=False)
     try:
-        summary = Extraction(entries, str(work / "pipeline.zarr"), cfg, log=lambda m: None).run()
+        summary = Extraction(entries, [(str(work / "pipeline.zarr"), cfg)], log=lambda m: None).run()
     finally:
         ray.shutdown()
     pipeline = summary.tiles / summary.pipeline_seconds
@@ -135,7 +135,7 @@ def bench_memory(work: Path, sizes: list[int]) -> dict[str, dict[str, float]]:
         ray.init(num_cpus=2, object_store_memory=500 * 1024**2, include_dashboard=False, log_to_driver=False)
         try:
             with PeakPss() as meter:
-                summary = Extraction([SlideEntry(f"rss{n}", str(path), "p")], str(work / f"rss{n}.zarr"), cfg,
+                summary = Extraction([SlideEntry(f"rss{n}", str(path), "p")], [(str(work / f"rss{n}.zarr"), cfg)],
                                      log=lambda m: None).run()
         finally:
             ray.shutdown()

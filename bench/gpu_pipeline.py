@@ -31,8 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demo.slides import write_repeated_slide  # noqa: E402
 from extract.config import ExtractConfig  # noqa: E402
-from extract.executors import LocalExecutor  # noqa: E402
 from extract.job import Extraction  # noqa: E402
+from extract.local_executor import LocalExecutor  # noqa: E402
+from extract.summary import SlideStatus  # noqa: E402
 from slidecache.cohorts.slides import SlideEntry  # noqa: E402
 from slidecache.devices import usable_cores  # noqa: E402
 
@@ -120,14 +121,14 @@ def encoder_alone(cfg: ExtractConfig, device: str, seconds: float) -> dict[str, 
 
 def pipeline(executor: LocalExecutor, entries: list[SlideEntry], cfg: ExtractConfig, store: Path) -> dict[str, Any]:
     shutil.rmtree(store, ignore_errors=True)
-    extraction = Extraction(entries, str(store), cfg, log=lambda m: print(m, flush=True), executor=executor)
+    extraction = Extraction(entries, [(str(store), cfg)], log=lambda m: print(m, flush=True), executor=executor)
     cpu0 = executor.reader_cpu_seconds()
     summary = extraction.run()
     cpu = executor.reader_cpu_seconds() - cpu0
     stats = [executor.get(executor.call(actor, "stats")) for actor in extraction.actors]
     wall = summary.pipeline_seconds
     busy = sum(s["busy_s"] for s in stats) / len(stats)
-    failed = [o.slide_id for o in summary.outcomes if o.status != "done"]
+    failed = [o.slide_id for o in summary.outcomes if o.status != SlideStatus.DONE]
     if failed:
         raise SystemExit(f"the pipeline did not complete every slide: {failed}")
     return {"tiles": summary.tiles, "seconds": wall, "seconds_with_model_load": summary.seconds,

@@ -107,9 +107,10 @@ def child(n_slides: int, encoders: int, tile_px: int, work: Path, tiles_per_slid
 
     from demo.slides import synthetic_he, write_pyramid
     from extract.config import ExtractConfig
-    from extract.executors import RayExecutor
     from extract.job import Extraction
+    from extract.ray_executor import RayExecutor
     from extract.slide_prep import prepare_slide
+    from extract.summary import SlideStatus
     from slidecache.cohorts.slides import SlideEntry
 
     cfg = ExtractConfig(encoder="virchow2-tiny", batch_size=256, read_chunk=256, num_encoders=encoders)
@@ -122,18 +123,18 @@ def child(n_slides: int, encoders: int, tile_px: int, work: Path, tiles_per_slid
              log_to_driver=False)
     try:
         executor = RayExecutor(cfg, worker=_stand_in_worker_class(), prepare=prepare, read=read)
-        warm = Extraction(entries[:20], str(work / "warm.zarr"), cfg, log=lambda m: None, executor=executor)
+        warm = Extraction(entries[:20], [(str(work / "warm.zarr"), cfg)], log=lambda m: None, executor=executor)
         warm.run()  # worker processes started, functions exported: what a long run pays once
         rss0, uss0 = psutil.Process().memory_info().rss, psutil.Process().memory_full_info().uss
         cpu0, t0 = _process_cpu(psutil), time.perf_counter()
-        summary = Extraction(entries, str(work / "store.zarr"), cfg, log=lambda m: None, executor=executor).run()
+        summary = Extraction(entries, [(str(work / "store.zarr"), cfg)], log=lambda m: None, executor=executor).run()
         wall = time.perf_counter() - t0
         cpu1 = _process_cpu(psutil)
         rss1, uss1 = psutil.Process().memory_info().rss, psutil.Process().memory_full_info().uss
     finally:
         ray.shutdown()
-    if summary.count("done") != n_slides:
-        raise SystemExit(f"only {summary.count('done')} of {n_slides} slides completed: {summary.failed[:3]}")
+    if summary.count(SlideStatus.DONE) != n_slides:
+        raise SystemExit(f"only {summary.count(SlideStatus.DONE)} of {n_slides} slides completed: {summary.failed[:3]}")
     cpu = {role: cpu1[role] - cpu0[role] for role in cpu0}
     return {"slides": n_slides, "tiles": summary.tiles, "seconds": wall, "tiles_per_s": summary.tiles / wall,
             "cpu_s": cpu, "coordination_cpu_s": cpu["driver"] + cpu["gcs"] + cpu["raylet"],

@@ -37,8 +37,8 @@ STORES = 3
 def one_run(encoders: list[str], cohort: list[str], work: Path) -> dict[str, float]:
     """One extraction (one store per encoder, one read) in this process; what it measured."""
     from extract.config import ExtractConfig
-    from extract.executors import LocalExecutor
     from extract.job import Extraction
+    from extract.local_executor import LocalExecutor
     from slidecache.cohorts.slides import SlideEntry
 
     entries = [SlideEntry(Path(p).stem, p, Path(p).stem) for p in cohort]
@@ -47,7 +47,7 @@ def one_run(encoders: list[str], cohort: list[str], work: Path) -> dict[str, flo
     executor = LocalExecutor(configs[0])
     try:
         t0 = time.perf_counter()
-        extraction = Extraction.for_stores(entries, stores, log=lambda m: None, executor=executor)
+        extraction = Extraction(entries, stores, log=lambda m: None, executor=executor)
         summary = extraction.run()
         wall = time.perf_counter() - t0
         stats = [executor.get(executor.call(actor, "stats")) for actor in extraction.actors]

@@ -9,6 +9,7 @@ from typing import Sequence
 
 from extract.cohorts import resolve_cohort
 from extract.config import DEFAULT_CONFIG, DEVICE_DEFAULTS, EXECUTORS, ExtractConfig
+from extract.stages import Stages
 from slidecache.cli_args import ArgumentParser, guarded, storage_options
 from slidecache.configs import SHIPPED
 from slidecache.errors import ConfigError
@@ -84,8 +85,8 @@ def images_main(argv: Sequence[str]) -> int:
 
 
 def _extract_images(args: argparse.Namespace) -> int:
-    from extract.executors import ray_session
     from extract.images import DynamicTiling, ImageExtraction, collect_images, image_encoder_config
+    from extract.ray_executor import ray_session
 
     overrides = {"encoder": args.encoder, "weights": args.weights, "tokens": args.tokens,
                  "batch_size": args.batch_size, "num_encoders": args.num_encoders}
@@ -122,15 +123,16 @@ def encoder_stores(encoders: str | None, stores: list[str], weights: str | None)
     return list(zip(stores, names, per_weights))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, stages: Stages = Stages()) -> int:
+    """`python -m extract ARGS`; `stages` are the executor's stand-ins (tests give crashing ones)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["images"]:
         return images_main(argv[1:])
     args = build_parser().parse_args(argv)
-    return guarded(lambda: _extract(args))
+    return guarded(lambda: _extract(args, stages))
 
 
-def _extract(args: argparse.Namespace) -> int:
+def _extract(args: argparse.Namespace, stages: Stages) -> int:
     from extract.executors import executor_session
     from extract.job import Extraction
     from extract.qc import default_qc_dir, write_qc
@@ -147,9 +149,8 @@ def _extract(args: argparse.Namespace) -> int:
     entries = resolve_cohort(args.cohort)
     shown = ", ".join(display_url(url) for url, _ in stores)
     print(f"[extract] cohort {args.cohort}: {len(entries)} slides; store{'s' * (len(stores) > 1)} {shown}", flush=True)
-    with executor_session(cfg) as executor:
-        extraction = Extraction.for_stores(entries, stores, options, log=lambda m: print(m, flush=True),
-                                           executor=executor)
+    with executor_session(cfg, stages) as executor:
+        extraction = Extraction(entries, stores, options, log=lambda m: print(m, flush=True), executor=executor)
         summary = extraction.run()
     print(summary.table(), flush=True)
     if not args.no_qc:

@@ -1,7 +1,7 @@
-"""Extraction settings: one dataclass, loadable from YAML, overridable from the command line.
-
-What changes the numbers (encoder, tiling, tissue) goes into the store fingerprint via `fingerprint_spec`;
-the rest (batch size, workers, readers) is recorded as provenance only.
+"""Extraction settings, loadable from YAML, overridable from the command line: one flat file, split on loading
+into what changes the numbers (`ExtractSpec`: the encoder, the tiling, the tissue rule; the store's fingerprint
+hashes it) and how the work is done (`RunOptions`: batch size, workers, executor, readers; recorded in the
+store's provenance only). `ExtractConfig` holds both.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Self
 
 import yaml
 
@@ -32,6 +32,11 @@ DEVICE_DEFAULTS: dict[str, dict[str, int]] = {"cuda": {"batch_size": 256, "read_
 # run reads in the first store's read chunks (how many tiles a reader task reads changes no number).
 PER_ENCODER_FIELDS = ("encoder", "weights", "tokens", "batch_size", "read_chunk", "precision", "compile",
                       "encoder_threads", "num_encoders", "extra")
+# The order of the settings in a store's recorded config (and of check_one_read's search for a difference).
+RECORDED_ORDER = ("encoder", "weights", "target_mpp", "tile_px", "stride_px", "min_tissue", "tokens", "batch_size",
+                  "read_chunk", "encoder_threads", "readers", "precision", "compile", "mpp_override",
+                  "thumbnail_max_side", "retry_failed", "limit", "num_encoders", "reader_cpus", "executor",
+                  "object_store_memory", "qc_dir", "extra")
 
 
 def _typed(name: str, value: Any, hint: Any, where: str) -> Any:
@@ -64,9 +69,36 @@ _TYPE_WORDS = {int: "a whole number", float: "a number", str: "text", bool: "tru
                tuple: "a list of names", dict: "a mapping", type(None): "left out (null)"}
 
 
+class _Settings:
+    """Typed loading, shared by the spec, the run options and the two together."""
+
+    @classmethod
+    def _typed_settings(cls, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """Each setting as its field's type wants it (in the order given); unknown names refused."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        return {name: _typed(name, value, hints[name], where) for name, value in data.items()}
+
+    @classmethod
+    def _built(cls, typed: Mapping[str, Any], where: str) -> Self:
+        try:
+            return cls(**typed)
+        except ConfigError as e:  # a value of the right type that cannot be used: name the file too
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def _values(settings: Any, of: type) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(of)}
+
+
 @dataclass
-class ExtractConfig:
-    # what changes the numbers
+class ExtractSpec(_Settings):
+    """What changes the numbers, and so what a store is fingerprinted with: the encoder (as it describes itself:
+    extract.inference.expected_encoder) and the tiling (`tiling_spec`)."""
+
     encoder: str = "virchow2"
     weights: str | None = None  # hub id or local .safetensors; None: the registry's default
     target_mpp: float = 0.5
@@ -74,29 +106,16 @@ class ExtractConfig:
     stride_px: int | None = None  # None: = tile_px (non-overlapping)
     min_tissue: float = 0.25
     tokens: str | None = None  # e.g. "4x4": also store pooled patch-token grids
-    # how the work is done
-    batch_size: int | None = None  # None: DEVICE_DEFAULTS for the device the encoders run on
-    read_chunk: int | None = None  # tiles per reader task; None: DEVICE_DEFAULTS
-    encoder_threads: int | None = None  # torch threads of a CPU encoder; None: every core of its node
-    readers: tuple[str, ...] = ("cucim", "openslide", "tiffslide")
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 | bf16 | fp16
-    compile: bool = False  # torch.compile the encoder (fixed batch shapes; recorded in the fingerprint)
-    mpp_override: float | None = None
-    thumbnail_max_side: int = 2048
-    retry_failed: bool = False
-    limit: int | None = None
-    num_encoders: int | None = None  # None: one per GPU, or one CPU encoder without GPUs
-    reader_cpus: float = 1.0
-    executor: str = "auto"  # ray | local (one machine, no Ray) | auto (extract/executors.resolve_executor)
-    object_store_memory: int = 2 * 1024**3  # local Ray only (the default would take ~30% of RAM)
-    qc_dir: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    compile: bool = False  # torch.compile the encoder (fixed batch shapes; marked in the fingerprint)
+    thumbnail_max_side: int = 2048  # of the tissue mask
 
     def __post_init__(self) -> None:
-        for name in ("target_mpp", "min_tissue", "mpp_override", "reader_cpus"):  # NaN passes every comparison
-            value = getattr(self, name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        self._check_spec()
+
+    def _check_spec(self) -> None:
+        for name in ("target_mpp", "min_tissue"):  # NaN passes every comparison
+            _finite(name, getattr(self, name))
         if self.stride_px is not None and self.stride_px <= 0:
             raise ConfigError(f"stride_px must be positive (or left out: the tile size), got {self.stride_px}")
         if self.tile_px <= 0 or self.target_mpp <= 0:
@@ -107,6 +126,51 @@ class ExtractConfig:
             raise ConfigError(f"tokens must look like 4x4 (a square grid), got {self.tokens!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+
+    @classmethod
+    def from_recorded(cls, config: Mapping[str, Any], where: str = "recorded config") -> ExtractSpec:
+        """The spec within a config a store recorded (its run options, and names no longer known, left out)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls._built(cls._typed_settings({k: v for k, v in config.items() if k in known}, where), where)
+
+    @property
+    def token_grid(self) -> int | None:
+        return int(str(self.tokens).split("x")[0]) if self.tokens else None
+
+    def tiling_spec(self, tissue_description: Mapping[str, Any]) -> dict[str, Any]:
+        return {"target_mpp": self.target_mpp, "tile_px": self.tile_px, "stride_px": self.stride_px or self.tile_px,
+                "resample": "box average for integer factors, else bicubic", "tissue": dict(tissue_description),
+                "tokens": self.tokens}
+
+
+SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(ExtractSpec))
+
+
+@dataclass
+class RunOptions(_Settings):
+    """How the work is done: recorded in the store's provenance, never fingerprinted."""
+
+    batch_size: int | None = None  # None: DEVICE_DEFAULTS for the device the encoders run on
+    read_chunk: int | None = None  # tiles per reader task; None: DEVICE_DEFAULTS
+    encoder_threads: int | None = None  # torch threads of a CPU encoder; None: every core of its node
+    readers: tuple[str, ...] = ("cucim", "openslide", "tiffslide")
+    # a slide's own pixel size where its file lacks it: a fact about the slide, so not fingerprinted
+    mpp_override: float | None = None
+    retry_failed: bool = False
+    limit: int | None = None
+    num_encoders: int | None = None  # None: one per GPU, or one CPU encoder without GPUs
+    reader_cpus: float = 1.0
+    executor: str = "auto"  # ray | local (one machine, no Ray) | auto (extract/executors.resolve_executor)
+    object_store_memory: int = 2 * 1024**3  # local Ray only (the default would take ~30% of RAM)
+    qc_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._check_run()
+
+    def _check_run(self) -> None:
+        for name in ("mpp_override", "reader_cpus"):
+            _finite(name, getattr(self, name))
         for name in ("batch_size", "read_chunk", "encoder_threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -115,15 +179,33 @@ class ExtractConfig:
             raise ConfigError(f"executor must be {', '.join(EXECUTORS[:-1])} or {EXECUTORS[-1]}, got {self.executor!r}")
         self.readers = tuple(self.readers)
 
-    def for_device(self, device: str) -> ExtractConfig:
-        """This config with the batch and read chunk it left out taken from DEVICE_DEFAULTS ("cpu" or any GPU)."""
+    def for_device(self, device: str) -> Self:
+        """These settings with the batch and read chunk left out taken from DEVICE_DEFAULTS ("cpu" or any GPU)."""
         defaults = DEVICE_DEFAULTS["cpu" if device == "cpu" else "cuda"]
         return dataclasses.replace(self, batch_size=self.batch_size or defaults["batch_size"],
                                    read_chunk=self.read_chunk or defaults["read_chunk"])
 
+
+@dataclass
+class ExtractConfig(RunOptions, ExtractSpec):
+    """A spec and run options together, flat, as a YAML file and the command line give them and as every stage
+    reads them (`cfg.tile_px`, `cfg.batch_size`); `spec` and `run` are the two parts."""
+
+    def __post_init__(self) -> None:
+        self._check_spec()
+        self._check_run()
+
+    @classmethod
+    def of(cls, spec: ExtractSpec, run: RunOptions) -> ExtractConfig:
+        return cls(**_values(spec, ExtractSpec), **_values(run, RunOptions))
+
     @property
-    def token_grid(self) -> int | None:
-        return int(str(self.tokens).split("x")[0]) if self.tokens else None
+    def spec(self) -> ExtractSpec:
+        return ExtractSpec(**_values(self, ExtractSpec))
+
+    @property
+    def run(self) -> RunOptions:
+        return RunOptions(**_values(self, RunOptions))
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExtractConfig:
@@ -138,16 +220,11 @@ class ExtractConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> ExtractConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
-        hints = typing.get_type_hints(cls)
-        typed = {name: _typed(name, value, hints[name], where) for name, value in data.items()}
-        try:
-            return cls(**typed)
-        except ConfigError as e:  # a value of the right type that cannot be used: name the file too
-            raise ConfigError(f"{where}: {e}") from None
+        """One flat mapping of settings, split into the spec and the run options."""
+        typed = cls._typed_settings(data, where)
+        spec = ExtractSpec._built({k: v for k, v in typed.items() if k in SPEC_FIELDS}, where)
+        run = RunOptions._built({k: v for k, v in typed.items() if k not in SPEC_FIELDS}, where)
+        return cls.of(spec, run)
 
     @classmethod
     def for_command(cls, config: str | Path | None, overrides: Mapping[str, Any]) -> ExtractConfig:
@@ -159,22 +236,23 @@ class ExtractConfig:
         return cls.from_yaml(config, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        """Every setting, in the order stores have always recorded them."""
+        settings = dataclasses.asdict(self)
+        out = {name: settings[name] for name in RECORDED_ORDER}
         out["readers"] = list(self.readers)
         return out
 
 
-    def tiling_spec(self, tissue_description: Mapping[str, Any]) -> dict[str, Any]:
-        return {"target_mpp": self.target_mpp, "tile_px": self.tile_px, "stride_px": self.stride_px or self.tile_px,
-                "resample": "box average for integer factors, else bicubic", "tissue": dict(tissue_description),
-                "tokens": self.tokens}
+def _finite(name: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 def check_one_read(configs: Mapping[str, ExtractConfig]) -> None:
     """Several stores filled from one read of each slide must agree on everything but the encoder (and how it
     runs): a different tiling, tissue rule or reader would need its own read. Raises ConfigError naming the
     first setting that differs, with each store's value."""
-    for name in (f.name for f in dataclasses.fields(ExtractConfig)):
+    for name in RECORDED_ORDER:
         if name in PER_ENCODER_FIELDS:
             continue
         values = {label: getattr(cfg, name) for label, cfg in configs.items()}

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from extract.config import ExtractConfig
-from extract.faults import pause_after_first_append
 
 
 class EncoderWorker:
@@ -23,7 +22,6 @@ class EncoderWorker:
         self.encoder = self._build_encoder(config, device)
         self.writers = PinnedWriters(store_url, storage_options, self.encoder.token_shape)
         self.node = node
-        self.appended = False
         self.busy_s = 0.0  # time inside the encoder: the bench's busy fraction
         self.tiles = 0
 
@@ -59,11 +57,7 @@ class EncoderWorker:
         emb, grid = self.encoder(tiles)
         self.busy_s += time.perf_counter() - began
         self.tiles += len(tiles)
-        rows = self.writers.append(slide_id, start, coords, tissue, emb, grid)
-        if not self.appended:
-            self.appended = True
-            pause_after_first_append(print)
-        return rows
+        return self.writers.append(slide_id, start, coords, tissue, emb, grid)
 
     def commit_slide(self, slide_id: str, extra_attrs: dict[str, Any], empty_reason: str | None) -> dict[str, Any]:
         return {"rows": self.writers.commit(slide_id, extra_attrs, empty_reason), "node": self.node}

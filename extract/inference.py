@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from extract.config import ExtractConfig
-from extract.faults import maybe_kill_encoder
 from extract.tile_encoders import TileEncoder, build_encoder, pool_tile_embedding, pool_token_grid
 from slidecache.devices import pick_device, usable_cores
 
@@ -109,7 +108,6 @@ class BatchEncoder:
     def __call__(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
             raise ValueError(f"tiles must be uint8 (n, H, W, 3), got {tiles.dtype} {tiles.shape}")
-        maybe_kill_encoder(tiles)
         return self._encode(tiles)
 
     @torch.inference_mode()

@@ -12,7 +12,6 @@ import numpy as np
 from PIL import Image
 
 from extract.config import ExtractConfig
-from extract.faults import maybe_kill_reader
 from extract.mpp import Mpp, resolve_mpp
 from extract.readers import READERS, SlideReader, open_slide
 from extract.slide_source import source_facts
@@ -37,7 +36,7 @@ class PreparedSlide:
     empty_reason: str | None
     attrs: dict[str, Any] = field(default_factory=dict)
     # (thumbnail, mask) as the encoder's writer takes them; with Ray, a reference to them (the driver then
-    # never holds the pictures: extract/executors.py), with thumbnail and mask left None here
+    # never holds the pictures: extract/ray_executor.py), with thumbnail and mask left None here
     pictures: Any = None
 
     def writer_pictures(self) -> Any:
@@ -104,7 +103,6 @@ def _cached_reader(name: str, path: str, pid: int) -> SlideReader:
 
 def read_tiles(reader_name: str, path: str, plan: TilePlan, coords: np.ndarray) -> np.ndarray:
     """(n, tile_px, tile_px, 3) uint8 tiles at the plan's exact scale, from the reader prepare chose."""
-    maybe_kill_reader(path)
     reader = _cached_reader(reader_name, path, os.getpid())  # reopened per process, reused across chunks
     out = np.empty((len(coords), plan.tile_px, plan.tile_px, 3), dtype=np.uint8)
     size = (plan.read_px, plan.read_px)

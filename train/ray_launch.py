@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slidecache.errors import ConfigError
+from slidecache.ray_connect import ray_connection
 
 BATCH_ENV = ("BATCH_SIZE", "PER_DEVICE_BATCH_SIZE")
 
@@ -52,12 +53,7 @@ def train_on_ray(argv: Sequence[str], workers: int, output_dir: str, address: st
 
     if workers < 1:
         raise ConfigError(f"--ray_workers {workers}: give at least one worker")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started = False
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
-        started = True
-    try:
+    with ray_connection(address or os.environ.get("RAY_ADDRESS") or None, join_running=True):
         gpu = resolve_use_gpu(use_gpu, workers)
         scaling = ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": 1} | ({"GPU": 1} if gpu else {}))
         env = {k: os.environ[k] for k in BATCH_ENV if k in os.environ}
@@ -69,6 +65,3 @@ def train_on_ray(argv: Sequence[str], workers: int, output_dir: str, address: st
                                                     storage_path=str(Path(output_dir).resolve() / "ray_train")))
         result = trainer.fit()
         return dict(result.metrics or {})
-    finally:
-        if started:
-            ray.shutdown()

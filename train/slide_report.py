@@ -27,7 +27,8 @@ from slidecache.cohorts.slides import SlideEntry
 from slidecache.errors import ConfigError, SlideReadError, StoreNotFound
 from slidecache.provenance import provenance, spec_differences
 from store.backends import display_url
-from store.embedding_store import EmbeddingStore, SlideView
+from store.embedding_store import EmbeddingStore
+from store.slide_view import SlideView
 
 SLIDE_STORE = "slide_store.zarr"
 PAGE, RECORD, PICTURE = "report.html", "report.json", "thumbnail.png"
@@ -44,25 +45,21 @@ def slide_entry(path: str | Path) -> SlideEntry:
 
 def extraction_config_of(store: EmbeddingStore, weights: str | None = None,
                          mpp_override: float | None = None) -> Any:
-    """The store's recorded extraction config, to encode one more slide as its own were: what changes the
-    numbers is kept (the fingerprint check below proves it); how the work is done is this machine's."""
-    from extract.config import ExtractConfig
+    """The store's recorded extraction spec, to encode one more slide as its own were (the fingerprint check
+    below proves it), run with this command's own run options."""
+    from extract.config import ExtractConfig, ExtractSpec, RunOptions
 
     recorded = dict(store.provenance.get("config") or {})
     if store.imported or not recorded or store.kind != "slides":
         raise ConfigError(f"{display_url(store.url)} records no extraction config (an imported or images store): a "
                           "new slide cannot be encoded as its slides were; extract it into a slidecache store first")
-    known = {f.name for f in dataclasses.fields(ExtractConfig)}
     tiling = store.spec["tiling"]  # the fingerprinted values win (older stores recorded `tokens` redacted)
     recorded |= {k: tiling[k] for k in ("target_mpp", "tile_px", "stride_px", "tokens") if k in tiling}
-    cfg = ExtractConfig.from_dict({k: v for k, v in recorded.items() if k in known})
-    if cfg.weights and not weights and str(cfg.weights).endswith(".safetensors") and not Path(cfg.weights).is_file():
-        raise ConfigError(f"the store was encoded with local weights {cfg.weights}, absent here: pass --weights PATH")
-    # the slide's own pixel size, when its file lacks it, is a fact about the slide: not fingerprinted
-    return dataclasses.replace(cfg, weights=weights or cfg.weights, mpp_override=mpp_override, executor="local",
-                               qc_dir=None, limit=None,
-                               retry_failed=True, num_encoders=None, batch_size=None, read_chunk=None,
-                               encoder_threads=None)
+    spec = ExtractSpec.from_recorded(recorded)
+    if spec.weights and not weights and str(spec.weights).endswith(".safetensors") and not Path(spec.weights).is_file():
+        raise ConfigError(f"the store was encoded with local weights {spec.weights}, absent here: pass --weights PATH")
+    spec = dataclasses.replace(spec, weights=weights or spec.weights)
+    return ExtractConfig.of(spec, RunOptions(mpp_override=mpp_override, executor="local", retry_failed=True))
 
 
 def encode_new_slide(entry: SlideEntry, store: EmbeddingStore, page_dir: Path, weights: str | None = None,
@@ -70,14 +67,15 @@ def encode_new_slide(entry: SlideEntry, store: EmbeddingStore, page_dir: Path, w
     """The one-slide store page_dir/slide_store.zarr, the slide encoded with the store's encoder and tiling."""
     from extract.executors import executor_session
     from extract.job import Extraction
+    from extract.summary import SlideStatus
 
     cfg = extraction_config_of(store, weights, mpp_override)
     url = str(page_dir / SLIDE_STORE)
     with executor_session(cfg) as executor:
-        summary = Extraction([entry], url, cfg, log=log, executor=executor).run()
+        summary = Extraction([entry], [(url, cfg)], log=log, executor=executor).run()
     outcome = summary.outcomes[0]
-    if outcome.status not in ("done", "skipped"):
-        why = outcome.error or ("no tissue tiles found" if outcome.status == "empty" else outcome.status)
+    if outcome.status not in (SlideStatus.DONE, SlideStatus.SKIPPED):
+        why = outcome.error or ("no tissue tiles found" if outcome.status == SlideStatus.EMPTY else outcome.status)
         raise SlideReadError(f"--slide {entry.path}: not encoded ({why})")
     encoded = EmbeddingStore.open(url)
     if encoded.fingerprint != store.fingerprint:

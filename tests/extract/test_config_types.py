@@ -51,3 +51,12 @@ def test_every_field_of_the_shipped_configs_is_typed_and_round_trips():
     for name in ("virchow2", "virchow2-tiny"):
         cfg = ExtractConfig.from_yaml(f"configs/extract/{name}.yaml")
         assert ExtractConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_store_records_the_settings_in_their_usual_order():
+    """The flat file is split into a spec and run options on loading; the config a store records keeps the one
+    order of settings it always had."""
+    assert list(ExtractConfig().to_dict()) == [
+        "encoder", "weights", "target_mpp", "tile_px", "stride_px", "min_tissue", "tokens", "batch_size",
+        "read_chunk", "encoder_threads", "readers", "precision", "compile", "mpp_override", "thumbnail_max_side",
+        "retry_failed", "limit", "num_encoders", "reader_cpus", "executor", "object_store_memory", "qc_dir", "extra"]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from extract.config import ExtractConfig
-from extract.faults import PAUSE_AFTER_FIRST_APPEND, RESUME_WHEN
 from extract.inference import BatchEncoder
 from extract.job import Extraction
+from extract.ray_executor import RayExecutor
 from extract.readers import READERS
 from extract.slide_prep import prepare_slide, read_tiles
 from slidecache.cohorts.slides import SlideEntry, load_cohort
@@ -22,6 +22,7 @@ from slidecache.errors import FingerprintMismatch
 from store import EmbeddingStore
 from store.verify import verify_store
 from tests.extract.checks import assert_store_holds_each_slide_once
+from tests.extract.faulty_stages import pausing_after_first_append
 from tests.store.helpers import spec as other_spec
 
 pytestmark = pytest.mark.xdist_group("test_job")  # its module fixture is built once, on one worker
@@ -46,7 +47,7 @@ def test_bad_inputs_are_recorded_and_good_slides_complete(local_ray, synthetic_s
     (tmp_path / "cohort.csv").write_text("slide_id,path\n" + "".join(f"{s},{p}\n" for s, p in rows))
     entries = load_cohort(tmp_path / "cohort.csv")
     url = str(tmp_path / "store")
-    extraction = Extraction(entries, url, ExtractConfig(**TINY), log=quiet)
+    extraction = Extraction(entries, [(url, ExtractConfig(**TINY))], log=quiet)
     summary = extraction.run()
     # the actor runs torch on every core, not on the one thread Ray's OMP_NUM_THREADS=1 would give it
     assert local_ray.get(extraction.actors[0].describe.remote())["threads"] == len(os.sched_getaffinity(0))
@@ -69,12 +70,12 @@ def test_bad_inputs_are_recorded_and_good_slides_complete(local_ray, synthetic_s
     assert syn0.attrs["tiling"]["level"] == 1 and syn0.thumbnail() is not None
     assert verify_store(store) == []
 
-    again = Extraction(entries, url, ExtractConfig(**TINY), log=quiet).run()  # a rerun encodes nothing
+    again = Extraction(entries, [(url, ExtractConfig(**TINY))], log=quiet).run()  # a rerun encodes nothing
     assert {o.status for o in again.outcomes} == {"skipped", "failed-before"} and again.tiles == 0
-    retry = Extraction(entries, url, ExtractConfig(**TINY, retry_failed=True), log=quiet).run()
+    retry = Extraction(entries, [(url, ExtractConfig(**TINY, retry_failed=True))], log=quiet).run()
     assert retry.count("failed") == 5 and store.failures()["bogus_mpp"]["attempts"] == 2
-    fixed = Extraction([e for e in entries if e.slide_id == "bogus_mpp"], url,
-                       ExtractConfig(**TINY, retry_failed=True, mpp_override=0.5), log=quiet).run()
+    fixed = Extraction([e for e in entries if e.slide_id == "bogus_mpp"],
+                       [(url, ExtractConfig(**TINY, retry_failed=True, mpp_override=0.5))], log=quiet).run()
     assert fixed.outcomes[0].status == "done" and "bogus_mpp" not in EmbeddingStore.open(url).failures()
 
 
@@ -90,17 +91,17 @@ def _describe_once_back(ray, actor, within_s: float = 60.0) -> dict:
             time.sleep(0.5)
 
 
-def test_one_stores_killed_encoder_rereads_its_slides_alone(local_ray, synthetic_slides, tmp_path, monkeypatch):
+def test_one_stores_killed_encoder_rereads_its_slides_alone(local_ray, synthetic_slides, tmp_path):
     """Two stores from one read; the second store's encoder actor is killed (SIGKILL) while it holds a slide: it
     restarts, that slide is read again for it alone (the first store's reads go on), and both stores hold every
     slide once, nothing lost or written twice."""
     resume = tmp_path / "resume"
-    monkeypatch.setenv(PAUSE_AFTER_FIRST_APPEND, "60")  # every encoder holds its first slide until `resume`
-    monkeypatch.setenv(RESUME_WHEN, str(resume))
     entries = load_cohort(synthetic_slides)
     configs = [ExtractConfig(**TINY), ExtractConfig(**TINY, tokens="2x2")]
     urls = [str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")]
-    extraction = Extraction.for_stores(entries, list(zip(urls, configs)), log=quiet)
+    # every encoder holds its first slide until `resume`
+    pausing = RayExecutor(configs[0], worker=pausing_after_first_append(60, str(resume)))
+    extraction = Extraction(entries, list(zip(urls, configs)), log=quiet, executor=pausing)
     killed = {}
 
     def killer() -> None:
@@ -136,28 +137,29 @@ def test_store_of_another_fingerprint_is_refused(local_ray, synthetic_slides, tm
     url = str(tmp_path / "store")
     EmbeddingStore.create_or_open(url, kind="slides", spec=other_spec(dim=128))
     with pytest.raises(FingerprintMismatch, match="encoder.name: store has 'test-encoder', this run has 'virchow2-tiny'"):
-        Extraction(load_cohort(synthetic_slides), url, ExtractConfig(**TINY), log=quiet).run()
+        Extraction(load_cohort(synthetic_slides), [(url, ExtractConfig(**TINY))], log=quiet).run()
 
 
 def test_a_complete_store_checks_its_fingerprint_without_starting_an_encoder(local_ray, synthetic_slides, tmp_path):
     url = str(tmp_path / "store")
     entries = load_cohort(synthetic_slides)[:1]
-    Extraction(entries, url, ExtractConfig(**TINY), log=quiet).run()
+    Extraction(entries, [(url, ExtractConfig(**TINY))], log=quiet).run()
     lines: list[str] = []
-    rerun = Extraction(entries, url, ExtractConfig(**TINY), log=lines.append)
+    rerun = Extraction(entries, [(url, ExtractConfig(**TINY))], log=lines.append)
     summary = rerun.run()
     assert [o.status for o in summary.outcomes] == ["skipped"] and rerun.actors == []
     assert "0 slides to extract; 1 already complete" in lines[0] and "no encoder started" in lines[0]
     # another encoder or tiling over the same complete store: refused, from the config alone
     with pytest.raises(FingerprintMismatch, match="encoder.name: store has 'virchow2-tiny', this run has 'virchow2-small'"):
-        Extraction(entries, url, ExtractConfig(**{**TINY, "encoder": "virchow2-small"}), log=quiet).run()
+        Extraction(entries, [(url, ExtractConfig(**{**TINY, "encoder": "virchow2-small"}))], log=quiet).run()
     with pytest.raises(FingerprintMismatch, match="tiling.tile_px: store has 224, this run has 112"):
-        Extraction(entries, url, ExtractConfig(**TINY, tile_px=112), log=quiet).run()
+        Extraction(entries, [(url, ExtractConfig(**TINY, tile_px=112))], log=quiet).run()
 
 
 def test_token_grids_and_limit(local_ray, synthetic_slides, tmp_path):
     url = str(tmp_path / "store")
-    summary = Extraction(load_cohort(synthetic_slides), url, ExtractConfig(**TINY, tokens="4x4", limit=1), log=quiet).run()
+    summary = Extraction(load_cohort(synthetic_slides), [(url, ExtractConfig(**TINY, tokens="4x4", limit=1))],
+                         log=quiet).run()
     assert [o.status for o in summary.outcomes] == ["done"]
     slide = EmbeddingStore.open(url).slide("syn0")
     assert slide.tokens().shape == (slide.n_tiles, 16, 64)

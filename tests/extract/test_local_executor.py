@@ -13,8 +13,10 @@ import pytest
 
 from extract.config import ExtractConfig
 from extract.encoder_worker import EncoderWorker
-from extract.executors import LocalExecutor, executor_session, resolve_executor
+from extract.executors import executor_session, resolve_executor
 from extract.job import Extraction
+from extract.local_executor import LocalExecutor
+from extract.stages import Stages
 from slidecache.cohorts.slides import load_cohort
 from slidecache.errors import ConfigError, EncoderError
 from store import EmbeddingStore
@@ -60,7 +62,7 @@ def test_extract_without_ray_writes_the_same_store(synthetic_slides, tmp_path):
 def test_an_encoder_that_cannot_be_built_is_a_clear_error(synthetic_slides, tmp_path):
     cfg = ExtractConfig(**TINY, weights=str(tmp_path / "missing.safetensors"), executor="local")
     with executor_session(cfg) as executor, pytest.raises(EncoderError, match="missing.safetensors': no such file"):
-        Extraction(load_cohort(synthetic_slides), str(tmp_path / "store"), cfg, log=lambda _: None,
+        Extraction(load_cohort(synthetic_slides), [(str(tmp_path / "store"), cfg)], log=lambda _: None,
                    executor=executor).run()
 
 
@@ -97,9 +99,9 @@ def test_a_slide_whose_reading_kills_its_process_fails_alone(synthetic_slides, t
     """A reader process that dies (a decoder's segfault, the OOM killer) breaks the whole process pool;
     the executor replaces it and runs the lost reads again, so the other slides complete and only the
     slide that kills its reader every time fails, with an error that says so."""
-    from extract.faults import KILL_READER_ON
+    from tests.extract.faulty_stages import ReaderExitingOn
 
-    monkeypatch.setenv(KILL_READER_ON, "syn2")  # the last slide: its failure ends the run
+    faulty = Stages(read=ReaderExitingOn("syn2"))  # the last slide: its failure ends the run
     # The failed slide's writer removes its rows on the encoder's thread, slowed here as under load, where the
     # run once returned first and closing the executor cancelled the queued removal: a half-written slide was left.
     real_abort, aborts = EncoderWorker.abort_slide, {"called": [], "done": []}
@@ -114,8 +116,8 @@ def test_a_slide_whose_reading_kills_its_process_fails_alone(synthetic_slides, t
     cfg = ExtractConfig(**TINY, executor="local")
     entries = load_cohort(synthetic_slides)
     url = str(tmp_path / "store")
-    with executor_session(cfg) as executor:
-        summary = Extraction(entries, url, cfg, log=lambda _: None, executor=executor).run()
+    with executor_session(cfg, faulty) as executor:
+        summary = Extraction(entries, [(url, cfg)], log=lambda _: None, executor=executor).run()
         assert aborts["done"] == aborts["called"], aborts  # the run returns once its writers have cleaned up
         # checked before the executor closes (which once cancelled the removal); it verifies the store too
         assert_store_holds_each_slide_once(EmbeddingStore.open(url), [e for e in entries if e.slide_id != "syn2"], cfg)
@@ -124,10 +126,9 @@ def test_a_slide_whose_reading_kills_its_process_fails_alone(synthetic_slides, t
     failure = EmbeddingStore.open(url).failures()["syn2"]
     assert failure["error_class"] == "ReaderDied" and "died 3 times" in failure["message"]
 
-    # The next job of this process has no fault set: its readers (forked by the server the first job started,
-    # with that job's environment) must read syn2.
-    monkeypatch.delenv(KILL_READER_ON)
+    # The next job of this process runs the real reader: its readers (forked by the server the first job
+    # started) must read syn2.
     with executor_session(cfg) as executor:
-        again = Extraction([e for e in entries if e.slide_id == "syn2"], str(tmp_path / "next"), cfg,
+        again = Extraction([e for e in entries if e.slide_id == "syn2"], [(str(tmp_path / "next"), cfg)],
                            log=lambda _: None, executor=executor).run()
     assert [o.status for o in again.outcomes] == ["done"], again.table()

@@ -18,7 +18,7 @@ from extract.config import ExtractConfig
 from extract.job import Extraction
 from slidecache.cohorts.slides import load_cohort
 from store import EmbeddingStore
-from store.embedding_store import LEASE_ENV
+from store.schema import LEASE_ENV
 from store.verify import verify_store
 
 # many small chunks: a slide is held long enough for the kill to catch it
@@ -65,7 +65,7 @@ def test_a_node_killed_while_it_holds_a_slide_loses_nothing(two_nodes, tmp_path)
     (tmp_path / "cohort.csv").write_text("slide_id,path\n" + "\n".join(rows) + "\n")
     url = str(tmp_path / "store.zarr")
     logs: list[str] = []
-    extraction = Extraction(load_cohort(tmp_path / "cohort.csv"), url, ExtractConfig(**TINY), log=logs.append)
+    extraction = Extraction(load_cohort(tmp_path / "cohort.csv"), [(url, ExtractConfig(**TINY))], log=logs.append)
     second_id = second.node_id
     killed: dict[str, str] = {}
 

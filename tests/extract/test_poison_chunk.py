@@ -1,7 +1,7 @@
 """A chunk that kills its encoder actor every time fails its slide after 3 attempts; the cohort goes on.
 
-Before: `max_task_retries=-1` retried such a chunk forever (a run that never ends). The fault hook
-(extract/faults.py) makes an encoder process exit when handed a tile of one single colour; the slide
+Before: `max_task_retries=-1` retried such a chunk forever (a run that never ends). The faulty encoder
+(tests/extract/faulty_stages.py) makes its process exit when handed a tile of one single colour; the slide
 below has a block of one exact colour large enough to hold whole tiles.
 """
 
@@ -12,21 +12,13 @@ import pytest
 
 from demo.slides import HEMATOXYLIN, synthetic_he, write_pyramid
 from extract.config import ExtractConfig
-from extract.faults import KILL_ENCODER_ON
 from extract.job import MAX_CHUNK_RETRIES, Extraction
+from extract.ray_executor import RayExecutor
 from slidecache.cohorts.slides import load_cohort
 from store import EmbeddingStore
+from tests.extract.faulty_stages import EncoderExitingOnUniformTile
 
 TINY = dict(encoder="virchow2-tiny", precision="fp32", batch_size=16, read_chunk=64)
-
-
-@pytest.fixture(scope="module")
-def ray_with_fault():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": {KILL_ENCODER_ON: "uniform"}})
-    yield ray
-    ray.shutdown()
 
 
 def _poison_slide(path):
@@ -36,15 +28,18 @@ def _poison_slide(path):
 
 
 @pytest.mark.timeout(240)  # retrying forever would hang here
-def test_a_chunk_that_kills_its_actor_three_times_fails_its_slide(ray_with_fault, synthetic_slides, tmp_path):
+def test_a_chunk_that_kills_its_actor_three_times_fails_its_slide(local_ray, synthetic_slides, tmp_path):
     _poison_slide(tmp_path / "slides" / "poison.tiff")
     url = str(tmp_path / "store")
-    summary = Extraction(load_cohort(tmp_path / "slides"), url, ExtractConfig(**TINY), log=lambda _: None).run()
+    faulty = RayExecutor(ExtractConfig(**TINY), worker=EncoderExitingOnUniformTile)
+    summary = Extraction(load_cohort(tmp_path / "slides"), [(url, ExtractConfig(**TINY))], log=lambda _: None,
+                         executor=faulty).run()
     (outcome,) = summary.outcomes
     assert outcome.status == "failed", outcome
     assert f"died {1 + MAX_CHUNK_RETRIES} times" in outcome.error and "tiles 0-" in outcome.error
     store = EmbeddingStore.open(url)
     assert store.failures()["poison"]["error_class"] == "EncoderError" and store.slide_states() == {}
     # the restarted actor goes on with the next slides of the same Ray session
-    healthy = Extraction(load_cohort(synthetic_slides)[:1], url, ExtractConfig(**TINY), log=lambda _: None).run()
+    healthy = Extraction(load_cohort(synthetic_slides)[:1], [(url, ExtractConfig(**TINY))], log=lambda _: None,
+                         executor=faulty).run()
     assert [o.status for o in healthy.outcomes] == ["done"]

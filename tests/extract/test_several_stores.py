@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from extract.config import ExtractConfig
-from extract.executors import LocalExecutor
 from extract.job import Extraction
+from extract.local_executor import LocalExecutor
 from slidecache.cohorts.slides import load_cohort
 from slidecache.errors import ConfigError
 from store import EmbeddingStore
@@ -34,11 +34,11 @@ def test_one_read_fills_three_stores_and_skips_what_a_store_holds(synthetic_slid
     urls = [str(tmp_path / name) for name in ("tiny.zarr", "small.zarr", "tiny-grids.zarr")]
     executor = LocalExecutor(tiny)
     try:
-        Extraction(entries[:1], urls[0], tiny, log=quiet, executor=executor).run()  # syn0 already in the tiny store
+        Extraction(entries[:1], [(urls[0], tiny)], log=quiet, executor=executor).run()  # syn0 already in the tiny store
         before = EmbeddingStore.open(urls[0]).slide("syn0").commit_id
         lines: list[str] = []
-        summary = Extraction.for_stores(entries, list(zip(urls, (tiny, small, gridded))), log=lines.append,
-                                        executor=executor).run()
+        summary = Extraction(entries, list(zip(urls, (tiny, small, gridded))), log=lines.append,
+                             executor=executor).run()
     finally:
         executor.shutdown()
     status = {(o.store, o.slide_id): o.status for o in summary.outcomes}
@@ -66,13 +66,12 @@ def test_one_read_fills_three_stores_and_skips_what_a_store_holds(synthetic_slid
 def test_encoders_that_would_need_another_read_are_refused_by_name(tmp_path):
     tiny = ExtractConfig(**TINY)
     with pytest.raises(ConfigError, match=r"differ in tile_px \(virchow2-tiny: 224, virchow2-small: 256\)"):
-        Extraction.for_stores([], [(str(tmp_path / "a"), tiny),
-                                   (str(tmp_path / "b"), ExtractConfig(**{**TINY, "encoder": "virchow2-small"},
-                                                                       tile_px=256))])
+        Extraction([], [(str(tmp_path / "a"), tiny),
+                        (str(tmp_path / "b"), ExtractConfig(**{**TINY, "encoder": "virchow2-small"}, tile_px=256))])
     with pytest.raises(ConfigError, match="min_tissue"):
-        Extraction.for_stores([], [(str(tmp_path / "a"), tiny), (str(tmp_path / "b"), ExtractConfig(**TINY, min_tissue=0.5))])
+        Extraction([], [(str(tmp_path / "a"), tiny), (str(tmp_path / "b"), ExtractConfig(**TINY, min_tissue=0.5))])
     with pytest.raises(ConfigError, match="must differ"):
-        Extraction.for_stores([], [(str(tmp_path / "a"), tiny), (str(tmp_path / "a"), tiny)])
+        Extraction([], [(str(tmp_path / "a"), tiny), (str(tmp_path / "a"), tiny)])
 
 
 @pytest.mark.readme(SEVERAL)

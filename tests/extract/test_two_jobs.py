@@ -1,7 +1,7 @@
 """Two extraction jobs over the same cohort into one store, forced to overlap: every slide is committed
-exactly once, by one job, and none has zero rows. The first job pauses after its first append (a fault
-hook, extract/faults.py); the second meets its live leases and reports those slides as owned by another
-writer, not as failures. Both jobs join one real Ray head, as two `ray job submit`s would."""
+exactly once, by one job, and none has zero rows. The first job pauses after its first append (a faulty
+encoder, tests/extract/faulty_stages.py); the second meets its live leases and reports those slides as owned by
+another writer, not as failures. Both jobs join one real Ray head, as two `ray job submit`s would."""
 
 from __future__ import annotations
 
@@ -12,22 +12,24 @@ import threading
 
 import numpy as np
 
-from extract.faults import PAUSE_AFTER_FIRST_APPEND, RESUME_WHEN
 from store import EmbeddingStore
 from store.verify import verify_store
 from tests.conftest import REPO_ROOT
+from tests.extract.faulty_stages import PAUSE_MESSAGE
 from tests.ray_head import head_env, ray_head
 
 ROW = re.compile(r"^(\S+)\s+(done|owned|skipped|failed)\s", re.MULTILINE)
 
 
 def _job(cohort, store, gcs: str, pause: float = 0.0, resume_when: str = "") -> subprocess.Popen:
+    """`python -m extract` joining the head; with `pause`, the same run with a pausing encoder (its test entry
+    point, tests/extract/faulty_extract.py)."""
     env = {**head_env(), "RAY_ADDRESS": gcs}
+    command = ["-m", "extract"]
     if pause:
-        env[PAUSE_AFTER_FIRST_APPEND] = str(pause)
-    if resume_when:
-        env[RESUME_WHEN] = resume_when
-    return subprocess.Popen([sys.executable, "-m", "extract", "--cohort", str(cohort), "--store", str(store),
+        command = ["-m", "tests.extract.faulty_extract", "--pause-after-first-append", str(pause),
+                   "--resume-when", resume_when]
+    return subprocess.Popen([sys.executable, *command, "--cohort", str(cohort), "--store", str(store),
                              "--config", str(REPO_ROOT / "configs" / "extract" / "virchow2-tiny.yaml"), "--no-qc"],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -43,7 +45,7 @@ def test_two_jobs_over_one_cohort_commit_every_slide_once(synthetic_slides, tmp_
         def read() -> None:
             for line in first.stdout:  # type: ignore[union-attr]
                 lines.append(line)
-                if "fault injection: pausing" in line:
+                if PAUSE_MESSAGE in line:
                     paused.set()
 
         reader = threading.Thread(target=read, daemon=True)
