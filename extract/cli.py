@@ -85,8 +85,9 @@ def images_main(argv: Sequence[str]) -> int:
 
 
 def _extract_images(args: argparse.Namespace) -> int:
-    from extract.images import DynamicTiling, ImageExtraction, collect_images, image_encoder_config
-    from extract.ray_executor import ray_session
+    from extract.executors import executor_session
+    from extract.image_worker import DynamicTiling, ImageEncoderWorker
+    from extract.images import ImageExtraction, collect_images, image_encoder_config
 
     overrides = {"encoder": args.encoder, "weights": args.weights, "tokens": args.tokens,
                  "batch_size": args.batch_size, "num_encoders": args.num_encoders}
@@ -96,8 +97,8 @@ def _extract_images(args: argparse.Namespace) -> int:
     print(f"[images] {args.meta_path}: {len(entries)} distinct images; store {display_url(args.store)}; tiles of "
           f"{tiling.tile_px} px, {tiling.min_dynamic_patch}-{tiling.max_dynamic_patch} per image"
           f"{' + thumbnail' if tiling.use_thumbnail else ''}; token grids {cfg.tokens}", flush=True)
-    with ray_session(cfg):
-        summary = ImageExtraction(entries, args.store, cfg, tiling, log=lambda m: print(m, flush=True)).run()
+    with executor_session(cfg, Stages(worker=ImageEncoderWorker)) as executor:
+        summary = ImageExtraction(entries, args.store, cfg, executor, tiling, log=lambda m: print(m, flush=True)).run()
     print(summary.table(), flush=True)
     return 1 if summary.failed else 0
 

@@ -15,22 +15,14 @@ from extract.slide_prep import PreparedSlide
 from extract.stages import READ_RETRIES, PrepareStage, ReadStage, Resources, Stages, prepare_in_reader, read_in_reader
 from slidecache.cohorts.slides import SlideEntry
 from slidecache.devices import visible_gpus
-from slidecache.ray_connect import connect_ray, ray_connection, shutdown_ray
-
-
-@contextmanager
-def ray_session(cfg: ExtractConfig) -> Iterator[None]:
-    """Ray for the length of a `with` block: the cluster of RAY_ADDRESS joined, else a local Ray of this
-    process's own started (its object store capped by `cfg`), shut down afterwards only if this process
-    started it."""
-    with ray_connection(object_store_memory=cfg.object_store_memory):
-        yield
+from slidecache.ray_connect import connect_ray, shutdown_ray
 
 
 @contextmanager
 def lazy_ray_session(cfg: ExtractConfig, stages: Stages = Stages()) -> Iterator[RayExecutor]:
-    """A Ray executor that joins or starts Ray (as ray_session) only when it first has work, and stops a Ray
-    it started when the block ends: a rerun over a complete store starts none."""
+    """A Ray executor that joins the cluster of RAY_ADDRESS, or starts a Ray of this process's own (its object
+    store capped by `cfg`), only when it first has work, and stops a Ray it started when the block ends: a rerun
+    over a complete store starts none."""
     executor = RayExecutor(cfg, **stages._asdict(),
                            connect=lambda: connect_ray(object_store_memory=cfg.object_store_memory))
     try:
@@ -51,7 +43,7 @@ def _apart(prepare: PrepareStage) -> Callable[..., tuple[PreparedSlide, Any]]:
 
 
 class RayExecutor:
-    """Ray initialised by the caller (ray_session), or by this executor when it first has work (`connect`:
+    """Ray initialised by the caller, or by this executor when it first has work (`connect`:
     lazy_ray_session), so that a rerun with nothing to encode starts no Ray. Tasks' tiles reach the actors
     through Ray's object store. The stages may be replaced (extract.stages.Stages)."""
 

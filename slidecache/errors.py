@@ -85,6 +85,10 @@ class SlideReadError(SlidecacheError, OSError):
     """A slide no reader could open or decode (names the file and each reader's complaint)."""
 
 
+class ImageReadError(SlidecacheError, OSError):
+    """An image of an InternVL-format dataset that is missing or cannot be decoded (`extract images`)."""
+
+
 class ReaderDied(SlideReadError):
     """A reader process died under one of a slide's read tasks every time it ran (single-node executor)."""
 

@@ -5,6 +5,8 @@ each crashes a real process, or holds one, at the point where a real fault would
   decoder's segfault, the OOM killer).
 - `EncoderExitingOnUniformTile`: an encoder process handed a tile of one single colour (which no scanned tissue
   is) exits at once: a crash Ray sees as a dead actor (a kill, the OOM killer, a segfault in a kernel).
+- `ImageEncoderExitingOn(TEXT)`: an `extract images` encoder process handed an image whose name contains TEXT
+  exits at once.
 - `pausing_after_first_append(S, PATH)`: an encoder that sleeps S seconds after its first append, or until PATH
   exists, holding its slides' leases, so that a second job over the same slides overlaps it.
 
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from extract.encoder_worker import EncoderWorker
+from extract.image_worker import DynamicTiling, ImageEncoderWorker, ImageEntry, ImageOutcome
 from extract.stages import read_in_reader
 
 PAUSE_MESSAGE = "fault injection: pausing"  # what a pausing encoder prints, for a test to wait on
@@ -91,3 +94,15 @@ class PausingAfterFirstAppend(EncoderWorker):
 def pausing_after_first_append(seconds: float, resume_when: str = "") -> type[EncoderWorker]:
     """An encoder worker class that pauses `seconds` after its first append, or until `resume_when` exists."""
     return type("PausingEncoderWorker", (PausingAfterFirstAppend,), {"pause_s": seconds, "resume_when": resume_when})
+
+
+class ImageEncoderExitingOn(ImageEncoderWorker):
+    """`extract images`' encoder, exiting its process when a batch holds an image whose name contains TEXT (set
+    on a subclass: Ray builds the actor from the class alone)."""
+
+    text = "poison"
+
+    def encode_images(self, entries: list[ImageEntry], tiling: DynamicTiling) -> list[ImageOutcome]:
+        if any(self.text in entry.image for entry in entries):
+            os._exit(17)
+        return super().encode_images(entries, tiling)
