@@ -1,5 +1,5 @@
 """Run the frozen encoder on uint8 tiles: preprocessing from the model's data config, micro-batches,
-bf16 on CUDA (weights cast: 12% faster than autocast on an H200, bench/RESULTS.md), fp32 on CPU."""
+bf16 on CUDA (the weights cast, not autocast: faster, bench/RESULTS.md), fp32 on CPU."""
 
 from __future__ import annotations
 
