@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from extract.config import ExtractConfig
-from extract.tile_encoders import TileEncoder, build_encoder, pool_tile_embedding, pool_token_grid
+from extract.tile_encoders import TileEncoder, build_encoder, pool_token_grid
 from slidecache.devices import pick_device, usable_cores
 
 STORE_DTYPE = "float16"
@@ -119,7 +119,7 @@ class BatchEncoder:
             if self.compiled and n < self.batch_size:  # the compiled shape: pad, keep the first n rows
                 batch = np.concatenate([batch, np.zeros((self.batch_size - n, *batch.shape[1:]), np.uint8)])
             tokens = self.encoder.tokens(self._preprocess(batch))[:n]  # (n, 1+R+P, C)
-            embeddings.append(pool_tile_embedding(tokens, self.encoder.num_prefix_tokens, self.encoder.pooling).float().cpu())
+            embeddings.append(self.encoder.pool(tokens).float().cpu())
             if self.token_grid:
                 grids.append(pool_token_grid(tokens.float(), self.encoder.num_prefix_tokens, self.token_grid).cpu())
         emb = torch.cat(embeddings).numpy().astype(np.float16) if embeddings else np.zeros((0, self.encoder.embedding_dim), np.float16)

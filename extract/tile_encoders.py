@@ -2,7 +2,9 @@
 transformers (never `trust_remote_code`), random-init variants of the same architectures for tests and speed.
 
 This module needs only torch, timm, safetensors and huggingface_hub (transformers for Phikon-v2), so GPU
-benchmarks can import it from a bare source tree. Every encoder sees the same 224 px tiles at 0.5 µm/px.
+benchmarks can import it from a bare source tree. Every encoder sees the 224 px tile at 0.5 µm/px as it is, except
+CONCH v1.5 (TITAN's tile encoder): its card resizes a 512 px tile at 0.5 µm/px to 448 px (`tile_px`: the tile the
+card prescribes, configs/extract/conch-v1.5.yaml; `input_px`: what the model sees).
 
 The tile embedding is each model card's own output (the registry says which pooling: slidecache.tile_embeddings;
 for Virchow-2 the class token ‖ the mean of the patch tokens, registers left out, which several public tools
@@ -30,7 +32,7 @@ from extract.encoder_weights import (
     sha256_file,
 )
 from slidecache.errors import EncoderError  # pure Python: importable without zarr
-from slidecache.tile_embeddings import CLS, CLS_MEAN_PATCH, POOLINGS
+from slidecache.tile_embeddings import ATTN_POOL, CLS, CLS_MEAN_PATCH, POOLINGS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,6 +72,13 @@ HOPTIMUS_ARCH: dict[str, Any] = dict(img_size=INPUT_PX, init_values=1e-5, num_cl
 # Prov-GigaPath's tile encoder (its hub config.json): vit_giant_patch14_dinov2 with 16 px patches at 224 px.
 GIGAPATH_ARCH: dict[str, Any] = dict(img_size=INPUT_PX, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
                                      mlp_ratio=5.33334, num_classes=0, global_pool="", dynamic_img_size=True)
+# Virchow (v1) (paige-ai/Virchow config.json): Virchow-2's timm kwargs without registers; PRISM reads its tiles.
+VIRCHOW_ARCH: dict[str, Any] = {k: v for k, v in VIRCHOW2_ARCH.items() if k != "reg_tokens"}
+# CONCH v1.5 (TITAN's config.json conch_config; TRIDENT's conchv1_5.py): ViT-L/16 built at 224 px, run at 448,
+# attention-pooled to 768-d (extract/conch_tower.py).
+CONCH15_ARCH: dict[str, Any] = dict(img_size=INPUT_PX, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                                    mlp_ratio=4.0, init_values=1e-6, pooled_dim=768, pooler_heads=8)
+CONCH15_PX = 448
 # Phikon-v2 (owkin/phikon-v2 config.json): a transformers Dinov2Model, ViT-L/16, no registers.
 PHIKON2_ARCH: dict[str, Any] = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=16,
                                     image_size=INPUT_PX, mlp_ratio=4, layerscale_value=1e-5, layer_norm_eps=1e-6,
@@ -96,19 +105,23 @@ class EncoderSpec:
     weights_files: tuple[str, ...] = (WEIGHTS_FILENAME,)
     # What the model card prescribes that feeding the 224 px tile as it is leaves out ("" where nothing).
     input_deviation: str = ""
+    input_px: int = INPUT_PX  # the model's input side: tiles are resized to it
+    tile_px: int = INPUT_PX  # the tile side at 0.5 µm/px the card prescribes
+    interpolation: str = "bicubic"  # how the card resizes
+    builder: str = ""  # our own module (_builder) instead of timm or transformers
 
     @property
     def library(self) -> str:
-        return "timm" if self.timm_model else "transformers"
+        return "slidecache" if self.builder else "timm" if self.timm_model else "transformers"
 
     @property
     def grid(self) -> int:
-        """Patches per side at the 224 px input."""
-        return INPUT_PX // self.patch_px
+        """Patches per side at the model's input size."""
+        return self.input_px // self.patch_px
 
     def variant(self, name: str, weights: str | None = None, seed: int | None = None, **arch: Any) -> EncoderSpec:
         """The same family with some architecture fields changed (e.g. depth=1), random-init unless weights."""
-        depth_key = "depth" if self.library == "timm" else "num_hidden_layers"
+        depth_key = "num_hidden_layers" if self.library == "transformers" else "depth"
         changes = {depth_key if k == "depth" else k: v for k, v in arch.items()}
         return replace(self, name=name, arch={**self.arch, **changes}, weights=weights,
                        seed=self.seed if seed is None else seed)
@@ -156,16 +169,25 @@ REGISTRY: dict[str, EncoderSpec] = {
                arch=GIGAPATH_ARCH, timm_model="vit_giant_patch14_dinov2", pooling=CLS, patch_px=16,
                weights_files=_TIMM_FILES,
                input_deviation="model card: resize to 256 px (bicubic), centre-crop 224; fed the 224 px tile as it is"),
+    **_entries("virchow", "paige-ai/Virchow", "Virchow ViT-H/14 (632M, no registers), class ‖ mean patch 2560-d",
+               arch=VIRCHOW_ARCH, weights_files=_TIMM_FILES),
+    **_entries("conch-v1.5", "MahmoodLab/conchv1_5",
+               "CONCH v1.5 ViT-L/16 at 448 px (TITAN's tile encoder), attention-pooled 768-d",
+               arch=CONCH15_ARCH, timm_model="", builder="conch-v1.5", pooling=ATTN_POOL, patch_px=16,
+               input_px=CONCH15_PX, tile_px=512, interpolation="bilinear",
+               weights_files=("pytorch_model_vision.bin",)),
     **_entries("phikon-v2", "owkin/phikon-v2", "Phikon-v2 ViT-L/16 (307M, transformers Dinov2), class token 1024-d",
                arch=PHIKON2_ARCH, timm_model="", pooling=CLS, patch_px=16, weights_files=(WEIGHTS_FILENAME,)),
 }
 
-# Encoders whose only published loading path runs code from their hub repository: refused, never run.
+# Names that are not tile encoders here, and why (a hub's own model code is never run: trust_remote_code).
 REMOTE_CODE_ONLY: dict[str, str] = {
-    "titan": "TITAN (MahmoodLab/TITAN) loads only with trust_remote_code: its model class ships in the hub repository",
-    "conch": "CONCH v1.5 loads only through TITAN's trust_remote_code, and CONCH v1 only through MahmoodLab's own "
-             "conch package's model code",
-    "prism": "PRISM (paige-ai/Prism) loads only with trust_remote_code: its model class ships in the hub repository",
+    "titan": "TITAN (MahmoodLab/TITAN) is a slide encoder: extract.slide_encoders builds it from our own code "
+             "(its hub loads only with trust_remote_code); its tile encoder is registered as 'conch-v1.5'",
+    "conch": "CONCH v1 loads only through MahmoodLab's own conch package's model code; CONCH v1.5 is registered "
+             "as 'conch-v1.5' (our own code; its hub loads through TITAN's trust_remote_code)",
+    "prism": "PRISM (paige-ai/Prism) is a slide encoder: extract.slide_encoders builds it from our own code (its "
+             "hub loads only with trust_remote_code); its tile encoder is registered as 'virchow'",
 }
 
 
@@ -198,7 +220,7 @@ class TileEncoder:
 
     @property
     def embedding_dim(self) -> int:
-        return embedding_width(self.pooling, self.width)
+        return int(self.model.pooled_dim) if self.pooling == ATTN_POOL else embedding_width(self.pooling, self.width)
 
     def describe(self) -> dict[str, Any]:
         """The encoder part of a store fingerprint: everything that changes the numbers."""
@@ -223,9 +245,16 @@ class TileEncoder:
         """(B, 3, H, W) normalised pixels → (B, 1 + R + P, C) tokens."""
         return self.model(pixels)
 
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + R + P, C) tokens → (B, D), the tile embedding: by the token rule of the encoder's pooling, or
+        by its model's own pooler (CONCH v1.5's attention pooling has weights)."""
+        if self.pooling == ATTN_POOL:
+            return self.model.pool(tokens)
+        return pool_tile_embedding(tokens, self.num_prefix_tokens, self.pooling)
+
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels → (B, D), the tile embedding of the encoder's pooling."""
-        return pool_tile_embedding(self.tokens(pixels), self.num_prefix_tokens, self.pooling)
+        return self.pool(self.tokens(pixels))
 
 
 def embedding_width(pooling: str, width: int) -> int:
@@ -237,6 +266,8 @@ def pool_tile_embedding(tokens: torch.Tensor, num_prefix_tokens: int, pooling: s
     token; 1..R are registers, never averaged in."""
     if pooling not in POOLINGS:
         raise EncoderError(f"unknown pooling {pooling!r}: {', '.join(POOLINGS)}")
+    if pooling == ATTN_POOL:
+        raise EncoderError(f"pooling {ATTN_POOL!r} has weights: use TileEncoder.pool(tokens), not the token rule")
     cls = tokens[:, 0]  # (B, C)
     if pooling == CLS:
         return cls
@@ -257,7 +288,8 @@ def pool_token_grid(tokens: torch.Tensor, num_prefix_tokens: int, out_grid: int)
 
 
 def patch_grid(name: str) -> int:
-    """Patches per side at the encoder's input size, without building it (16 for Virchow-2 at 224 px)."""
+    """Patches per side at the encoder's input size, without building it (16 for Virchow-2 at 224 px, 28 for
+    CONCH v1.5 at 448)."""
     return registered(name).grid
 
 
@@ -297,6 +329,8 @@ def build_model(spec: EncoderSpec, weights_file: Path | None = None) -> torch.nn
     with several stores) drew from it in turn, so each got other weights than its seed's."""
     with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
+        if spec.builder:
+            return _builder(spec.builder)(**spec.arch)
         if spec.library == "timm":
             return timm.create_model(spec.timm_model, pretrained=False, pretrained_cfg_overlay=_pretrained_cfg(spec),
                                      **spec.arch)
@@ -305,10 +339,20 @@ def build_model(spec: EncoderSpec, weights_file: Path | None = None) -> torch.nn
         return _Dinov2Tokens(Dinov2Model(_dinov2_config(spec, weights_file)))
 
 
+def _builder(name: str) -> Any:
+    """Our own module for an architecture timm and transformers do not have as published (imported late)."""
+    if name == "conch-v1.5":
+        from extract.conch_tower import ConchV15Tower
+
+        return ConchV15Tower
+    raise EncoderError(f"unknown encoder builder {name!r}")
+
+
 def _pretrained_cfg(spec: EncoderSpec) -> dict[str, Any]:
-    """The preprocessing of the model card: bicubic to 224, the card's mean/std, no crop."""
-    return dict(input_size=(3, INPUT_PX, INPUT_PX), interpolation="bicubic", crop_pct=1.0, crop_mode="center",
-                mean=spec.mean, std=spec.std)
+    """The preprocessing of the model card: its resize to the input size (bicubic to 224, bilinear to 448 for
+    CONCH v1.5), the card's mean/std, no crop (tiles are square)."""
+    return dict(input_size=(3, spec.input_px, spec.input_px), interpolation=spec.interpolation, crop_pct=1.0,
+                crop_mode="center", mean=spec.mean, std=spec.std)
 
 
 def build_encoder(

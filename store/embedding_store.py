@@ -32,7 +32,7 @@ from slidecache.errors import (
     StoreSchemaError,
 )
 from slidecache.provenance import fingerprint, provenance, spec_differences, utc_now
-from slidecache.tile_embeddings import CLS
+from slidecache.tile_embeddings import CLS_MEAN_PATCH, class_token_width
 from store.backends import display_url, opening, zarr_store
 from store.lease import DEFAULT_LEASE_SECONDS, Lease
 from store.schema import (
@@ -162,10 +162,8 @@ class EmbeddingStore:
 
     @property
     def _class_token_width(self) -> int:
-        """The leading values of a tile embedding that are the class token: all of a class-token encoder's
-        (UNI2-h, H-optimus, Prov-GigaPath, Phikon-v2), half of a class ‖ mean-patch one's (Virchow-2)."""
-        encoder = self.spec["encoder"]
-        return self.embedding_dim if encoder.get("pooling") == CLS else self.embedding_dim // 2
+        """The leading values of a tile embedding that are the class token (0: the encoder has none)."""
+        return class_token_width(self.spec["encoder"].get("pooling", CLS_MEAN_PATCH), self.embedding_dim)
 
     @property
     def compression(self) -> str:

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import zarr
 
-from slidecache.errors import SlideNotFound
+from slidecache.errors import ConfigError, SlideNotFound
 from store.schema import DATA, MAX_BLOCK_ROWS, data_group
 
 DENSE_READ_FRACTION = 4  # read the whole span when at least 1 row in 4 of it is wanted
@@ -94,7 +94,11 @@ class SlideView:
         if self.n_tiles == 0:
             raise SlideNotFound(f"slide {self.slide_id!r} has no tiles ({self.attrs.get('empty_reason')})")
         if kind == "cls":
-            return self._group["pooled_mean"][: self._cls_width or self.embedding_dim // 2]  # type: ignore[index]
+            width = self.embedding_dim // 2 if self._cls_width is None else self._cls_width
+            if not width:
+                raise ConfigError(f"slide {self.slide_id!r}: this store's encoder has no class token (a learned "
+                                  "pooler's embedding); use pooling mean or max")
+            return self._group["pooled_mean"][:width]  # type: ignore[index]
         if kind not in ("mean", "max"):
             raise ValueError(f"pooling must be mean, max or cls, got {kind!r}")
         return self._group[f"pooled_{kind}"][...]  # type: ignore[index]
