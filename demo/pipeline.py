@@ -24,16 +24,17 @@ import hashlib
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from demo.cohort import SEED, DemoSize, plan_patients, write_clinical, write_report_texts, write_slides
 from demo.summary import write_summary
 from extract.config import ExtractConfig
-from extract.executors import lazy_ray_session
+from extract.ray_executor import lazy_ray_session
 from extract.job import Extraction
 from extract.qc import write_qc
+from extract.summary import SlideStatus
 from slidecache import json_out
 from slidecache.cohorts.slides import load_cohort
 from slidecache.configs import shipped
@@ -109,18 +110,19 @@ def extract(out: Path, cohort: Path, settings: DemoSettings, log: Callable[[str]
     store_url = str(out / "store.zarr")
     entries = load_cohort(cohort)
     with lazy_ray_session(cfg) as executor:  # a rerun with every slide in the store starts no Ray
-        summary = Extraction(entries, store_url, cfg, log=log, executor=executor).run()
+        summary = Extraction(entries, [(store_url, cfg)], log=log, executor=executor).run()
     log(summary.table())
     store = EmbeddingStore.open(store_url)
     if not {e.slide_id for e in entries} & set(store.slide_ids()):
         first = "; ".join(f"{o.slide_id}: {o.error}" for o in summary.failed[:3])
         raise PipelineError(f"all {len(entries)} slides of {cohort} failed to extract, so nothing can be trained or "
                             f"evaluated; first errors: {first} (every failure: python -m store failures {store_url})")
-    skipped = summary.count("skipped")
-    if skipped and not summary.count("done"):
+    skipped = summary.count(SlideStatus.SKIPPED)
+    if skipped and not summary.count(SlideStatus.DONE):
         log(f"[demo] extraction: all {skipped} slides already in the store: nothing encoded (the cache is reused)")
     return {"store": store_url, "extract_config": cfg.to_dict(), "slides_in_store": len(store.slide_ids()),
-            "extracted_now": summary.count("done") + summary.count("empty"), "skipped_complete": skipped,
+            "extracted_now": summary.count(SlideStatus.DONE) + summary.count(SlideStatus.EMPTY),
+            "skipped_complete": skipped,
             "failed": [o.slide_id for o in summary.failed],
             "tiles_in_store": sum(store.slide(s).n_tiles for s in store.slide_ids()),
             "verify_problems": [str(p) for p in verify_store(store)], "h5_files": len(export_h5(store, out / "h5")),
@@ -128,20 +130,19 @@ def extract(out: Path, cohort: Path, settings: DemoSettings, log: Callable[[str]
 
 
 def make_split(out: Path, store_url: str, clinical: Path, folds: int) -> tuple[Path, Any]:
-    from evaluate.features import patient_features
-    from slidecache.cohorts.clinical import load_clinical
-    from slidecache.cohorts.splits import make_folds, write_split
+    from evaluate.cohort import CohortSettings, open_patients
+    from slidecache.cohorts.splits import write_split
 
-    data = patient_features(EmbeddingStore.open(store_url), load_clinical(clinical))
-    _, _, events = data.endpoint("OS")
-    return write_split(out / "splits.csv", make_folds(data.patient_ids, events, folds, SEED)), data
+    cohort = CohortSettings((str(clinical),), folds=folds, seed=SEED)
+    _, data = open_patients(store_url, cohort)
+    return write_split(out / "splits.csv", cohort.folds_of(data, "OS")), data
 
 
 def train_and_generate(out: Path, store_url: str, clinical: Path, texts: Path, split: Path, settings: DemoSettings,
                        log: Callable[[str], None]) -> dict[str, Any]:
     from slidecache.cohorts.clinical import load_clinical
     from train.annotations import training_patients, write_annotations, write_meta
-    from train.config import parse_args
+    from train.config import build_args
     from train.generation import generate_reports
     from train.run import train
 
@@ -151,12 +152,10 @@ def train_and_generate(out: Path, store_url: str, clinical: Path, texts: Path, s
     meta = write_meta(out / "meta.json", annotations)
     run_dir = out / "train"
     generated = out / "reports_heldout.jsonl"
-    flags = ["--config", settings.train_config(), "--llm_path", settings.llm_path, "--meta_path", str(meta),
-             "--store", store_url, "--output_dir", str(run_dir), "--split", str(split), "--fold", str(HELD_OUT_FOLD),
-             *(["--num_train_epochs", str(settings.epochs())] if settings.epochs() else []),
-             "--max_tiles", str(settings.max_tiles), "--report_to", "tensorboard", "--save_strategy", "no",
-             "--logging_steps", "10", *settings.extra_train_flags]
-    parsed = parse_args(flags)
+    parsed = build_args(settings.train_config(), settings.extra_train_flags, llm_path=settings.llm_path,
+                        meta_path=str(meta), store=store_url, output_dir=str(run_dir), split=str(split),
+                        fold=HELD_OUT_FOLD, num_train_epochs=settings.epochs(), max_tiles=settings.max_tiles,
+                        report_to="tensorboard", save_strategy="no", logging_steps=10)
     reused = _finished_run_of(run_dir, *parsed)
     if reused:
         log(f"[demo] training: {run_dir} already holds a finished run: reused")
@@ -201,13 +200,8 @@ def evaluate_all(out: Path, data: Any, split: Path, clinical: Path, annotations:
     that cannot be estimated on this cohort (too few patients or events, e.g. `--patients 10`) is recorded with
     the reason instead of stopping the run. An earlier run's metrics of exactly the same inputs are reused (a
     rerun changes nothing)."""
-    from evaluate.grade import confusion_plot, cross_validate_grade
-    from evaluate.grounding import grounding_check, grounding_lines
-    from evaluate.report_metrics import score_reports
-    from evaluate.survival import cross_validate, km_plot
-    from slidecache.cohorts.clinical import load_clinical
+    from evaluate.report_eval import ReportSettings, evaluate_reports
     from slidecache.cohorts.splits import read_split
-    from slidecache.errors import EvaluationError
 
     folder = out / "evaluation"
     inputs = _evaluation_inputs(out, split, clinical, annotations, generated)
@@ -217,34 +211,54 @@ def evaluate_all(out: Path, data: Any, split: Path, clinical: Path, annotations:
         return previous
     folds = read_split(split)
     folder.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {}
-    try:
-        survival = cross_validate(data, "OS", "coxnet", folds, SEED)
-        km_plot(survival, str(folder / "km.png"))
-        result["survival"] = {"head": "coxnet", "summary": survival.summary, "logrank_p": survival.logrank_p}
-    except EvaluationError as e:
-        result["survival"] = {"head": "coxnet", "error": str(e)}
-    try:
-        grade = cross_validate_grade(data, folds, SEED)
-        confusion_plot(grade, str(folder / "confusion.png"))
-        result["grade"] = {"head": "logreg", "summary": grade.summary, "classes": grade.classes,
-                           "confusion": grade.confusion}
-    except EvaluationError as e:
-        result["grade"] = {"head": "logreg", "error": str(e)}
-    reports = score_reports(generated, annotations, load_clinical(clinical), "OS")
-    result["reports"] = {"n": reports.n, "caption": reports.caption, "clinical": reports.clinical,
-                         "notes": reports.notes, "fold": HELD_OUT_FOLD}
+    store_url = str(out / "store.zarr")
+    result = _heads(EmbeddingStore.open(store_url), data, folds, folder, log)
+    reports = ReportSettings(generated, annotations, (str(clinical),), "OS", store=store_url, checkpoint=train_dir,
+                             max_new_tokens=GENERATED_TOKENS, seed=SEED)
+    scored = evaluate_reports(replace(reports, checkpoint=None), log=lambda line: None)  # the summary shows them
+    result["reports"] = scored.scores_record() | {"fold": HELD_OUT_FOLD}
     if train_dir is not None:
-        try:
-            grounding = grounding_check(train_dir, str(out / "store.zarr"), generated, annotations, SEED,
-                                        max_new_tokens=GENERATED_TOKENS)
-            for line in grounding_lines(grounding):
-                log(f"[demo] {line}")
-            result["grounding"] = grounding.as_dict() | {"texts": grounding.texts}
-        except EvaluationError as e:  # e.g. a held-out fold whose references state one grade only
-            result["grounding"] = {"error": str(e)}
+        result["grounding"] = _grounding(reports, log)
     (folder / "metrics.json").write_text(json_out.dumps({**result, "inputs_sha256": inputs}))
     return result
+
+
+def _heads(store: EmbeddingStore, data: Any, folds: dict[str, int], folder: Path,
+           log: Callable[[str], None]) -> dict[str, Any]:
+    """Coxnet survival and logistic-regression grade heads, each with its picture in `folder`; a head that cannot
+    be estimated is recorded with the reason."""
+    from evaluate.grade_eval import GradeSettings, evaluate_grade
+    from evaluate.records import not_estimated
+    from evaluate.survival_eval import SurvivalSettings, evaluate_survival
+    from slidecache.errors import EvaluationError
+
+    result: dict[str, Any] = {}
+    heads = (("survival", SurvivalSettings(seed=SEED, clinical_baseline=False), evaluate_survival),
+             ("grade", GradeSettings(seed=SEED), evaluate_grade))
+    for name, settings, evaluate in heads:
+        try:
+            evaluation = evaluate(store, data, folds, settings, folder, log=log)
+        except EvaluationError as e:
+            result[name] = not_estimated(settings.head, e)
+            continue
+        evaluation.plot(folder)
+        result[name] = evaluation.brief()
+    return result
+
+
+def _grounding(settings: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    """The reporter's grounding check (its lines logged), or why it could not run."""
+    from evaluate.grounding import grounding_lines
+    from evaluate.report_eval import check_grounding, grounding_record
+    from slidecache.errors import EvaluationError
+
+    try:
+        grounding = check_grounding(settings)
+    except EvaluationError as e:  # e.g. a held-out fold whose references state one grade only
+        return {"error": str(e)}
+    for line in grounding_lines(grounding):
+        log(f"[demo] {line}")
+    return grounding_record(grounding)
 
 
 def _evaluation_inputs(out: Path, *files: Path | str) -> str:

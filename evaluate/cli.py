@@ -1,280 +1,58 @@
 """`python -m evaluate split|import-split|survival|grade|sweep|report`: thin commands over the library.
 
-Nothing here imports the encoder: slide vectors and tile bags are read from the store."""
+Each command parses its flags into settings objects, calls the library (evaluate/*_eval.py) and prints what
+the result gives; the result writes its own files. Nothing here imports the encoder: slide vectors and tile
+bags are read from the store."""
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from evaluate.abmil import TrainSettings, load_bags
-from evaluate.features import POOLINGS, PatientData, patient_features
-from evaluate.grade import GRADE_HEADS, confusion_plot, cross_validate_grade, refit_grade_on_all
-from evaluate.survival import BAG_HEADS, HEADS, clinical_covariates, cross_validate, km_plot, refit_on_all
+from evaluate.abmil_settings import TrainSettings
+from evaluate.cohort import CohortSettings, open_patients, site_folds, store_patient_of
+from evaluate.features import POOLINGS
+from evaluate.grade import GRADE_HEADS
+from evaluate.grade_eval import GradeSettings, run_grade
+from evaluate.survival import HEADS
+from evaluate.survival_eval import SurvivalSettings, run_survival
 from slidecache.cli_args import ArgumentParser, run_command
-from slidecache.cohorts.clinical import ENDPOINTS, load_clinical_tables
-from slidecache.cohorts.splits import import_published_splits, make_folds, read_split, write_split
-from slidecache.errors import ClinicalTableError, EvaluationError
-from slidecache.heads.saved import check_savable, save_grade_head, save_survival_head
-from slidecache.json_out import dumps
-from slidecache.labels import distinct_labels
-from slidecache.provenance import encoder_modules_loaded, provenance
-from store.embedding_store import EmbeddingStore
+from slidecache.cohorts.clinical import ENDPOINTS
+from slidecache.cohorts.splits import import_published_splits, write_split
 
 
-def _data(args: argparse.Namespace, endpoint: str | None = None):
-    store = EmbeddingStore.open(args.store)
-    clinical = load_clinical_tables(args.clinical)
-    if args.cancer_type:
-        clinical = clinical.filter_cancer_type(args.cancer_type)
-    if endpoint and (why := clinical.absent_endpoint(endpoint)):  # the table's columns, not "no patient has OS"
-        raise ClinicalTableError(why)
-    return store, patient_features(store, clinical, getattr(args, "pooling", "mean"))
+def _cohort(args: argparse.Namespace) -> CohortSettings:
+    return CohortSettings(args.clinical, cancer_type=args.cancer_type, folds=args.folds, seed=args.seed,
+                          split=getattr(args, "split", None))
 
 
-def _folds(args: argparse.Namespace, data: PatientData, endpoint: str | None = None) -> dict[str, int]:
-    """The split file when given, else folds made here from the seed (stratified by the endpoint's event)."""
-    if args.split:
-        return read_split(args.split)
-    if endpoint is None:
-        return make_folds(data.patient_ids, None, args.folds, args.seed)
-    has, _, events = data.endpoint(endpoint)
-    return make_folds(data.patient_ids, np.where(has, events, False), args.folds, args.seed)
-
-
-def _settings(args: argparse.Namespace) -> TrainSettings:
+def _abmil(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, ties=args.ties,
                          device=args.device)
 
 
-def _bags(args: argparse.Namespace, store: EmbeddingStore, data: PatientData) -> np.ndarray:
-    bags = load_bags(store, data.slides, args.max_tiles, args.seed)
-    tiles = sum(len(b) for b in bags)
-    print(f"read {tiles:,} tiles from the store for {len(bags)} patients (at most {args.max_tiles} per patient)")
-    return bags
-
-
-def _heatmap_slides(requested: list[str], data: PatientData, scores: dict[str, float]) -> list[str]:
-    """`auto` stands for the first slide of the held-out patients with the highest and the lowest score."""
-    ranked = sorted(scores, key=scores.get)
-    slides_of = dict(zip(data.patient_ids, data.slides))
-    chosen: list[str] = []
-    for item in requested:
-        chosen += [slides_of[p][0] for p in (ranked[-1], ranked[0])] if item == "auto" else [item]
-    return list(dict.fromkeys(chosen))
-
-
-def _draw_heatmaps(args: argparse.Namespace, store: EmbeddingStore, data: PatientData, folds: dict[str, int],
-                   models: dict[int, object], scores: dict[str, float], out: Path) -> list[dict]:
-    from evaluate.heatmaps import draw_heatmaps
-
-    drawn = draw_heatmaps(store, _heatmap_slides(args.heatmaps, data, scores), folds, models, out)
-    for d in drawn:
-        print(f"  heatmap {d['png']} ({d['tiles']} tiles, fold {d['fold']}"
-              f"{'' if d['thumbnail'] else ', no stored thumbnail: drawn on a blank canvas'})")
-    return drawn
-
-
-def format_summary(value: dict) -> str:
-    """'0.812 ± 0.030', with the folds that could not be scored, or 'not computed: reason'."""
-    missing = value.get("not_computed_in_folds") or {}
-    if value.get("mean") is None:
-        reasons = sorted(set(missing.values()))
-        return "not computed: " + ("; ".join(reasons[:2]) or "no fold could be scored")
-    text = f"{value['mean']:.3f} ± {value['std']:.3f}"
-    if missing:
-        fold, reason = next(iter(missing.items()))
-        text += f"  ({value['folds']} folds; not in {len(missing)}, e.g. fold {fold}: {reason})"
-    return text
-
-
-BASELINE_MIN_PATIENTS = 20
-
-
-def _clinical_baseline(data: PatientData, endpoint: str, folds: dict[str, int], seed: int) -> dict:
-    """An age + stage CoxPH on the same folds, or why there is none: recorded beside the results, never instead."""
-    mask, covariates = clinical_covariates(data)
-    if mask.sum() < BASELINE_MIN_PATIENTS:
-        return {"error": f"{int(mask.sum())} patients have both age and stage (at least {BASELINE_MIN_PATIENTS} needed)"}
-    try:
-        baseline = cross_validate(data.subset(mask), endpoint, "coxph", folds, seed, covariates[mask])
-    except EvaluationError as e:
-        return {"error": str(e)}
-    return {"summary": baseline.summary, "patients": len(baseline.predictions)}
-
-
-def _write_outputs(out: Path, report: dict, predictions: list[dict]) -> None:
-    (out / "metrics.json").write_text(dumps(report))  # strict JSON: a non-finite float is null, never NaN
-    with open(out / "predictions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(predictions[0]))
-        writer.writeheader()
-        writer.writerows(predictions)
+def _recorded(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's flags as its outputs record them (provenance)."""
+    return vars(args) | {"clinical": [str(c) for c in args.clinical]}
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    _, data = _data(args)
-    has, _, events = data.endpoint(args.endpoint)
-    sites = [c.site or "?" for c in data.clinical] if args.site_preserving else None
-    folds = make_folds(data.patient_ids, np.where(has, events, False), args.folds, args.seed, sites)
+    _, data = open_patients(args.store, _cohort(args))
+    folds = site_folds(data, args.endpoint, args.folds, args.seed, args.site_preserving)
     write_split(args.out, folds)
     sizes = np.bincount(list(folds.values()))
     print(f"wrote {args.out}: {len(folds)} patients in {args.folds} folds of {sizes.tolist()} patients "
-          f"(stratified by {args.endpoint} event{', sites kept apart' if sites else ''}; seed {args.seed})")
+          f"(stratified by {args.endpoint} event{', sites kept apart' if args.site_preserving else ''}; "
+          f"seed {args.seed})")
     return 0
-
-
-def cmd_survival(args: argparse.Namespace) -> int:
-    store, data = _data(args, args.endpoint)
-    folds = _folds(args, data, args.endpoint)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tiles = args.head in BAG_HEADS
-    if args.heatmaps and not tiles:
-        raise EvaluationError("--heatmaps draws ABMIL attention: use --head abmil-cox or abmil-nll")
-    if args.save_head:
-        check_savable("survival", args.head)
-    bags = _bags(args, store, data) if tiles else None
-    result = cross_validate(data, args.endpoint, args.head, folds, args.seed, bags, _settings(args))
-    report = {"endpoint": args.endpoint, "head": args.head, "pooling": "tiles" if tiles else args.pooling,
-              "summary": result.summary,
-              "logrank_p": result.logrank_p, "folds": result.folds, "patients": len(result.predictions),
-              "store_fingerprint": store.fingerprint, "re_encoded_tiles": 0,
-              "clinical_baseline_age_stage": _clinical_baseline(data, args.endpoint, folds, args.seed)}
-    report["provenance"] = provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})
-    if tiles:
-        report["abmil"] = vars(_settings(args)) | {"max_tiles": args.max_tiles}
-    if args.heatmaps:
-        models = {fold: head.model for fold, head in result.models.items()}
-        risks = {p["patient_id"]: p["risk"] for p in result.predictions}
-        report["heatmaps"] = _draw_heatmaps(args, store, data, folds, models, risks, out)
-    if args.save_head:
-        fitted, inputs = refit_on_all(data, args.endpoint, args.head, args.seed, bags, _settings(args))
-        report["saved_head"] = str(save_survival_head(args.save_head, args.head, fitted, inputs, args.endpoint,
-                                                      report["pooling"], store.fingerprint, result.summary))
-    _write_outputs(out, report, result.predictions)
-    km_plot(result, str(out / "km.png"))
-    print(f"{args.endpoint} {args.head} ({report['pooling']}), {len(result.predictions)} patients, {len(result.folds)} folds:")
-    for key, value in result.summary.items():
-        print(f"  {key:<10} {format_summary(value)}")
-    baseline = report["clinical_baseline_age_stage"]
-    if "summary" in baseline:
-        print(f"  clinical baseline (age + stage CoxPH) harrell_c {format_summary(baseline['summary']['harrell_c'])}")
-    else:
-        print(f"  clinical baseline (age + stage CoxPH): {baseline['error']}")
-    print(f"  log-rank p (held-out risk groups) {result.logrank_p if result.logrank_p is not None else 'n/a'}")
-    source = "tile embeddings" if tiles else "slide vectors"
-    print(f"wrote {out}/metrics.json, predictions.csv, km.png; re-encoded nothing ({source} read from the store)")
-    return 0
-
-
-def cmd_grade(args: argparse.Namespace) -> int:
-    store, data = _data(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    folds = _folds(args, data)
-    tiles = args.head == "abmil"
-    if args.heatmaps and not tiles:
-        raise EvaluationError("--heatmaps draws ABMIL attention: use --head abmil")
-    if args.save_head:
-        check_savable("grade", args.head)
-    bags = _bags(args, store, data) if tiles else None
-    result = cross_validate_grade(data, folds, args.seed, head=args.head, features=bags, settings=_settings(args))
-    report = {"label": "grade", "head": args.head, "scheme": result.scheme, "classes": result.classes, "summary": result.summary,
-              "confusion": result.confusion, "folds": result.folds, "dropped": result.dropped,
-              "patients": len(result.predictions), "store_fingerprint": store.fingerprint, "re_encoded_tiles": 0,
-              "provenance": provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})}
-    if args.heatmaps:
-        top = f"p_{result.classes[-1]}"  # the highest grade's probability
-        scores = {p["patient_id"]: p[top] for p in result.predictions}
-        report["heatmaps"] = _draw_heatmaps(args, store, data, folds, result.models, scores, out)
-    if args.save_head:
-        model, inputs, classes, scheme = refit_grade_on_all(data, args.seed, head=args.head, features=bags,
-                                                            settings=_settings(args))
-        report["saved_head"] = str(save_grade_head(args.save_head, args.head, model, inputs, classes, scheme,
-                                                   "tiles" if tiles else args.pooling, store.fingerprint, result.summary))
-    _write_outputs(out, report, result.predictions)
-    confusion_plot(result, str(out / "confusion.png"))
-    print(f"grade ({result.scheme}: {', '.join(result.classes)}), {args.head}, {len(result.predictions)} patients:")
-    for key, value in result.summary.items():
-        if key != "chance":
-            print(f"  {key:<18} {format_summary(value)}")
-    print(f"  chance: majority-class accuracy {result.summary['chance']['majority_class_accuracy']:.3f}, "
-          f"balanced accuracy {result.summary['chance']['balanced_accuracy']:.3f}")
-    print(f"wrote {out}/metrics.json, predictions.csv, confusion.png; re-encoded nothing")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from evaluate.report_metrics import score_reports
-
-    clinical = load_clinical_tables(args.clinical) if args.clinical else None
-    if args.checkpoint and args.protocol != "default":
-        raise EvaluationError("--checkpoint (the grounding check) goes with the default protocol: score the HistGen "
-                              "protocol and the grounding check in two runs")
-    if args.protocol == "histgen":
-        from evaluate.report_benchmark import histgen_benchmark, print_benchmark, write_benchmark
-
-        store = EmbeddingStore.open(args.store) if args.store else None
-        result = histgen_benchmark(args.predictions, args.references, store, clinical, args.threshold,
-                                   args.max_seq_length)
-        print_benchmark(result)
-        if args.out:
-            print(f"wrote {write_benchmark(result, args.out, provenance(vars(args)))}")
-        return 0
-    if args.checkpoint and not args.store:
-        raise EvaluationError("--checkpoint (the grounding check) needs --store: the store the checkpoint trained on")
-    if args.checkpoint:  # checkpoint and store checked before anything is scored (no model built yet)
-        from train.generation import open_checked
-
-        open_checked(args.checkpoint, args.store)
-    scores = score_reports(args.predictions, args.references, clinical, args.endpoint)
-    report = {"n": scores.n, "caption": scores.caption, "clinical": scores.clinical, "notes": scores.notes,
-              "provenance": provenance(vars(args))}
-    print(f"{scores.n} generated reports vs references:")
-    for key, value in {**scores.caption, **scores.clinical}.items():
-        print(f"  {key:<22} {value:.4f}" if isinstance(value, float) else f"  {key:<22} {value}")
-    for note in scores.notes:
-        print(f"  note: {note}")
-    if args.checkpoint:
-        from evaluate.grounding import grounding_check, grounding_lines
-
-        grounding = grounding_check(args.checkpoint, args.store, args.predictions, args.references, args.seed,
-                                    max_new_tokens=_generation_length(args), device=args.device)
-        report["grounding"] = grounding.as_dict() | {"texts": grounding.texts}
-        print("\n".join(grounding_lines(grounding)))
-        for note in grounding.notes:
-            print(f"  note: {note}")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report_metrics.json").write_text(dumps(report))
-        print(f"wrote {out / 'report_metrics.json'}")
-    return 0
-
-
-def _generation_length(args: argparse.Namespace) -> int:
-    """--max-new-tokens, else what train.generate recorded beside the predictions, else 128."""
-    if args.max_new_tokens:
-        return args.max_new_tokens
-    manifest = Path(args.predictions).with_name(f"{Path(args.predictions).stem}_manifest.json")
-    try:
-        return int(json.loads(manifest.read_text())["config"]["max_new_tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 128
 
 
 def cmd_import_split(args: argparse.Namespace) -> int:
-    patient_of = None
-    if args.store:  # slide ids → the store's patient ids (non-TCGA slide ids carry no patient in their name)
-        store = EmbeddingStore.open(args.store)
-        known = {sid: store.slide(sid).patient_id for sid in store.slide_ids()}
-        patient_of = lambda i: known.get(i, i)  # noqa: E731
+    patient_of = store_patient_of(args.store) if args.store else None
     folds = import_published_splits(args.files, patient_of)
     write_split(args.out, folds)
     sizes = np.bincount(list(folds.values()))
@@ -283,73 +61,54 @@ def cmd_import_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_labels(stores: Sequence[EmbeddingStore]) -> list[str]:
-    """Each store's encoder name; a name given twice is numbered (the same store twice compares to itself)."""
-    return distinct_labels([str(s.spec.get("encoder", {}).get("name") or Path(s.url).stem) for s in stores])
+def cmd_survival(args: argparse.Namespace) -> int:
+    settings = SurvivalSettings(endpoint=args.endpoint, head=args.head, pooling=args.pooling, seed=args.seed,
+                                max_tiles=args.max_tiles, abmil=_abmil(args), heatmaps=tuple(args.heatmaps or ()),
+                                save_head=args.save_head)
+    out = Path(args.out)
+    evaluation = run_survival(args.store, _cohort(args), settings, out, _recorded(args))
+    evaluation.write(out)
+    print("\n".join([*evaluation.lines(), evaluation.wrote(out)]))
+    return 0
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    settings = GradeSettings(head=args.head, pooling=args.pooling, seed=args.seed, max_tiles=args.max_tiles,
+                             abmil=_abmil(args), heatmaps=tuple(args.heatmaps or ()), save_head=args.save_head)
+    out = Path(args.out)
+    evaluation = run_grade(args.store, _cohort(args), settings, out, _recorded(args))
+    evaluation.write(out)
+    print("\n".join([*evaluation.lines(), evaluation.wrote(out)]))
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from evaluate.sweep import best_by_task, format_differences, format_table, paired_differences, run_sweeps
+    from evaluate.sweep_eval import SweepSettings, evaluate_sweep
 
-    already = set(encoder_modules_loaded())  # a process that ran extraction before (a test, a notebook)
-    opened = [EmbeddingStore.open(url) for url in args.store]
-    labels = _store_labels(opened) if len(opened) > 1 else [""]
-    stores = dict(zip(labels, opened))
-    clinical = load_clinical_tables(args.clinical)
-    if args.cancer_type:
-        clinical = clinical.filter_cancer_type(args.cancer_type)
+    settings = SweepSettings(args.store, _cohort(args), tasks=args.tasks, heads=args.heads,
+                             grade_heads=args.grade_heads, poolings=args.poolings, max_tiles=args.max_tiles,
+                             abmil=_abmil(args))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    evaluation = evaluate_sweep(settings, out, _recorded(args), log=lambda line: print(line, flush=True))
+    for warning in evaluation.warnings():
+        print(warning, file=sys.stderr)
+    evaluation.write(out)
+    print("\n".join(evaluation.lines()))
+    evaluation.check(out)
+    print(evaluation.wrote(out))
+    return 0
 
-    def folds_for(task: str, data: PatientData) -> dict[str, int]:
-        return _folds(args, data, None if task == "grade" else task)
 
-    def progress(row) -> None:
-        where = f"{row.encoder} " if row.encoder else ""
-        print(f"  {where}{row.task} {row.head} {row.pooling}: " + (f"error: {row.error}" if row.error else f"{row.seconds:.1f} s"),
-              flush=True)
+def cmd_report(args: argparse.Namespace) -> int:
+    from evaluate.report_eval import ReportSettings, run_report
 
-    rows, dropped = run_sweeps(stores, clinical, args.tasks, args.heads, args.grade_heads, args.poolings, folds_for,
-                               args.seed, _settings(args), args.max_tiles, progress)
-    for label, n in dropped.items():
-        if n:
-            print(f"warning: {n} patients of {label} are not in every store: left out, so that every encoder is "
-                  "scored on the same patients", file=sys.stderr)
-    differences = paired_differences(rows, args.seed) if len(stores) > 1 else []
-    loaded = sorted(set(encoder_modules_loaded()) - already)  # imported by this sweep
-    report = {"rows": [r.as_dict(reasons=True) for r in rows], "best": best_by_task(rows),
-              "paired_differences": [d.as_dict() for d in differences],
-              "store_fingerprint": (opened[0].fingerprint if len(opened) == 1
-                                    else {label: s.fingerprint for label, s in stores.items()}),
-              "stores": {label or "store": s.url for label, s in stores.items()},
-              "patients_left_out": dropped if len(stores) > 1 else {},
-              "re_encoded_tiles": 0, "encoder_modules_loaded": loaded,
-              "provenance": provenance(vars(args) | {"clinical": [str(c) for c in args.clinical]})}
-    (out / "sweep.json").write_text(dumps(report))  # strict JSON: a non-finite float is null, never NaN
-    with open(out / "sweep.csv", "w", newline="") as f:
-        fields = list(dict.fromkeys(k for r in rows for k in r.as_dict()))
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(r.as_dict() for r in rows)
-    with open(out / "sweep_predictions.csv", "w", newline="") as f:  # held-out risks: for the user's own statistics
-        writer = csv.writer(f)
-        writer.writerow(["encoder", "task", "head", "pooling", "patient_id", "fold", "time", "event", "risk"])
-        writer.writerows([r.encoder, r.task, r.head, r.pooling, p["patient_id"], p["fold"], p["time"], int(p["event"]),
-                          repr(p["risk"])] for r in rows for p in r.predictions)
-    print(format_table(rows))
-    if differences:
-        print("\npaired differences of Harrell's C (b - a) on the same held-out patients, "
-              "bootstrap resampling them jointly across stores:")
-        print(format_differences(differences))
-    for task, best in report["best"].items():
-        print(f"best {task}: {best}")
-    if loaded:
-        raise EvaluationError(f"encoder modules were imported during the sweep: {loaded}")
-    if rows and all(r.error for r in rows):
-        raise EvaluationError(f"no head of the sweep could be fitted (every row's reason is in {out}/sweep.json); "
-                              f"the first: {rows[0].error}")
-    print(f"wrote {out}/sweep.json, sweep.csv, sweep_predictions.csv; re-encoded nothing: {len(rows)} fits from "
-          f"{'the store' if len(stores) == 1 else f'{len(stores)} stores'}, the encoder was never imported")
+    settings = ReportSettings(args.predictions, args.references, clinical=args.clinical, endpoint=args.endpoint,
+                              protocol=args.protocol, store=args.store, checkpoint=args.checkpoint,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device,
+                              threshold=args.threshold, max_seq_length=args.max_seq_length)
+    evaluation = run_report(settings, vars(args))
+    if args.out:
+        print(f"wrote {evaluation.write(args.out)}")
     return 0
 
 

@@ -12,8 +12,9 @@ or a patient id for all its slides. Predictions repeating an id are refused.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from evaluate.histgen_protocol import (
     MAX_SEQ_LENGTH,
@@ -28,6 +29,7 @@ from evaluate.report_inputs import match_references, prediction_patients, read_p
 from slidecache import json_out
 from slidecache.cohorts.clinical import ClinicalTable
 from slidecache.errors import EvaluationError
+from slidecache.provenance import provenance
 from store.embedding_store import EmbeddingStore
 
 
@@ -96,28 +98,41 @@ def histgen_benchmark(predictions_path: str | Path, references_path: str | Path,
     return result
 
 
-def print_benchmark(result: dict[str, Any]) -> None:
+def benchmark_lines(result: dict[str, Any]) -> list[str]:
+    """The benchmark as `evaluate report --protocol histgen` prints it: a table of the model and its baselines,
+    the grade stated per cancer type, and the notes."""
     names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"]
-    print(f"HistGen protocol: {result['test_reports']} test reports, vocabulary of "
-          f"{result['protocol']['vocabulary_words']} words from {result['protocol']['training_reports']} training "
-          f"reports (threshold {result['protocol']['threshold']}, max length {result['protocol']['max_seq_length']})")
-    print("  " + f"{'':<48}" + "".join(f"{n:>9}" for n in names))
+    protocol = result["protocol"]
+    lines = [f"HistGen protocol: {result['test_reports']} test reports, vocabulary of "
+             f"{protocol['vocabulary_words']} words from {protocol['training_reports']} training "
+             f"reports (threshold {protocol['threshold']}, max length {protocol['max_seq_length']})",
+             "  " + f"{'':<48}" + "".join(f"{n:>9}" for n in names)]
     rows = {"model": result["model"], **{f"baseline: {k.replace('_', ' ')}": v for k, v in result["baselines"].items()}}
     for label, scores in rows.items():
-        print("  " + f"{label:<48}" + "".join(f"{scores[n]:>9.4f}" if n in scores else f"{'-':>9}" for n in names))
+        cells = "".join(f"{scores[n]:>9.4f}" if n in scores else f"{'-':>9}" for n in names)
+        lines.append("  " + f"{label:<48}" + cells)
     for who, table in (result.get("clinical_correctness") or {}).items():
         for cancer_type, entry in table.items():
             scored = (f"accuracy {entry['accuracy']:.3f}" + (f", QWK {entry['qwk']:.3f}" if "qwk" in entry else "")
                       + f" over {entry['scored']}") if "accuracy" in entry else str(entry["scored"])
-            print(f"  grade stated by the {who}, {cancer_type}: coverage {entry['coverage']:.2f} of {entry['reports']}; "
-                  f"{scored}")
-    for note in result["notes"]:
-        print(f"  note: {note}")
+            lines.append(f"  grade stated by the {who}, {cancer_type}: coverage {entry['coverage']:.2f} of "
+                         f"{entry['reports']}; {scored}")
+    return lines + [f"  note: {note}" for note in result["notes"]]
 
 
-def write_benchmark(result: dict[str, Any], out: str | Path, provenance: dict[str, Any]) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "report_metrics.json"
-    path.write_text(json_out.dumps(result | {"provenance": provenance}))
-    return path
+@dataclass
+class HistgenBenchmark:
+    """The benchmark's result as the command prints and writes it (report_metrics.json, with provenance)."""
+
+    result: dict[str, Any]
+    config: Mapping[str, Any] | None = None  # what report_metrics.json records as the run's provenance
+
+    def lines(self) -> list[str]:
+        return benchmark_lines(self.result)
+
+    def write(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "report_metrics.json"
+        path.write_text(json_out.dumps(self.result | {"provenance": provenance(self.config)}))
+        return path

@@ -12,11 +12,12 @@ Precision is decided here, before TrainingArguments is built (transformers resol
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import yaml
@@ -113,10 +114,16 @@ def _given(argv: Sequence[str], name: str) -> bool:
     return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
 
 
+PRECISION_FLAGS = ("bf16", "fp16", "use_cpu")
+
+
 def precision_defaults(argv: Sequence[str], yaml_defaults: dict) -> dict:
     """Defaults decided before TrainingArguments exists: bf16 on GPUs that support it (unless a precision is
     given), use_cpu without a GPU (unless given)."""
-    given = {name for name in ("bf16", "fp16", "use_cpu") if name in yaml_defaults or _given(argv, name)}
+    return _precision_defaults({name for name in PRECISION_FLAGS if name in yaml_defaults or _given(argv, name)})
+
+
+def _precision_defaults(given: set[str]) -> dict:
     defaults = {}
     cuda = torch.cuda.is_available()
     if not cuda and "use_cpu" not in given:
@@ -126,21 +133,75 @@ def precision_defaults(argv: Sequence[str], yaml_defaults: dict) -> dict:
     return defaults
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+Arguments = tuple[ModelArguments, DataArguments, TrainingArguments]
+
+
+def _parser() -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     parser.add_argument("--config", help="a YAML of defaults (configs/train/*.yaml); flags given override it")
     for action in parser._actions:  # optional booleans (`bool | None`) too: `--flag` alone means True, as for the rest
         if action.type is string_to_bool and action.nargs is None:
             action.nargs, action.const = "?", True
-    argv = list(argv) if argv is not None else sys.argv[1:]
-    pre, _ = parser.parse_known_args(argv)
-    defaults = _yaml_defaults(pre.config) if pre.config else {}
+    return parser
+
+
+def _config_defaults(parser: HfArgumentParser, config: str | Path | None) -> dict:
+    """The YAML's values, every key a flag of the parser."""
+    defaults = _yaml_defaults(config) if config else {}
     if defaults:
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(defaults) - known)
         if unknown:
-            raise ConfigError(f"{pre.config}: unknown keys {unknown}")
+            raise ConfigError(f"{config}: unknown keys {unknown}")
+    return defaults
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Arguments:
+    parser = _parser()
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    pre, _ = parser.parse_known_args(argv)
+    defaults = _config_defaults(parser, pre.config)
     parser.set_defaults(**precision_defaults(argv, defaults), **defaults)
+    return _parsed(parser, argv)
+
+
+def build_args(config: str | Path | None = None, flags: Sequence[str] = (), **values: Any) -> Arguments:
+    """The objects parse_args gives, from keyword values named as the flags are (`llm_path="tiny-qwen2"`,
+    `num_train_epochs=8`, `report_to="tensorboard"`), each read as that flag on the command line would be (None:
+    not given), over the defaults of the YAML `config`; `flags` (command-line words) override both. For a program
+    that trains (the demo): the same defaults, precision rule, batch variables and checks as `python -m train`."""
+    parser = _parser()
+    flags = list(flags)
+    if _given(flags, "config"):
+        raise ConfigError("build_args: give the YAML as config=, not among the flags")
+    given = {**_config_defaults(parser, config), **_read_values(parser, values)}
+    precision = _precision_defaults({name for name in PRECISION_FLAGS if name in given or _given(flags, name)})
+    parser.set_defaults(**{**precision, **given})
+    return _parsed(parser, flags)
+
+
+def _read_values(parser: HfArgumentParser, values: dict[str, Any]) -> dict[str, Any]:
+    """Each value as its flag given on the command line is read: converted by the flag's type (8 epochs → 8.0),
+    a list flag's value made a list, a choice checked."""
+    actions = {option: action for action in parser._actions for option in action.option_strings}
+    read = {}
+    for name, value in values.items():
+        action = actions.get(f"--{name}")
+        if action is None or name == "config" or action.nargs == 0:  # nargs 0: --help, --no_<flag>
+            raise ConfigError(f"unknown training setting {name!r}")
+        if value is None:
+            continue
+        words = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        try:
+            read[action.dest] = parser._get_values(action, words)
+        except argparse.ArgumentError as e:
+            raise ConfigError(f"training setting {name}={value!r}: {e}") from e
+    return read
+
+
+def _parsed(parser: HfArgumentParser, argv: list[str]) -> Arguments:
+    """The three objects, with what parsing alone cannot set (InternVL's batch variables, both names of
+    gradient checkpointing), checked."""
     parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     model_args, data_args, training_args = parsed[0], parsed[1], parsed[2]  # parsed[3]: the --config namespace
     _apply_batch_env(training_args)

@@ -1,0 +1,121 @@
+"""One grade evaluation as `python -m evaluate grade` and the demo run it: a classifier cross-validated on the
+cohort's folds, with ABMIL attention heatmaps and the head refitted on every graded patient and saved when
+asked. The result writes today's files (metrics.json, predictions.csv, confusion.png) and gives the lines
+the command prints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from evaluate.abmil_settings import TrainSettings
+from evaluate.cohort import CohortSettings, open_patients
+from evaluate.features import PatientData
+from evaluate.grade import GradeResult, confusion_plot, cross_validate_grade, refit_grade_on_all
+from evaluate.records import format_summary, write_metrics
+from evaluate.tiles import draw_attention, read_bags
+from slidecache.errors import EvaluationError
+from slidecache.heads.saved import check_savable, save_grade_head
+from slidecache.provenance import provenance
+from store.embedding_store import EmbeddingStore
+
+
+@dataclass(frozen=True)
+class GradeSettings:
+    head: str = "logreg"
+    pooling: str = "mean"  # logreg; the abmil head reads tiles
+    seed: int = 0
+    max_tiles: int = 512  # tiles sampled per patient bag (ABMIL)
+    abmil: TrainSettings = field(default_factory=TrainSettings)
+    heatmaps: tuple[str, ...] = ()  # ABMIL: slide ids, or `auto`
+    save_head: str | None = None  # also refit on every graded patient and save the head here
+
+    @property
+    def tiles(self) -> bool:
+        return self.head == "abmil"
+
+
+@dataclass
+class GradeEvaluation:
+    settings: GradeSettings
+    result: GradeResult
+    store_fingerprint: str
+    heatmaps: list[dict[str, Any]] | None = None
+    saved_head: str | None = None
+    config: Mapping[str, Any] | None = None  # what metrics.json records as the run's provenance
+
+    def brief(self) -> dict[str, Any]:
+        """The head, its summary, classes and confusion matrix: the demo's record."""
+        return {"head": self.settings.head, "summary": self.result.summary, "classes": self.result.classes,
+                "confusion": self.result.confusion}
+
+    def record(self) -> dict[str, Any]:
+        """metrics.json."""
+        result = self.result
+        record = {"label": "grade", "head": self.settings.head, "scheme": result.scheme, "classes": result.classes,
+                  "summary": result.summary, "confusion": result.confusion, "folds": result.folds,
+                  "dropped": result.dropped, "patients": len(result.predictions),
+                  "store_fingerprint": self.store_fingerprint, "re_encoded_tiles": 0}
+        if self.config is not None:
+            record["provenance"] = provenance(self.config)
+        if self.heatmaps is not None:
+            record["heatmaps"] = self.heatmaps
+        if self.saved_head is not None:
+            record["saved_head"] = self.saved_head
+        return record
+
+    def plot(self, out: Path) -> None:
+        confusion_plot(self.result, str(out / "confusion.png"))
+
+    def write(self, out: Path) -> None:
+        write_metrics(out, self.record(), self.result.predictions)
+        self.plot(out)
+
+    def lines(self) -> list[str]:
+        result = self.result
+        lines = [f"grade ({result.scheme}: {', '.join(result.classes)}), {self.settings.head}, "
+                 f"{len(result.predictions)} patients:"]
+        lines += [f"  {key:<18} {format_summary(value)}" for key, value in result.summary.items() if key != "chance"]
+        chance = result.summary["chance"]
+        lines.append(f"  chance: majority-class accuracy {chance['majority_class_accuracy']:.3f}, "
+                     f"balanced accuracy {chance['balanced_accuracy']:.3f}")
+        return lines
+
+    def wrote(self, out: Path) -> str:
+        return f"wrote {out}/metrics.json, predictions.csv, confusion.png; re-encoded nothing"
+
+
+def evaluate_grade(store: EmbeddingStore, data: PatientData, folds: dict[str, int], settings: GradeSettings,
+                   out: Path = Path("."), config: Mapping[str, Any] | None = None,
+                   log: Callable[[str], None] = print) -> GradeEvaluation:
+    """The head cross-validated on `folds`; heatmaps are drawn into `out`. Settings that cannot work are refused
+    before anything is fitted."""
+    if settings.heatmaps and not settings.tiles:
+        raise EvaluationError("--heatmaps draws ABMIL attention: use --head abmil")
+    if settings.save_head:
+        check_savable("grade", settings.head)
+    bags = read_bags(store, data, settings.max_tiles, settings.seed, log) if settings.tiles else None
+    result = cross_validate_grade(data, folds, settings.seed, head=settings.head, features=bags,
+                                  settings=settings.abmil)
+    evaluation = GradeEvaluation(settings, result, store.fingerprint, config=config)
+    if settings.heatmaps:
+        top = f"p_{result.classes[-1]}"  # the highest grade's probability
+        scores = {p["patient_id"]: p[top] for p in result.predictions}
+        evaluation.heatmaps = draw_attention(store, data, settings.heatmaps, folds, result.models, scores, out, log)
+    if settings.save_head:
+        model, inputs, classes, scheme = refit_grade_on_all(data, settings.seed, head=settings.head, features=bags,
+                                                            settings=settings.abmil)
+        evaluation.saved_head = str(save_grade_head(settings.save_head, settings.head, model, inputs, classes, scheme,
+                                                    "tiles" if settings.tiles else settings.pooling,
+                                                    store.fingerprint, result.summary))
+    return evaluation
+
+
+def run_grade(store_url: str, cohort: CohortSettings, settings: GradeSettings, out: Path,
+              config: Mapping[str, Any] | None = None, log: Callable[[str], None] = print) -> GradeEvaluation:
+    """`python -m evaluate grade`: the cohort read, `out` made, the folds made, then the evaluation."""
+    store, data = open_patients(store_url, cohort, pooling=settings.pooling)
+    out.mkdir(parents=True, exist_ok=True)
+    folds = cohort.folds_of(data)
+    return evaluate_grade(store, data, folds, settings, out, config, log)

@@ -1,0 +1,37 @@
+"""What survival and grade evaluations share in their outputs: the metrics.json + predictions.csv pair, a
+metric summary as one printed cell, and the record of a head that could not be estimated."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from slidecache.json_out import dumps
+
+
+def format_summary(value: Mapping[str, Any]) -> str:
+    """'0.812 ± 0.030', with the folds that could not be scored, or 'not computed: reason'."""
+    missing = value.get("not_computed_in_folds") or {}
+    if value.get("mean") is None:
+        reasons = sorted(set(missing.values()))
+        return "not computed: " + ("; ".join(reasons[:2]) or "no fold could be scored")
+    text = f"{value['mean']:.3f} ± {value['std']:.3f}"
+    if missing:
+        fold, reason = next(iter(missing.items()))
+        text += f"  ({value['folds']} folds; not in {len(missing)}, e.g. fold {fold}: {reason})"
+    return text
+
+
+def write_metrics(out: Path, record: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]]) -> None:
+    """metrics.json (strict JSON: a non-finite float is null, never NaN) and predictions.csv, one row a patient."""
+    (out / "metrics.json").write_text(dumps(record))
+    with open(out / "predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(predictions[0]))
+        writer.writeheader()
+        writer.writerows(predictions)
+
+
+def not_estimated(head: str, error: Exception) -> dict[str, Any]:
+    """A head that cannot be estimated on this cohort: recorded with the reason instead of its metrics."""
+    return {"head": head, "error": str(error)}

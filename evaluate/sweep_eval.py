@@ -1,0 +1,135 @@
+"""One sweep as `python -m evaluate sweep` runs it: every (store, task, head, pooling) of evaluate/sweep.py on the
+cohort's patients, the paired C-index differences between stores, and a check that no encoder module was
+imported. The result writes today's files (sweep.json, sweep.csv, sweep_predictions.csv) and gives the lines
+the command prints."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from evaluate.abmil_settings import TrainSettings
+from evaluate.cohort import CohortSettings
+from evaluate.features import PatientData
+from evaluate.sweep import (
+    PairedDifference,
+    SweepRow,
+    best_by_task,
+    format_differences,
+    format_table,
+    paired_differences,
+    run_sweeps,
+)
+from slidecache.errors import EvaluationError
+from slidecache.json_out import dumps
+from slidecache.labels import distinct_labels
+from slidecache.provenance import encoder_modules_loaded, provenance
+from store.embedding_store import EmbeddingStore
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    stores: Sequence[str]  # one store, or one per encoder
+    cohort: CohortSettings
+    tasks: Sequence[str] = ("OS",)
+    heads: Sequence[str] = ("coxnet", "coxph", "rsf", "abmil-cox")  # survival heads
+    grade_heads: Sequence[str] = ("logreg", "abmil")
+    poolings: Sequence[str] = ("mean", "max")
+    max_tiles: int = 512
+    abmil: TrainSettings = field(default_factory=TrainSettings)
+
+
+@dataclass
+class SweepEvaluation:
+    rows: list[SweepRow]
+    stores: dict[str, EmbeddingStore]  # label ("" for one store) → store
+    dropped: dict[str, int]  # store label → patients the other stores lack, left out
+    differences: list[PairedDifference]
+    loaded: list[str]  # encoder modules imported by this sweep (none, or it is refused)
+    config: Mapping[str, Any] | None = None  # what sweep.json records as the run's provenance
+
+    def record(self) -> dict[str, Any]:
+        """sweep.json."""
+        opened = list(self.stores.values())
+        record = {"rows": [r.as_dict(reasons=True) for r in self.rows], "best": best_by_task(self.rows),
+                  "paired_differences": [d.as_dict() for d in self.differences],
+                  "store_fingerprint": (opened[0].fingerprint if len(opened) == 1
+                                        else {label: s.fingerprint for label, s in self.stores.items()}),
+                  "stores": {label or "store": s.url for label, s in self.stores.items()},
+                  "patients_left_out": self.dropped if len(self.stores) > 1 else {},
+                  "re_encoded_tiles": 0, "encoder_modules_loaded": self.loaded}
+        if self.config is not None:
+            record["provenance"] = provenance(self.config)
+        return record
+
+    def write(self, out: Path) -> None:
+        (out / "sweep.json").write_text(dumps(self.record()))  # strict JSON: a non-finite float is null, never NaN
+        with open(out / "sweep.csv", "w", newline="") as f:
+            fields = list(dict.fromkeys(k for r in self.rows for k in r.as_dict()))
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(r.as_dict() for r in self.rows)
+        with open(out / "sweep_predictions.csv", "w", newline="") as f:  # held-out risks: for the user's own statistics
+            writer = csv.writer(f)
+            writer.writerow(["encoder", "task", "head", "pooling", "patient_id", "fold", "time", "event", "risk"])
+            writer.writerows([r.encoder, r.task, r.head, r.pooling, p["patient_id"], p["fold"], p["time"],
+                              int(p["event"]), repr(p["risk"])] for r in self.rows for p in r.predictions)
+
+    def warnings(self) -> list[str]:
+        return [f"warning: {n} patients of {label} are not in every store: left out, so that every encoder is "
+                "scored on the same patients" for label, n in self.dropped.items() if n]
+
+    def lines(self) -> list[str]:
+        lines = [format_table(self.rows)]
+        if self.differences:
+            lines += ["", "paired differences of Harrell's C (b - a) on the same held-out patients, "
+                          "bootstrap resampling them jointly across stores:", format_differences(self.differences)]
+        return lines + [f"best {task}: {best}" for task, best in best_by_task(self.rows).items()]
+
+    def check(self, out: Path) -> None:
+        """Refuse a sweep that imported the encoder, or whose every head failed (after its files are written)."""
+        if self.loaded:
+            raise EvaluationError(f"encoder modules were imported during the sweep: {self.loaded}")
+        if self.rows and all(r.error for r in self.rows):
+            raise EvaluationError(f"no head of the sweep could be fitted (every row's reason is in {out}/sweep.json); "
+                                  f"the first: {self.rows[0].error}")
+
+    def wrote(self, out: Path) -> str:
+        where = "the store" if len(self.stores) == 1 else f"{len(self.stores)} stores"
+        return (f"wrote {out}/sweep.json, sweep.csv, sweep_predictions.csv; re-encoded nothing: {len(self.rows)} fits "
+                f"from {where}, the encoder was never imported")
+
+
+def store_labels(stores: Sequence[EmbeddingStore]) -> list[str]:
+    """Each store's encoder name; a name given twice is numbered (the same store twice compares to itself)."""
+    return distinct_labels([str(s.spec.get("encoder", {}).get("name") or Path(s.url).stem) for s in stores])
+
+
+def progress_line(row: SweepRow) -> str:
+    where = f"{row.encoder} " if row.encoder else ""
+    return f"  {where}{row.task} {row.head} {row.pooling}: " + (f"error: {row.error}" if row.error
+                                                                else f"{row.seconds:.1f} s")
+
+
+def evaluate_sweep(settings: SweepSettings, out: Path, config: Mapping[str, Any] | None = None,
+                   log: Callable[[str], None] = print) -> SweepEvaluation:
+    """Every row, each logged as it is fitted; `out` is made before anything is fitted."""
+    already = set(encoder_modules_loaded())  # a process that ran extraction before (a test, a notebook)
+    opened = [EmbeddingStore.open(url) for url in settings.stores]
+    labels = store_labels(opened) if len(opened) > 1 else [""]
+    stores = dict(zip(labels, opened))
+    cohort = settings.cohort
+    clinical = cohort.table()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def folds_for(task: str, data: PatientData) -> dict[str, int]:
+        return cohort.folds_of(data, None if task == "grade" else task)
+
+    rows, dropped = run_sweeps(stores, clinical, settings.tasks, settings.heads, settings.grade_heads,
+                               settings.poolings, folds_for, cohort.seed, settings.abmil, settings.max_tiles,
+                               lambda row: log(progress_line(row)))
+    differences = paired_differences(rows, cohort.seed) if len(stores) > 1 else []
+    loaded = sorted(set(encoder_modules_loaded()) - already)  # imported by this sweep
+    return SweepEvaluation(rows, stores, dropped, differences, loaded, config)
