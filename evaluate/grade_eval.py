@@ -13,11 +13,10 @@ from evaluate.abmil_settings import TrainSettings
 from evaluate.cohort import CohortSettings, open_patients
 from evaluate.features import PatientData
 from evaluate.grade import GradeResult, confusion_plot, cross_validate_grade, refit_grade_on_all
-from evaluate.records import format_summary, write_metrics
+from evaluate.records import format_summary, run_extras, write_metrics
 from evaluate.tiles import draw_attention, read_bags
 from slidecache.errors import EvaluationError
 from slidecache.heads.saved import check_savable, save_grade_head
-from slidecache.provenance import provenance
 from store.embedding_store import EmbeddingStore
 
 
@@ -57,13 +56,8 @@ class GradeEvaluation:
                   "summary": result.summary, "confusion": result.confusion, "folds": result.folds,
                   "dropped": result.dropped, "patients": len(result.predictions),
                   "store_fingerprint": self.store_fingerprint, "re_encoded_tiles": 0}
-        if self.config is not None:
-            record["provenance"] = provenance(self.config)
-        if self.heatmaps is not None:
-            record["heatmaps"] = self.heatmaps
-        if self.saved_head is not None:
-            record["saved_head"] = self.saved_head
-        return record
+        record |= run_extras(self.config, None, None)
+        return record | run_extras(None, self.heatmaps, self.saved_head)
 
     def plot(self, out: Path) -> None:
         confusion_plot(self.result, str(out / "confusion.png"))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from slidecache.json_out import dumps
+from slidecache.provenance import provenance
 
 
 def format_summary(value: Mapping[str, Any]) -> str:
@@ -35,3 +36,15 @@ def write_metrics(out: Path, record: Mapping[str, Any], predictions: Sequence[Ma
 def not_estimated(head: str, error: Exception) -> dict[str, Any]:
     """A head that cannot be estimated on this cohort: recorded with the reason instead of its metrics."""
     return {"head": head, "error": str(error)}
+
+
+def run_extras(config: Mapping[str, Any] | None, heatmaps: Any, saved_head: Any) -> dict[str, Any]:
+    """What a head's metrics.json ends with when the run has it: provenance, heatmaps drawn, the head saved."""
+    extras: dict[str, Any] = {}
+    if config is not None:
+        extras["provenance"] = provenance(config)
+    if heatmaps is not None:
+        extras["heatmaps"] = heatmaps
+    if saved_head is not None:
+        extras["saved_head"] = saved_head
+    return extras

@@ -12,12 +12,11 @@ from typing import Any, Callable, Mapping
 from evaluate.abmil_settings import TrainSettings
 from evaluate.cohort import CohortSettings, open_patients
 from evaluate.features import PatientData
-from evaluate.records import format_summary, write_metrics
+from evaluate.records import format_summary, run_extras, write_metrics
 from evaluate.survival import BAG_HEADS, SurvivalResult, clinical_covariates, cross_validate, km_plot, refit_on_all
 from evaluate.tiles import draw_attention, read_bags
 from slidecache.errors import EvaluationError
 from slidecache.heads.saved import check_savable, save_survival_head
-from slidecache.provenance import provenance
 from store.embedding_store import EmbeddingStore
 
 BASELINE_MIN_PATIENTS = 20
@@ -67,15 +66,10 @@ class SurvivalEvaluation:
                   "re_encoded_tiles": 0}
         if self.baseline is not None:
             record["clinical_baseline_age_stage"] = self.baseline
-        if self.config is not None:
-            record["provenance"] = provenance(self.config)
+        record |= run_extras(self.config, None, None)
         if self.settings.tiles:
             record["abmil"] = vars(self.settings.abmil) | {"max_tiles": self.settings.max_tiles}
-        if self.heatmaps is not None:
-            record["heatmaps"] = self.heatmaps
-        if self.saved_head is not None:
-            record["saved_head"] = self.saved_head
-        return record
+        return record | run_extras(None, self.heatmaps, self.saved_head)
 
     def plot(self, out: Path) -> None:
         km_plot(self.result, str(out / "km.png"))
