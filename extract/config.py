@@ -23,9 +23,9 @@ from slidecache.errors import ConfigError
 _GRID = re.compile(r"^(\d+)x\1$")
 DEFAULT_CONFIG = shipped("extract", "virchow2.yaml")
 EXECUTORS = ("auto", "ray", "local")  # extract/executors.py
-# Encoder batch and tiles per reader task where a config leaves them out. GPU: ~1,160 tiles/s on an H200 in
-# bf16 from batch 128 up (bench/RESULTS.md). CPU: an encoder does 5-500 tiles/s, so small read chunks keep
-# every reader busy on small slides and slide tails, and a small batch keeps activations in cache.
+# Encoder batch and tiles per reader task where a config leaves them out. GPU: throughput stops growing from
+# batch 128 up (bench/RESULTS.md). CPU: an encoder is slow, so small read chunks keep every reader busy on small
+# slides and slide tails, and a small batch keeps activations in cache.
 DEVICE_DEFAULTS: dict[str, dict[str, int]] = {"cuda": {"batch_size": 256, "read_chunk": 256},
                                               "cpu": {"batch_size": 32, "read_chunk": 64}}
 # What may differ between the stores of one run (one read feeds them all): the encoder and how it runs. The

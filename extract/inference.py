@@ -31,7 +31,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def cpu_threads(asked: int | None) -> int:
     """Torch threads for a CPU encoder: as asked, else every core this process may run on. Ray gives an actor
     OMP_NUM_THREADS=1; the readers are Ray tasks on the same cores and the OS shares them out (one thread left
-    ~half of a 2-core node idle while encoding: 4.1-4.8 vs 9.0 tiles/s, ../shared/peer/README.md)."""
+    about half of a 2-core node idle while encoding: bench/RESULTS.md)."""
     return asked or usable_cores()
 
 

@@ -20,7 +20,7 @@ from skimage.filters import threshold_otsu
 from extract.readers import SlideReader
 
 THUMBNAIL_MAX_SIDE = 2048
-# A tile's tissue fraction needs no finer mask than this; a finer one only costs time (0.7 s per small slide
+# A tile's tissue fraction needs no finer mask than this; a finer one only costs time (a small slide
 # masked at full resolution) and store bytes (the thumbnail was most of a tiny encoder's store).
 THUMBNAIL_PX_PER_TILE = 16
 THUMBNAIL_MIN_SIDE = 512  # ... but a small slide keeps enough pixels for Otsu and the morphology to work on
