@@ -13,14 +13,16 @@ from extract.stages import Stages
 from slidecache.cli_args import ArgumentParser, guarded, storage_options
 from slidecache.configs import SHIPPED
 from slidecache.errors import ConfigError
+from slidecache.tile_embeddings import EMBEDDING_WIDTHS
 from store.backends import display_url
 
 CONFIG_HELP = (f"extraction YAML (default: configs/extract/ENCODER.yaml when --encoder names one that exists, else "
                f"{DEFAULT_CONFIG.relative_to(SHIPPED.parent)}; settings it leaves out follow the device: batch / "
                f"read chunk {DEVICE_DEFAULTS['cuda']['batch_size']} / {DEVICE_DEFAULTS['cuda']['read_chunk']} with GPUs, "
                f"{DEVICE_DEFAULTS['cpu']['batch_size']} / {DEVICE_DEFAULTS['cpu']['read_chunk']} on CPU)")
-ENCODER_HELP = ("registry name (extract/tile_encoders.py: virchow2, uni2-h, h-optimus-1, h-optimus-0, prov-gigapath, "
-                "phikon-v2, each with a NAME-random twin; virchow2-small, virchow2-tiny)")
+_FAMILIES = [n for n in EMBEDDING_WIDTHS if not n.startswith("virchow2-")]  # torch-free: --help stays fast
+ENCODER_HELP = (f"registry name (extract/tile_encoders.py: {', '.join(_FAMILIES)}, each with a NAME-random twin; "
+                "virchow2-small, virchow2-tiny)")
 ENCODERS_HELP = (ENCODER_HELP + "; several, comma-separated (virchow2,uni2-h), fill one store each from one read of "
                  "every slide: --store then holds {encoder} or lists one store per encoder")
 

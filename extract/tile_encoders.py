@@ -39,7 +39,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # H-optimus-0 and -1's model cards: their own normalisation, not ImageNet's.
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
-INPUT_PX = 224  # every encoder's input: the 224 px tile at 0.5 µm/px, as it is
+INPUT_PX = 224  # the input of every encoder but CONCH v1.5 (448): the 224 px tile at 0.5 µm/px, as it is
 
 
 _SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
@@ -220,7 +220,7 @@ class TileEncoder:
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.model.pooled_dim) if self.pooling == ATTN_POOL else embedding_width(self.pooling, self.width)
+        return int(self.model.pooled_dim) if self.pooling == ATTN_POOL else pooled_width(self.pooling, self.width)
 
     def describe(self) -> dict[str, Any]:
         """The encoder part of a store fingerprint: everything that changes the numbers."""
@@ -257,7 +257,8 @@ class TileEncoder:
         return self.pool(self.tokens(pixels))
 
 
-def embedding_width(pooling: str, width: int) -> int:
+def pooled_width(pooling: str, width: int) -> int:
+    """The tile embedding's width from a token width of `width`, by the pooling's token rule."""
     return 2 * width if pooling == CLS_MEAN_PATCH else width
 
 

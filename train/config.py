@@ -137,7 +137,9 @@ Arguments = tuple[ModelArguments, DataArguments, TrainingArguments]
 
 
 def _parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="python -m train",
+                              description="Train the reporter (projector + LoRA LLM) on a store's cached tokens: "
+                                          "InternVL's and Hugging Face TrainingArguments' flags.")
     parser.add_argument("--config", help="a YAML of defaults (configs/train/*.yaml); flags given override it")
     for action in parser._actions:  # optional booleans (`bool | None`) too: `--flag` alone means True, as for the rest
         if action.type is string_to_bool and action.nargs is None:
@@ -159,7 +161,9 @@ def _config_defaults(parser: HfArgumentParser, config: str | Path | None) -> dic
 def parse_args(argv: Sequence[str] | None = None) -> Arguments:
     parser = _parser()
     argv = list(argv) if argv is not None else sys.argv[1:]
-    pre, _ = parser.parse_known_args(argv)
+    only_config = argparse.ArgumentParser(add_help=False)  # --config first, so that --help shows its defaults
+    only_config.add_argument("--config")
+    pre, _ = only_config.parse_known_args(argv)
     defaults = _config_defaults(parser, pre.config)
     parser.set_defaults(**precision_defaults(argv, defaults), **defaults)
     return _parsed(parser, argv)
