@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -61,25 +61,25 @@ def cmd_import_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_survival(args: argparse.Namespace) -> int:
-    settings = SurvivalSettings(endpoint=args.endpoint, head=args.head, pooling=args.pooling, seed=args.seed,
-                                max_tiles=args.max_tiles, abmil=_abmil(args), heatmaps=tuple(args.heatmaps or ()),
-                                save_head=args.save_head)
+def _head_command(args: argparse.Namespace, run: Callable[..., Any], settings: Any) -> int:
+    """survival and grade alike: run the evaluation, write its files, print its lines."""
     out = Path(args.out)
-    evaluation = run_survival(args.store, _cohort(args), settings, out, _recorded(args))
+    evaluation = run(args.store, _cohort(args), settings, out, _recorded(args))
     evaluation.write(out)
     print("\n".join([*evaluation.lines(), evaluation.wrote(out)]))
     return 0
+
+
+def cmd_survival(args: argparse.Namespace) -> int:
+    return _head_command(args, run_survival, SurvivalSettings(
+        endpoint=args.endpoint, head=args.head, pooling=args.pooling, seed=args.seed, max_tiles=args.max_tiles,
+        abmil=_abmil(args), heatmaps=tuple(args.heatmaps or ()), save_head=args.save_head))
 
 
 def cmd_grade(args: argparse.Namespace) -> int:
-    settings = GradeSettings(head=args.head, pooling=args.pooling, seed=args.seed, max_tiles=args.max_tiles,
-                             abmil=_abmil(args), heatmaps=tuple(args.heatmaps or ()), save_head=args.save_head)
-    out = Path(args.out)
-    evaluation = run_grade(args.store, _cohort(args), settings, out, _recorded(args))
-    evaluation.write(out)
-    print("\n".join([*evaluation.lines(), evaluation.wrote(out)]))
-    return 0
+    return _head_command(args, run_grade, GradeSettings(
+        head=args.head, pooling=args.pooling, seed=args.seed, max_tiles=args.max_tiles, abmil=_abmil(args),
+        heatmaps=tuple(args.heatmaps or ()), save_head=args.save_head))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from evaluate.abmil_settings import TrainSettings
 from evaluate.cohort import CohortSettings, open_patients
 from evaluate.features import PatientData
 from evaluate.grade import GradeResult, confusion_plot, cross_validate_grade, refit_grade_on_all
-from evaluate.records import format_summary, run_extras, write_metrics
+from evaluate.records import WritesMetrics, format_summary, run_extras
 from evaluate.tiles import draw_attention, read_bags
 from slidecache.errors import EvaluationError
 from slidecache.heads.saved import check_savable, save_grade_head
@@ -36,7 +36,7 @@ class GradeSettings:
 
 
 @dataclass
-class GradeEvaluation:
+class GradeEvaluation(WritesMetrics):
     settings: GradeSettings
     result: GradeResult
     store_fingerprint: str
@@ -56,15 +56,10 @@ class GradeEvaluation:
                   "summary": result.summary, "confusion": result.confusion, "folds": result.folds,
                   "dropped": result.dropped, "patients": len(result.predictions),
                   "store_fingerprint": self.store_fingerprint, "re_encoded_tiles": 0}
-        record |= run_extras(self.config, None, None)
-        return record | run_extras(None, self.heatmaps, self.saved_head)
+        return record | run_extras(self.config, self.heatmaps, self.saved_head)
 
     def plot(self, out: Path) -> None:
         confusion_plot(self.result, str(out / "confusion.png"))
-
-    def write(self, out: Path) -> None:
-        write_metrics(out, self.record(), self.result.predictions)
-        self.plot(out)
 
     def lines(self) -> list[str]:
         result = self.result

@@ -48,3 +48,11 @@ def run_extras(config: Mapping[str, Any] | None, heatmaps: Any, saved_head: Any)
     if saved_head is not None:
         extras["saved_head"] = saved_head
     return extras
+
+
+class WritesMetrics:
+    """A head's evaluation that writes metrics.json, predictions.csv and its plot (survival, grade)."""
+
+    def write(self, out: Path) -> None:
+        write_metrics(out, self.record(), self.result.predictions)  # type: ignore[attr-defined]
+        self.plot(out)  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 from evaluate.abmil_settings import TrainSettings
 from evaluate.cohort import CohortSettings, open_patients
 from evaluate.features import PatientData
-from evaluate.records import format_summary, run_extras, write_metrics
+from evaluate.records import WritesMetrics, format_summary, run_extras
 from evaluate.survival import BAG_HEADS, SurvivalResult, clinical_covariates, cross_validate, km_plot, refit_on_all
 from evaluate.tiles import draw_attention, read_bags
 from slidecache.errors import EvaluationError
@@ -40,7 +40,7 @@ class SurvivalSettings:
 
 
 @dataclass
-class SurvivalEvaluation:
+class SurvivalEvaluation(WritesMetrics):
     settings: SurvivalSettings
     result: SurvivalResult
     store_fingerprint: str
@@ -73,10 +73,6 @@ class SurvivalEvaluation:
 
     def plot(self, out: Path) -> None:
         km_plot(self.result, str(out / "km.png"))
-
-    def write(self, out: Path) -> None:
-        write_metrics(out, self.record(), self.result.predictions)
-        self.plot(out)
 
     def lines(self) -> list[str]:
         result, settings = self.result, self.settings

@@ -8,6 +8,7 @@ import hashlib
 import os
 import zipfile
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -16,6 +17,7 @@ from slidecache.errors import EncoderError
 WEIGHTS_FILENAME = "model.safetensors"
 STATE_DICT_FILENAME = "pytorch_model.bin"  # a plain state dict: read with torch.load(weights_only=True)
 HF_CONFIG = "config.json"
+Spec = TypeVar("Spec")
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -69,8 +71,9 @@ def resolve_weights_file(weights: str, names: tuple[str, ...], model: str, needs
     return path
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors, or a plain state dict read with weights_only=True (a pickle that would run code is refused)."""
+def read_state_dict(path: Path, nested_key: str | None = None) -> dict[str, torch.Tensor]:
+    """safetensors, or a plain state dict read with weights_only=True (a pickle that would run code is refused);
+    `nested_key`: a checkpoint dict may hold the state dict under that key (Prov-GigaPath's {"model": ...})."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -83,11 +86,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise EncoderError(f"{path}: not a state dict torch.load(weights_only=True) can read "
                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); checkpoints that need "
                                "arbitrary unpickling are never loaded") from e
+        if nested_key is not None and isinstance(state, dict) and isinstance(state.get(nested_key), dict):
+            state = state[nested_key]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise EncoderError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
         return state
     raise EncoderError(f"{path}: weights must be .safetensors or a state dict (.bin/.pt/.pth, read with "
                        "weights_only=True)")
+
+
+def gated_and_random(spec: Callable[..., Spec], name: str, hub_id: str, card: str, **kw: Any) -> dict[str, Spec]:
+    """A registry's two entries for a gated hub model: the model, and its random-init twin of the same
+    architecture (shapes, speed, pipelines and GPU benchmarks without the weights)."""
+    return {
+        name: spec(name, weights=hub_id, description=f"{card}; gated weights: hub id {hub_id} with HF_TOKEN, or a "
+                   "local file", **kw),
+        f"{name}-random": spec(f"{name}-random", description=f"{card}, random weights (seed 0)", **kw),
+    }
 
 
 def load_weights(target: torch.nn.Module, path: Path) -> None:

@@ -116,8 +116,9 @@ class ImageExtraction:
                                               info["token_shape"]), config=self.cfg.to_dict(),
                                               storage_options=self.storage_options)
         summary = ImageSummary()
-        todo = [e for e in self.entries if not store.is_complete(e.key)]
-        summary.skipped = [e.key for e in self.entries if store.is_complete(e.key)]
+        complete = {e.key for e in self.entries if store.is_complete(e.key)}  # one look per image (remote stores)
+        todo = [e for e in self.entries if e.key not in complete]
+        summary.skipped = [e.key for e in self.entries if e.key in complete]
         if summary.skipped:
             self.log(f"[images] {len(summary.skipped)} images already in the store: skipped")
         self._encode(store, todo, actors, summary, started)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from extract.encoder_weights import (
     HF_CONFIG,
     STATE_DICT_FILENAME,
     WEIGHTS_FILENAME,
+    gated_and_random,
     load_weights,
     resolve_weights_file,
     sha256_file,
@@ -127,17 +129,10 @@ class EncoderSpec:
                        seed=self.seed if seed is None else seed)
 
 
-def _entries(name: str, hub_id: str, card: str, **kw: Any) -> dict[str, EncoderSpec]:
-    """A gated hub model and its random-init twin (same architecture: shapes, speed and GPU benchmarks)."""
-    return {
-        name: EncoderSpec(name, weights=hub_id, description=f"{card}; gated weights: hub id {hub_id} with "
-                          "HF_TOKEN, or a local file", **kw),
-        f"{name}-random": EncoderSpec(f"{name}-random", description=f"{card}, random weights (seed 0)", **kw),
-    }
-
-
 _TIMM_FILES = (WEIGHTS_FILENAME, STATE_DICT_FILENAME)
 _BUILD_LOCK = threading.Lock()  # build_model: random init from the global generator, one build at a time
+
+_entries = partial(gated_and_random, EncoderSpec)  # a gated hub model and its random-init twin
 
 REGISTRY: dict[str, EncoderSpec] = {
     "virchow2": EncoderSpec(

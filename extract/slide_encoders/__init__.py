@@ -16,18 +16,19 @@ import contextlib
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from extract.encoder_weights import resolve_weights_file, sha256_file
+from extract.encoder_weights import gated_and_random, read_state_dict, resolve_weights_file, sha256_file
 from extract.slide_encoders.gigapath import GIGAPATH_SLIDE_ARCH, GigaPathSlideEncoder
 from extract.slide_encoders.prism import PRISM_ARCH, PrismResampler
 from extract.slide_encoders.tiles import as_tiles
 from extract.slide_encoders.titan import TITAN_ARCH, TitanSlideEncoder
-from extract.slide_encoders.weights import load_slide_state, read_checkpoint
+from extract.slide_encoders.weights import load_slide_state
 from slidecache.errors import EncoderError
 
 _FAMILIES: dict[str, type[torch.nn.Module]] = {
@@ -73,14 +74,7 @@ class SlideEncoderSpec:
                        seed=self.seed if seed is None else seed)
 
 
-def _entries(name: str, hub_id: str, card: str, **kw: Any) -> dict[str, SlideEncoderSpec]:
-    """A gated hub model and its random-init twin (same architecture: shapes, speed, pipelines without weights)."""
-    return {
-        name: SlideEncoderSpec(name, weights=hub_id, description=f"{card}; gated weights: hub id {hub_id} with "
-                               "HF_TOKEN, or a local file", **kw),
-        f"{name}-random": SlideEncoderSpec(f"{name}-random", description=f"{card}, random weights (seed 0)", **kw),
-    }
-
+_entries = partial(gated_and_random, SlideEncoderSpec)  # a gated hub model and its random-init twin
 
 REGISTRY: dict[str, SlideEncoderSpec] = {
     **_entries("prism", "paige-ai/Prism",
@@ -194,7 +188,7 @@ def build_slide_encoder(name: str, weights: str | None = None, device: str | tor
         weights_id, digest = f"random-init:seed={spec.seed}", None
     else:
         if not meta:
-            load_slide_state(model, read_checkpoint(path, spec.nested_key), spec.state_prefix,
+            load_slide_state(model, read_state_dict(path, spec.nested_key), spec.state_prefix,
                              spec.ignored_prefixes, str(path))
         is_local = Path(source).expanduser().exists()
         weights_id, digest = (path.name if is_local else source), sha256_file(path)

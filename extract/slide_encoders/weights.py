@@ -1,8 +1,8 @@
 """A slide encoder's weights into our module, strictly: every tensor the module has must come from the file with
 its published name and shape, and every tensor of the file must have a place (or belong to a part of the hub
 model we do not build, named by the registry: PRISM's text decoder, TITAN's text encoder). Files are read
-safely (extract.encoder_weights: safetensors, or torch.load with weights_only=True; a pickle that would run
-code is refused, never run).
+by extract.encoder_weights.read_state_dict (safetensors, or torch.load with weights_only=True; a pickle that
+would run code is refused, never run).
 
 Published files carry the slide encoder inside a larger model: its keys under a prefix ("image_resampler.",
 "vision_encoder.") or the state dict under a key of a checkpoint dict ("model"). A file that holds only the
@@ -11,30 +11,9 @@ tensor under several names; a file may hold any one of them (safetensors keeps o
 
 from __future__ import annotations
 
-import zipfile
-from pathlib import Path
-
 import torch
 
-from extract.encoder_weights import read_state_dict
 from slidecache.errors import EncoderError
-
-
-def read_checkpoint(path: Path, nested_key: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file; `nested_key`: a torch checkpoint dict that holds the state dict under
-    that key (Prov-GigaPath's slide_encoder.pth: {"model": ...}), read with weights_only=True all the same."""
-    if nested_key is None or path.suffix == ".safetensors":
-        return read_state_dict(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # weights_only's refusal is an UnpicklingError
-        raise EncoderError(f"{path}: not a checkpoint torch.load(weights_only=True) can read "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); checkpoints that need "
-                           "arbitrary unpickling are never loaded: save its state dict as .safetensors") from e
-    state = checkpoint.get(nested_key, checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EncoderError(f"{path}: holds no state dict of tensors (looked under {nested_key!r} and at the top)")
-    return state
 
 
 def _own_keys(state: dict[str, torch.Tensor], prefix: str, ignored: tuple[str, ...],
