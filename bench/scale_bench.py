@@ -7,9 +7,14 @@ Each cohort size runs in a fresh driver process (`--child`), so its RSS is its o
 seconds of the driver, the GCS and the raylet (what coordinates), of Ray's other services, and of the
 stand-in workers (readers, encoder actors and their writers); sustained tiles/s through the system; the
 driver's RSS after the run. Printed: coordination CPU per 1,000 tiles and per slide, the driver's RSS growth
-per slide fitted from the two sizes, and a projection for TCGA on 8 and 64 H200s.
+per slide fitted from the two sizes, and a projection for TCGA on 8, 64 and 128 H200s.
 
-    python bench/scale_bench.py [--sizes 1000,10000] [--chunk-run 100x2560] [--encoders 2] [--json F]
+Then the driver's own ceiling: its bookkeeping for 100,000 stand-in slides of TCGA's mean size (12,800 tiles)
+on an executor whose every task and call is answered at once, in this process (no Ray, no reading, no
+encoding, no writing): slides/s and tiles/s one driver can hand out, and its memory per slide.
+
+    python bench/scale_bench.py [--sizes 1000,10000] [--chunk-run 100x2560] [--encoders 2]
+                                [--ceiling-slides 100000] [--json F]
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TILES_PER_SLIDE = 200
 WIDTH = 2560  # Virchow-2's class ‖ mean-patch embedding
 TCGA_SLIDES, TCGA_TILES = 11_700, 1.5e8  # diagnostic slides at 20x (the issue's figures)
-H200_TILES_PER_S = 1_164  # virchow2 bf16, batch 256, one H200 (bench/RESULTS.md; 1,325 compiled)
+H200_TILES_PER_S = 1_164  # virchow2 bf16, batch 256, one H200 (bench/RESULTS.md)
+H200_COMPILED_TILES_PER_S = 1_325  # the same, torch.compile (bench/RESULTS.md)
+PIPELINE_EFFICIENCY = 0.9  # the pipeline ÷ the encoder alone that bench/gpu_pipeline.sh targets
 
 
 # ---- stand-ins (pickled by value into Ray's workers) ------------------------------------------
@@ -142,6 +149,129 @@ def child(n_slides: int, encoders: int, tile_px: int, work: Path, tiles_per_slid
             "store_bytes": sum(f.stat().st_size for f in (work / "store.zarr").rglob("*") if f.is_file())}
 
 
+# ---- the driver's own ceiling: an executor that answers everything at once, in this process --------------
+
+
+CEILING_TILES_PER_SLIDE = 12_800  # TCGA's mean: 1.5e8 tiles / 11,700 slides
+
+
+class _Answered:
+    """A task or call already answered."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class InstantExecutor:
+    """The Executor seam with nothing behind it: a prepare answers a plan of `tiles` tiles, a read nothing, an
+    encoder's slide call the answer a worker would give. What is left is the driver's bookkeeping."""
+
+    name = "local"  # as the store records it (no real executor runs)
+
+    def __init__(self, template: Any, tiles: int, encoders: int) -> None:
+        self._template = template
+        self._coords = np.zeros((tiles, 2), np.int64)
+        self._tissue = np.ones(tiles, np.float32)
+        self._encoders = encoders
+
+    def resources(self) -> Any:
+        from extract.stages import Resources
+
+        return Resources(self._encoders, 16 * self._encoders, [f"node{i}" for i in range(self._encoders)])
+
+    def gpus(self) -> int:
+        return self._encoders
+
+    def start_encoders(self, worker_args: tuple[Any, ...], count: int, gpus: int, nodes: list[str]) -> list[Any]:
+        return [f"node{i}" for i in range(count)]
+
+    def prepare(self, entry: Any, cfg: Any) -> _Answered:
+        return _Answered(dataclasses.replace(self._template, entry=entry, coords=self._coords, tissue=self._tissue,
+                                             empty_reason=None, pictures=(None, None)))
+
+    def read(self, prepared: Any, start: int, stop: int, near: str | None) -> _Answered:
+        return _Answered(None)
+
+    def call(self, actor: str, method: str, *args: Any) -> _Answered:
+        from extract.encoder_worker import SlideAnswer, StoreAnswer
+
+        if method == "describe":
+            return _Answered({"encoders": [StandInEncoder.describe(None)], "token_shapes": [None],  # type: ignore[arg-type]
+                              "device": "cuda", "pid": 0, "threads": 1, "node": actor})
+        job = args[0]
+        rows = job.prepared.n_tiles
+        return _Answered(SlideAnswer({i: StoreAnswer("done", rows) for i in job.stores}, actor,
+                                     [actor] * -(-rows // job.read_chunk), 0.0))
+
+    def wait(self, refs: Any, timeout: float) -> list[Any]:
+        return list(refs)
+
+    def get(self, ref: _Answered) -> Any:
+        return ref.value
+
+    def done(self, ref: _Answered) -> bool:
+        return True
+
+    def succeeded(self, ref: _Answered) -> bool:
+        return True
+
+    def actor_died(self, error: BaseException) -> bool:
+        return False
+
+
+def ceiling_child(n_slides: int, tiles: int, encoders: int, work: Path) -> dict[str, Any]:
+    import psutil
+
+    from demo.slides import synthetic_he, write_pyramid
+    from extract.config import ExtractConfig
+    from extract.job import Extraction
+    from extract.slide_prep import prepare_slide
+    from extract.summary import SlideStatus
+    from slidecache.cohorts.slides import SlideEntry
+
+    cfg = ExtractConfig(encoder="virchow2-tiny", batch_size=256, read_chunk=256)
+    template_path = write_pyramid(work / "template.tiff", synthetic_he(1400, 1400, seed=0), mpp=0.5)
+    template = dataclasses.replace(prepare_slide(SlideEntry("template", str(template_path), "template"), cfg),
+                                   thumbnail=None, mask=None)
+    entries = [SlideEntry(f"TCGA-XX-{i:06d}-01Z-00-DX1", f"/slides/TCGA-XX-{i:06d}-01Z-00-DX1.svs", f"TCGA-XX-{i:06d}")
+               for i in range(n_slides)]
+    executor = InstantExecutor(template, tiles, encoders)
+    process = psutil.Process()
+    uss0, cpu0, t0 = process.memory_full_info().uss, process.cpu_times(), time.perf_counter()
+    summary = Extraction(entries, [(str(work / "store.zarr"), cfg)], log=lambda m: None, executor=executor).run()
+    wall = time.perf_counter() - t0
+    cpu1, uss1 = process.cpu_times(), process.memory_full_info().uss
+    if summary.count(SlideStatus.DONE) != n_slides:
+        raise SystemExit(f"only {summary.count(SlideStatus.DONE)} of {n_slides} stand-in slides completed")
+    cpu = cpu1.user + cpu1.system - cpu0.user - cpu0.system
+    return {"slides": n_slides, "tiles_per_slide": tiles, "encoders": encoders, "seconds": wall, "driver_cpu_s": cpu,
+            "slides_per_s": n_slides / wall, "tiles_per_s": summary.tiles / wall,
+            "driver_ms_per_slide": 1e3 * cpu / n_slides, "driver_private_growth_bytes_per_slide": (uss1 - uss0) / n_slides}
+
+
+def _run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="ceiling_", dir=args.work))
+    try:
+        out = subprocess.run([sys.executable, __file__, "--ceiling-child", str(args.ceiling_slides), "--encoders",
+                              str(args.ceiling_encoders), "--work", str(work)], capture_output=True, text=True,
+                             check=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if out.returncode:
+        raise SystemExit(f"the ceiling run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_ceiling(r: dict[str, Any]) -> None:
+    print(f"\nthe driver's own ceiling: {r['slides']} stand-in slides of {r['tiles_per_slide']} tiles on "
+          f"{r['encoders']} instant encoders: {r['seconds']:.1f} s, {r['slides_per_s']:.0f} slides/s = "
+          f"{r['tiles_per_s']:,.0f} tiles/s (target ≥ 100,000) = {r['tiles_per_s'] / H200_TILES_PER_S:,.0f} H200s; "
+          f"driver {r['driver_ms_per_slide']:.2f} ms CPU per slide, private memory "
+          f"{r['driver_private_growth_bytes_per_slide']:.0f} B per slide (target ≤ 2 KB)")
+
+
 # ---- the parent: runs, fit, projection --------------------------------------------------------
 
 
@@ -149,25 +279,34 @@ CHUNK = 256  # tiles per read chunk and per encode call (the GPU default)
 
 
 def projection(per_slide_s: float, per_chunk_s: float, rss_per_slide: float, rss_base: float) -> list[dict[str, Any]]:
-    """A TCGA-scale run on n H200s: encoder-bound wall, the coordinators' CPU and its share of one core, and
-    the driver's memory, from the fitted costs per slide and per read chunk."""
+    """A TCGA-scale run on n H200s: the wall at the measured eager bf16 rate and at the compiled rate × the
+    pipeline's target efficiency, the coordinators' CPU and its share of one core, the driver's memory, from the
+    fitted costs per slide and per read chunk."""
     coordination = TCGA_SLIDES * per_slide_s + TCGA_TILES / CHUNK * per_chunk_s
+    limit = CHUNK / per_chunk_s if per_chunk_s > 0 else float("inf")
     rows = []
-    for gpus in (8, 64):
+    for gpus in (8, 64, 128):
         wall = TCGA_TILES / (gpus * H200_TILES_PER_S)
-        rows.append({"gpus": gpus, "wall_h": wall / 3600, "coordination_cpu_h": coordination / 3600,
-                     "coordinator_cores_busy": coordination / wall,
-                     "coordination_limit_tiles_per_s": CHUNK / per_chunk_s if per_chunk_s > 0 else float("inf"),
+        compiled = TCGA_TILES / (gpus * H200_COMPILED_TILES_PER_S * PIPELINE_EFFICIENCY)
+        rows.append({"gpus": gpus, "wall_h": wall / 3600, "wall_compiled_pipeline_h": compiled / 3600,
+                     "coordination_cpu_h": coordination / 3600, "coordinator_cores_busy": coordination / wall,
+                     "coordination_limit_tiles_per_s": limit,
+                     "gpus_one_driver_feeds": limit / H200_TILES_PER_S,
                      "driver_rss_mb": (rss_base + TCGA_SLIDES * rss_per_slide) / 2**20})
     return rows
 
 
-def fit(one_chunk: dict[str, Any], many_chunks: dict[str, Any]) -> tuple[float, float]:
-    """Coordination CPU = a per slide + b per chunk, from two runs whose slides have 1 and k chunks."""
+def _cpu(run: dict[str, Any], role: str | None) -> float:
+    return run["coordination_cpu_s"] if role is None else run["cpu_s"][role]
+
+
+def fit(one_chunk: dict[str, Any], many_chunks: dict[str, Any], role: str | None = None) -> tuple[float, float]:
+    """Coordination CPU (or one role's) = a per slide + b per chunk, from two runs whose slides have 1 and k
+    chunks."""
     k1 = -(-one_chunk["tiles_per_slide"] // CHUNK)
     k2 = -(-many_chunks["tiles_per_slide"] // CHUNK)
-    c1 = one_chunk["coordination_cpu_s"] / one_chunk["slides"]
-    c2 = many_chunks["coordination_cpu_s"] / many_chunks["slides"]
+    c1 = _cpu(one_chunk, role) / one_chunk["slides"]
+    c2 = _cpu(many_chunks, role) / many_chunks["slides"]
     per_chunk = (c2 - c1) / (k2 - k1)
     return c1 - per_chunk * k1, per_chunk
 
@@ -209,14 +348,22 @@ def summarise(runs: list[dict[str, Any]], chunky: dict[str, Any]) -> dict[str, A
     print(f"\nfitted: coordination {1e3 * per_slide:.2f} ms per slide + {1e3 * per_chunk:.2f} ms per chunk of {CHUNK} "
           f"tiles = {1e6 * per_chunk / CHUNK:.2f} ms per 1,000 tiles (targets ≤ 20 and ≤ 5); the driver's private "
           f"memory grows {slope:.0f} B per slide (fitted from {a['slides']} and {b['slides']} slides; target ≤ 2 KB)")
+    roles = {role: fit(runs[-1], chunky, role) for role in ("driver", "gcs", "raylet")}
+    print("by role: " + "; ".join(f"{role} {1e3 * a:.2f} ms per slide + {1e6 * b / CHUNK:.2f} ms per 1,000 tiles"
+                                  for role, (a, b) in roles.items()))
     for row in proj:
-        print(f"TCGA ({TCGA_SLIDES} slides, {TCGA_TILES:.1e} tiles) on {row['gpus']} H200s: {row['wall_h']:.2f} h "
-              f"encoder-bound; coordination {row['coordination_cpu_h'] * 60:.1f} CPU-min = "
-              f"{row['coordinator_cores_busy']:.2f} of one core (one driver coordinates up to "
-              f"{row['coordination_limit_tiles_per_s']:.0f} tiles/s); driver ~{row['driver_rss_mb']:.0f} MB private")
+        print(f"TCGA ({TCGA_SLIDES} slides, {TCGA_TILES:.1e} tiles) on {row['gpus']} H200s: "
+              f"{row['wall_h'] * 60:.1f} min encoder-bound at {H200_TILES_PER_S} tiles/s per GPU, "
+              f"{row['wall_compiled_pipeline_h'] * 60:.1f} min compiled ({H200_COMPILED_TILES_PER_S} × pipeline "
+              f"{PIPELINE_EFFICIENCY}); coordination {row['coordination_cpu_h'] * 60:.1f} CPU-min = "
+              f"{row['coordinator_cores_busy']:.3f} of one core (one driver coordinates up to "
+              f"{row['coordination_limit_tiles_per_s']:.0f} tiles/s = {row['gpus_one_driver_feeds']:.0f} H200s); "
+              f"driver ~{row['driver_rss_mb']:.0f} MB private")
     return {"runs": runs, "chunk_run": chunky, "coordination_ms_per_slide": 1e3 * per_slide,
             "coordination_ms_per_1k_tiles": 1e6 * per_chunk / CHUNK, "coordination_ms_per_chunk": 1e3 * per_chunk,
-            "driver_private_growth_bytes_per_slide": slope, "tcga_projection": proj}
+            "driver_private_growth_bytes_per_slide": slope, "tcga_projection": proj,
+            "by_role": {role: {"ms_per_slide": 1e3 * a, "ms_per_1k_tiles": 1e6 * b / CHUNK}
+                        for role, (a, b) in roles.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,23 +373,34 @@ def main(argv: list[str] | None = None) -> int:
                                                              "per-chunk cost")
     p.add_argument("--encoders", type=int, default=2, help="stand-in encoder actors (each with its writers)")
     p.add_argument("--tile-px", type=int, default=224, help="side of the stand-in tiles the readers return")
+    p.add_argument("--ceiling-slides", type=int, default=100_000,
+                   help="stand-in slides for the driver's own ceiling (0: skip)")
+    p.add_argument("--ceiling-encoders", type=int, default=128, help="instant encoders for the ceiling run")
     p.add_argument("--work", type=Path, help="default: a temporary folder, removed after")
     p.add_argument("--json", type=Path)
     p.add_argument("--summarise", type=Path, help="print the figures of a saved --json again, without running")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--ceiling-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--tiles-per-slide", type=int, default=TILES_PER_SLIDE, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.encoders, args.tile_px, args.work, args.tiles_per_slide)))
         return 0
+    if args.ceiling_child:
+        print(json.dumps(ceiling_child(args.ceiling_child, CEILING_TILES_PER_SLIDE, args.encoders, args.work)))
+        return 0
     if args.summarise:
         saved = json.loads(args.summarise.read_text())
-        runs, chunky = saved["runs"], saved["chunk_run"]
+        runs, chunky, ceiling = saved["runs"], saved["chunk_run"], saved.get("ceiling")
     else:
         runs = [_run_child(int(n), TILES_PER_SLIDE, args) for n in args.sizes.split(",")]
         slides, tiles = (int(v) for v in args.chunk_run.split("x"))
         chunky = _run_child(slides, tiles, args)
+        ceiling = _run_ceiling(args) if args.ceiling_slides else None
     result = summarise(runs, chunky)
+    if ceiling is not None:
+        print_ceiling(ceiling)
+        result["ceiling"] = ceiling
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -109,7 +109,7 @@ class ImageExtraction:
             return complete
         resources = self.ex.resources()
         count = self.cfg.num_encoders or max(1, resources.gpus)
-        actors = self.ex.start_encoders(self.cfg, self.store_url, self.storage_options, count, resources.gpus,
+        actors = self.ex.start_encoders((self.cfg, self.store_url, self.storage_options), count, resources.gpus,
                                         resources.nodes)
         info = self.ex.get(self.ex.call(actors[0], "describe"))
         store = EmbeddingStore.create_or_open(self.store_url, kind="images", spec=self._spec(info["encoder"],

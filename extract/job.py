@@ -1,28 +1,26 @@
-"""The extraction job: CPU tasks plan slides and read tiles, GPU (or CPU) encoders encode them and write
-each slide pinned to them; the driver here only does what the scheduling core decides (extract/scheduling.py),
-records outcomes and prints progress.
+"""The extraction job: CPU tasks plan slides, and each encoder (one per GPU, else one per node) reads, encodes
+and writes the slides pinned to it; the driver here only does what the scheduling core decides
+(extract/scheduling.py), records outcomes and prints progress.
 
-    prepare(slide) ──► read(chunk) ──► EncoderWorker: encode + append ──► store
-        (CPU)            (CPU)          (1 per GPU; the slide's writer)
+    prepare(slide) ──► one call per slide ──► EncoderWorker: read on its node → encode → append → commit ──► store
+        (CPU task)        (driver)              (1 per GPU; the slide's writer; reader tasks beside it)
 
-The stages run on an executor (extract/executors.py): Ray tasks and actors, or, on one machine without
-Ray, a process pool and encoder threads. Tile pixels go from the readers to the encoders (with Ray,
-through its object store) and embeddings from the encoders to the store (extract/writers.py): neither
-passes through the driver, which sends each encoder, in order, open → chunk × n → commit for every slide
-pinned to it and gets back row counts. Reading starts before the encoders have loaded their models (the
-store opens when they have: its fingerprint needs them). A rerun with nothing left to encode starts no
-encoder: it checks the fingerprint from the config alone.
+The stages run on an executor (extract/executors.py): Ray tasks and actors, or, on one machine without Ray, a
+process pool and encoder threads. The driver's work is per slide, never per tile: it sends each encoder one call
+per slide (the plan, the lease token, and the first chunks' reads, started near the encoder so the next slide's
+tiles are ready when the one before commits) and gets back what became of the slide in each store. Tile pixels
+go from readers on the encoder's node to the encoder, and embeddings from the encoder to the store
+(extract/writers.py). Planning starts before the encoders have loaded their models (the stores open when they
+have: their fingerprints need them). A rerun with nothing left to encode starts no encoder: it checks the
+fingerprint from the config alone.
 
-An encoder actor restarts when it dies (killed, out of memory, its node lost); the scheduler says which
-slide's call is charged the death and which slides are written again from their first tile, each taking
-over its own lease at once (the driver names each writer's lease token, so it knows them). One bad slide is
-recorded as a failure and never stops the cohort. A slide another live job is writing is skipped here and
-reported as "owned", not as a failure.
+An encoder restarts when it dies (killed, out of memory, its node lost); the scheduler says which slide is
+charged the death and which slides are written again from their first tile, each taking over its own lease at
+once (the driver names each writer's lease token, so it knows them). One bad slide is recorded as a failure and
+never stops the cohort. A slide another live job is writing is skipped here and reported as "owned".
 
-Several stores, one read (`Extraction(entries, [(url, cfg), ...])`): each store has its own encoder actors
-and writers (its own fingerprint), and a slide is planned and read once for all the stores that lack it:
-each chunk's tiles go, as one object, to every store's encoder. A store whose writer must start again reads
-its own chunks.
+Several stores, one read (`Extraction(entries, [(url, cfg), ...])`): every encoder worker holds one encoder and
+writer per store (its own fingerprint), and a slide is planned and read once for all the stores that lack it.
 """
 
 from __future__ import annotations
@@ -32,19 +30,9 @@ import time
 from typing import Any, Callable
 
 from extract.config import ExtractConfig
+from extract.encoder_worker import SlideAnswer, SlideJob
 from extract.ray_executor import RayExecutor
-from extract.scheduling import (
-    MAX_CHUNK_RETRIES,
-    ActiveSlide,
-    Call,
-    CallKind,
-    Decision,
-    Ended,
-    Read,
-    Restarted,
-    Scheduler,
-    unwrapped,
-)
+from extract.scheduling import MAX_DEATH_RETRIES, Call, Decision, Ended, Restarted, Scheduler, unwrapped
 from extract.slide_prep import PreparedSlide
 from extract.stages import Executor
 from extract.summary import FINISHED, ExtractionSummary, SlideOutcome, SlideStatus
@@ -53,11 +41,11 @@ from slidecache.cohorts.slides import SlideEntry
 from slidecache.errors import SlidecacheError
 from store.embedding_store import EmbeddingStore
 
-__all__ = ["Extraction", "ExtractionSummary", "MAX_CHUNK_RETRIES", "SlideOutcome", "SlideStatus"]
+__all__ = ["Extraction", "ExtractionSummary", "MAX_DEATH_RETRIES", "SlideOutcome", "SlideStatus"]
 
 PROGRESS_EVERY_S = 10.0
 PROBE_EVERY_S = 0.5  # how often a restarting encoder actor is pinged
-ABORT_WAIT_S = 60.0  # how long the end of a run waits for writers to remove abandoned slides' rows
+READS_AHEAD = 4  # chunks of a slide being read while its encoder encodes one
 
 
 def _error_text(error: BaseException) -> tuple[BaseException, str]:
@@ -83,17 +71,18 @@ class Extraction:
         self.log = log
         self.summary = ExtractionSummary()
         self.scheduler = Scheduler()
-        self.actors: list[Any] = []  # the encoder actors of every store (a slide names one by index)
+        self.working: list[Target] = []  # the stores with slides to encode: every encoder holds one encoder each
+        self.actors: list[Any] = []  # the encoder workers (a slide names one by index)
         self.actor_nodes: list[str] = []  # where each runs, once it has answered
+        self._described: list[Any] = []  # each worker's describe call
+        self._unplaced: set[int] = set()  # workers whose node is not known yet
+        self._opened = False  # the stores are open for writing
         self._preparing: dict[Any, tuple[SlideEntry, list[Target]]] = {}  # prepare ref → its slide
-        self._unopened: list[Target] = []  # stores whose encoders are still loading
-        self._ready: set[Any] = set()  # what the loop's last wait found ready
         self._probes: dict[int, tuple[Any, float]] = {}  # restarting actor → its ping, and when to ping again
-        self._aborts: list[Any] = []  # writers told to remove an abandoned slide's rows
         self._deferred_failures: list[tuple[SlideEntry, Target, BaseException, float]] = []  # store not open yet
         # progress: a slide counts once per store that lacks it (each is encoded and written once per store)
         self._total = self._done_tiles = self._planned_tiles = self._planned_slides = 0
-        self._t0 = self._last_report = 0.0
+        self._t0 = self._last_report = self._pipeline_started = 0.0
 
     @property
     def store(self) -> EmbeddingStore | None:
@@ -101,60 +90,58 @@ class Extraction:
         return self.targets[0].store
 
     @property
-    def active(self) -> list[ActiveSlide]:
+    def active(self) -> list[Any]:
         """The slides in flight, oldest first."""
         return self.scheduler.active
 
     # ---- setup ---------------------------------------------------------------------------------
 
-    def _start_encoders(self, targets: list[Target]) -> None:
-        """Start the encoders without waiting for their models: reading starts meanwhile (see run). Stores
-        sharing a machine share its GPUs (each encoder a 1/N share) and its cores (by turns on one process,
-        else CPU threads split N ways)."""
+    def _start_encoders(self) -> None:
+        """Start the encoder workers without waiting for their models: planning goes on meanwhile (see run).
+        One per GPU, else one per node (or --num-encoders), each holding every working store's encoder."""
         res = self.ex.resources()
         device = "cuda" if res.gpus else "cpu"
         self.cfg = self.cfg.for_device(device)
-        share = len(targets)
-        cores_per_node = max(1, res.cpus // max(1, len(res.nodes)))
-        for target in targets:
-            cfg = target.cfg.for_device(device)
-            if share > 1 and device == "cpu" and cfg.encoder_threads is None and not self.ex.encoders_take_turns:
-                cfg = dataclasses.replace(cfg, encoder_threads=max(1, cores_per_node // share))
-            target.cfg = cfg
-            count = cfg.num_encoders or res.gpus or max(1, len(res.nodes))  # one per GPU, else one per node
-            started = self.ex.start_encoders(cfg, target.url, self.storage_options, count, res.gpus, res.nodes,
-                                             share=share)
-            target.actors = list(range(len(self.actors), len(self.actors) + len(started)))
-            self.actors += started
-            target.described = [self.ex.call(actor, "describe") for actor in started]  # spec, and where to read
-            self.scheduler.add_store(target, target.actors)
+        for target in self.working:
+            target.cfg = target.cfg.for_device(device)
+        count = max(t.cfg.num_encoders or res.gpus or max(1, len(res.nodes)) for t in self.working)
+        stores = [(target.cfg, target.url) for target in self.working]
+        self.actors = self.ex.start_encoders((stores, self.storage_options), count, res.gpus, res.nodes)
         self.actor_nodes = [""] * len(self.actors)
-        self.scheduler.read_chunk = self.cfg.read_chunk
-        self.scheduler.max_prepare = max(2, res.cpus)
+        self._described = [self.ex.call(actor, "describe") for actor in self.actors]
+        self._unplaced = set(range(len(self.actors)))
+        # enough planned slides that every encoder has its next one while it encodes one
+        self.scheduler.max_prepare = max(2, res.cpus, 2 * len(self.actors))
 
-    def _await_encoders(self, target: Target) -> None:
-        described = [self.ex.get(ref) for ref in target.described]
-        info = described[0]
-        target.encoder_spec, target.token_shape = info["encoder"], info["token_shape"]
-        for actor, d in zip(target.actors, described):
-            self.actor_nodes[actor] = d["node"]
-        threads = f", {info['threads']} threads" if info["device"] == "cpu" else ""
-        cfg = target.cfg
-        self.log(f"[extract] {target.named('')}{len(target.actors)} encoder actor(s) on {info['device']} "
-                 f"({cfg.encoder}, {target.encoder_spec['compute_precision']}, batch {cfg.batch_size}, read chunk "
-                 f"{self.cfg.read_chunk}{threads}); store embeddings {target.encoder_spec['dim']}-d")
-
-    def _open_store_for_writing(self, target: Target) -> None:
-        """Once the store's encoders are ready: create or open it, record the failures seen before."""
-        self._await_encoders(target)
-        target.store = EmbeddingStore.create_or_open(
-            target.url, kind="slides", spec=store_spec(target.cfg, target.encoder_spec),
-            config=target.cfg.to_dict(), storage_options=self.storage_options)
-        self.scheduler.writable.add(target)
-        deferred = [item for item in self._deferred_failures if item[1] is target]
-        for entry, _, error, started in deferred:
+    def _open_stores(self, info: dict[str, Any]) -> None:
+        """Once the first encoder is ready: create or open each store (its fingerprint from that encoder), and
+        record the failures seen before."""
+        for i, target in enumerate(self.working):
+            target.encoder_spec, target.token_shape = info["encoders"][i], info["token_shapes"][i]
+            target.store = EmbeddingStore.create_or_open(
+                target.url, kind="slides", spec=store_spec(target.cfg, target.encoder_spec),
+                config=target.cfg.to_dict(), storage_options=self.storage_options)
+            threads = f", {info['threads']} threads" if info["device"] == "cpu" else ""
+            self.log(f"[extract] {target.named('')}{len(self.actors)} encoder worker(s) on {info['device']} "
+                     f"({target.cfg.encoder}, {target.encoder_spec['compute_precision']}, batch "
+                     f"{target.cfg.batch_size}, read chunk {self.cfg.read_chunk}{threads}); store embeddings "
+                     f"{target.encoder_spec['dim']}-d")
+        self._opened = self.scheduler.writable = True
+        for entry, target, error, started in self._deferred_failures:
             self._fail(entry, [target], error, started)
-            self._deferred_failures.remove((entry, target, error, started))
+        self._deferred_failures.clear()
+
+    def _encoders_ready(self, ready: set[Any]) -> None:
+        """Encoders that have loaded join the scheduler, with the node they run on (their slides are read
+        there); the first one opens the stores. One that cannot start (no free GPU) is never sent a slide."""
+        for i in sorted(i for i in self._unplaced if self._described[i] in ready):
+            info = self.ex.get(self._described[i])  # raises what building the encoder raised
+            self.actor_nodes[i] = info["node"]
+            self._unplaced.discard(i)
+            if not self._opened:
+                self._open_stores(info)
+                self._pipeline_started = time.perf_counter()
+            self.scheduler.add_actors([i])
 
     def _nothing_to_encode(self, target: Target) -> None:
         """A store with every slide complete or failed before: no encoder starts for it, but its fingerprint is
@@ -183,11 +170,11 @@ class Extraction:
             target.existing = existing_store(target, self.storage_options)
         todo, known = slides_to_extract(self.entries, self.targets, self.cfg.limit)
         self.summary.outcomes += known
-        working = [t for t in self.targets if any(t in lacking for _, lacking in todo)]
+        self.working = [t for t in self.targets if any(t in lacking for _, lacking in todo)]
         for target in self.targets:
-            if target not in working and target.existing is not None:
+            if target not in self.working and target.existing is not None:
                 self._nothing_to_encode(target)
-        if not working:
+        if not self.working:
             self._log_todo(todo, "; no encoder started")
             self.summary.seconds = time.perf_counter() - started
             return self.summary
@@ -195,40 +182,29 @@ class Extraction:
         # The first slides are masked while the encoders start (counting the GPUs imports torch), and the
         # reader processes start meanwhile: prepare needs no device setting.
         self._submit_prepares()
-        self._start_encoders(working)
+        self._start_encoders()
         self._log_todo(todo)
         self._total = sum(len(lacking) for _, lacking in todo)
         self._done_tiles, self._t0, self._last_report = 0, time.perf_counter(), 0.0
-        pipeline_started = time.perf_counter()
-        self._unopened = list(working)
-        while self.scheduler.busy or self._unopened:
+        self._pipeline_started = time.perf_counter()
+        while self.scheduler.busy or not self._opened:
             self._submit_prepares()
-            for target in [t for t in self._unopened if self.ex.done(t.described[0])]:
-                self._open_store_for_writing(target)
-                self._unopened.remove(target)
-                if not self._unopened:
-                    pipeline_started = time.perf_counter()
-            self.scheduler.admit(time.perf_counter())
             self._probe_suspects()
-            self._send(self.scheduler.open())
-            self._send(self.scheduler.reads())
-            refs = list(self._preparing) + [t.described[0] for t in self._unopened]
+            for call in self.scheduler.send(time.perf_counter()):
+                self._send(call)
+            refs = list(self._preparing) + [self._described[i] for i in self._unplaced]
             refs += [ref for ref, _ in self._probes.values()]
             refs += [call.ref for call in self.scheduler.outstanding()]
-            if not refs:
-                continue
-            ready = self.ex.wait(refs, timeout=1.0)  # every one that is ready, at least one unless timed out
-            self._ready = set(ready)
-            for ref in ready:
-                if ref in self._preparing:
-                    self._prepared(ref)
-            for slide in list(self.scheduler.active):
-                self._collect(slide)
+            ready = set(self.ex.wait(refs, timeout=1.0))  # every one that is ready, at least one unless timed out
+            for ref in [ref for ref in self._preparing if ref in ready]:
+                self._prepared(ref)
+            self._encoders_ready(ready)
+            for call in [call for call in self.scheduler.outstanding() if call.ref in ready]:
+                self._collect(call)
             self._report()
-        self._await_aborts()
         self._report(force=True)
         self.summary.seconds = time.perf_counter() - started
-        self.summary.pipeline_seconds = time.perf_counter() - pipeline_started
+        self.summary.pipeline_seconds = time.perf_counter() - self._pipeline_started
         return self.summary
 
     def _submit_prepares(self) -> None:
@@ -250,54 +226,47 @@ class Extraction:
 
     # ---- sending and collecting ----------------------------------------------------------------
 
-    def _send(self, decided: list[Read | Call]) -> None:
-        """Run the reads and send the actor calls the scheduler decided, in its order."""
-        for item in decided:
-            if isinstance(item, Read):
-                item.tiles = self.ex.read(item.slide.prepared, item.start, item.stop, self._read_near(item.slide))
-                self.summary.chunk_reads[item.slide.slide_id] = self.summary.chunk_reads.get(item.slide.slide_id, 0) + 1
-            else:
-                item.ref = self._call(item)
-
-    def _call(self, call: Call) -> Any:
+    def _send(self, call: Call) -> None:
+        """Send the slide to its encoder, with its first chunks' reads started on the encoder's node."""
         slide = call.slide
         p: PreparedSlide = slide.prepared  # type: ignore[assignment]  # the scheduler holds our plans
-        actor = self.actors[slide.actor]
-        if call.kind is CallKind.OPEN:
-            return self.ex.call(actor, call.kind.value, slide.slide_id, p.attrs, p.writer_pictures(), p.downsample,
-                                slide.token, slide.own_tokens)
-        if call.kind is CallKind.CHUNK:
-            assert call.read is not None
-            start, stop = call.read.start, call.read.stop
-            return self.ex.call(actor, call.kind.value, slide.slide_id, start, call.read.tiles, p.coords[start:stop],
-                                p.tissue[start:stop])
-        timings = {**p.attrs.get("timings", {}), "encode_write_s": round(time.perf_counter() - slide.started, 3)}
-        extra = {"timings": timings, "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        return self.ex.call(actor, call.kind.value, slide.slide_id, extra, p.empty_reason if p.n_tiles == 0 else None)
+        near = self.actor_nodes[call.actor] or None
+        chunk = self.cfg.read_chunk
+        first = [self.ex.read(p, start, min(start + chunk, p.n_tiles), near)
+                 for start in range(0, min(p.n_tiles, READS_AHEAD * chunk), chunk)]
+        job = SlideJob(dataclasses.replace(p, pictures=None), [self.working.index(t) for t in slide.targets],
+                       slide.token, list(slide.own_tokens), chunk, READS_AHEAD, first)
+        call.ref = self.ex.call(self.actors[call.actor], "encode_slide", job, p.writer_pictures())
 
-    def _read_near(self, slide: ActiveSlide) -> str | None:
-        """The node of the slide's encoder, when known and there are several (its tiles then stay there)."""
-        if slide.target not in self.scheduler.writable or len(set(self.actor_nodes)) < 2:
-            return None
-        return self.actor_nodes[slide.actor]
-
-    def _collect(self, slide: ActiveSlide) -> None:
-        """Read what the slide's actor answered so far, in the order the scheduler wants the answers (those
-        the loop's last wait found ready: one wait for all, not one per call)."""
+    def _collect(self, call: Call) -> None:
+        """What the slide's encoder answered: the slide in each store, or an error (its encoder died, or reading
+        the slide failed)."""
         try:
-            while (call := self.scheduler.next_answer(slide, self._ready)) is not None:
-                answer = self.ex.get(call.ref)  # raises what the actor raised
-                ended = self.scheduler.answered(call, answer)
-                if call.kind is CallKind.CHUNK:
-                    self._done_tiles += answer
-                if ended is not None:
-                    self._apply([ended])
+            answer: SlideAnswer = self.ex.get(call.ref)  # raises what the worker raised
         except Exception as e:  # noqa: BLE001 - per-slide: recorded, the cohort goes on
             if self.ex.actor_died(e):
-                self._probes.pop(slide.actor, None)  # pinged again from now
-                self._apply(self.scheduler.actor_died(slide.actor, e, self._succeeded))
+                self._probes.pop(call.actor, None)  # pinged again from now
+                self._apply(self.scheduler.actor_died(call.actor, e, self._succeeded))
             else:
-                self._apply(self.scheduler.slide_error(slide, e))
+                self._apply(self.scheduler.slide_error(call.slide, e))
+            return
+        self.scheduler.answered(call)
+        slide = call.slide
+        self.summary.chunk_reads[slide.slide_id] = self.summary.chunk_reads.get(slide.slide_id, 0) + len(
+            answer.read_nodes)
+        for i, store_answer in answer.stores.items():
+            target = self.working[i]
+            status = SlideStatus(store_answer.status)
+            if status in (SlideStatus.DONE, SlideStatus.EMPTY):
+                self._done_tiles += store_answer.rows
+                self._committed(slide.prepared, slide.started, target, status, store_answer.rows, answer)
+            elif status is SlideStatus.SKIPPED:
+                self.summary.outcomes.append(SlideOutcome(slide.slide_id, status, error="complete", store=target.label))
+            elif status is SlideStatus.OWNED:
+                self._owned(slide.slide_id, slide.started, target, store_answer.error)
+            else:
+                assert store_answer.error is not None
+                self._fail(slide.prepared.entry, [target], store_answer.error, slide.started)
 
     def _succeeded(self, call: Call) -> bool:
         return self.ex.done(call.ref) and self.ex.succeeded(call.ref)
@@ -320,52 +289,36 @@ class Extraction:
         """Do what the scheduler decided for slides that ended or start again, and record it."""
         for decision in decisions:
             slide = decision.slide
-            target: Target = slide.target  # type: ignore[assignment]  # the scheduler holds our stores
             if isinstance(decision, Restarted):
-                self.log(f"[extract] {target.named(slide.slide_id)}: writing it again from its first tile "
-                         f"({decision.why})")
+                self.log(f"[extract] {slide.slide_id}: writing it again from its first tile ({decision.why})")
                 continue
-            self._ended(decision, target)
+            self._ended(decision)
 
-    def _ended(self, ended: Ended, target: Target) -> None:
+    def _ended(self, ended: Ended) -> None:
         slide = ended.slide
-        if ended.abort:  # its live writer removes what it wrote (its rows only)
-            self._aborts.append(self.ex.call(self.actors[slide.actor], "abort_slide", slide.slide_id))
-        if ended.abandon:  # its writer died and cannot clean up: remove what it left, by our own lease tokens
-            assert target.store is not None
-            target.store.abandon_slide(slide.slide_id, ended.abandon)
-        if ended.status in (SlideStatus.DONE, SlideStatus.EMPTY):
-            self._committed(slide, target, ended.status, ended.answer)
-        elif ended.status is SlideStatus.SKIPPED:
-            self.summary.outcomes.append(SlideOutcome(slide.slide_id, SlideStatus.SKIPPED, error="complete",
-                                                      store=target.label))
-        elif ended.status is SlideStatus.OWNED:  # another live job owns the slide and will commit it
-            self.summary.outcomes.append(SlideOutcome(slide.slide_id, SlideStatus.OWNED,
-                                                      seconds=time.perf_counter() - slide.started,
-                                                      error=str(ended.error), store=target.label))
-            self.log(f"[extract] {target.named('skipped')}: {slide.slide_id}: {ended.error}")
-        else:
-            assert ended.error is not None
-            self._fail(slide.prepared.entry, [target], ended.error, slide.started)
+        targets: list[Target] = slide.targets  # type: ignore[assignment]  # the scheduler holds our stores
+        for target in targets:
+            if ended.abandon:  # its writers died and cannot clean up: remove what they left, by our lease tokens
+                assert target.store is not None
+                target.store.abandon_slide(slide.slide_id, ended.abandon)
+            if ended.status is SlideStatus.OWNED:
+                self._owned(slide.slide_id, slide.started, target, ended.error)
+        if ended.status is SlideStatus.FAILED:
+            self._fail(slide.prepared.entry, targets, ended.error, slide.started)
 
-    def _await_aborts(self) -> None:
-        """Wait until the writers of abandoned slides have removed their rows, so that nothing half written
-        outlives the run (a slide failing last ended the loop while its abort was still queued). An actor that
-        died meanwhile removes nothing: its lease lapses and the next extraction replaces what it left."""
-        pending, deadline = list(self._aborts), time.perf_counter() + ABORT_WAIT_S
-        while pending and time.perf_counter() < deadline:
-            ready = set(self.ex.wait(pending, timeout=1.0))
-            pending = [ref for ref in pending if ref not in ready]
-        if pending:
-            self.log(f"[extract] {len(pending)} abandoned slides' writers did not answer within {ABORT_WAIT_S:.0f} s; "
-                     "their rows stay invisible and are replaced by the next extraction")
+    def _owned(self, slide_id: str, started: float, target: Target, error: BaseException | None) -> None:
+        """Another live job owns the slide in this store and will commit it."""
+        self.summary.outcomes.append(SlideOutcome(slide_id, SlideStatus.OWNED, seconds=time.perf_counter() - started,
+                                                  error=str(error), store=target.label))
+        self.log(f"[extract] {target.named('skipped')}: {slide_id}: {error}")
 
-    def _committed(self, slide: ActiveSlide, target: Target, status: SlideStatus, result: dict[str, Any]) -> None:
-        p: PreparedSlide = slide.prepared  # type: ignore[assignment]
-        self.summary.outcomes.append(SlideOutcome(p.entry.slide_id, status, result["rows"],
-                                                  time.perf_counter() - slide.started + p.attrs["timings"]["prepare_s"],
-                                                  p.reader, p.mpp.value, p.empty_reason or "", node=result["node"],
-                                                  store=target.label))
+    def _committed(self, plan: Any, started: float, target: Target, status: SlideStatus, rows: int,
+                   answer: SlideAnswer) -> None:
+        p: PreparedSlide = plan
+        self.summary.outcomes.append(SlideOutcome(p.entry.slide_id, status, rows,
+                                                  time.perf_counter() - started + p.attrs["timings"]["prepare_s"],
+                                                  p.reader, p.mpp.value, p.empty_reason or "", node=answer.node,
+                                                  store=target.label, read_nodes=sorted(set(answer.read_nodes))))
         self.log(f"[extract] {target.named(status)}: {p.entry.slide_id} ({p.n_tiles} tiles, {p.reader}, "
                  f"{p.mpp.value:.3f} µm/px)" + (f": {p.empty_reason}" if p.empty_reason else ""))
 

@@ -13,6 +13,8 @@ from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from extract.config import ExtractConfig
 from extract.encoder_worker import EncoderWorker
 from extract.slide_prep import PreparedSlide
@@ -22,17 +24,37 @@ from slidecache.devices import usable_cores, visible_gpus
 from slidecache.errors import ConfigError, ReaderDied
 
 
-class _LocalEncoder:
-    """An encoder worker built and run on its device's thread: calls run one at a time, in the order sent, as a
-    Ray actor's do; futures among a call's arguments (tiles being read) are waited for on that thread. The
-    encoders of several stores on one device share its thread, so they take turns, each with every core
-    (encoding at once on threads of their own, splitting the cores, they ran slower than by turns, and each
-    thread's malloc arena kept its own activations: bench/RESULTS.md)."""
+class LocalReads:
+    """A local encoder's reads: the executor's reader processes (the driver's machine is its node)."""
 
-    def __init__(self, worker: type[EncoderWorker], cfg: ExtractConfig, store_url: str,
-                 storage_options: dict[str, Any], device: str | None, thread: ThreadPoolExecutor) -> None:
-        self._thread = thread
-        self._worker = self._thread.submit(worker, cfg, store_url, storage_options, "local", device)
+    def __init__(self, executor: LocalExecutor) -> None:
+        self._executor = executor
+
+    def submit(self, prepared: PreparedSlide, start: int, stop: int) -> Future:
+        return self._executor.read(prepared, start, stop, None)
+
+    def get(self, handle: Future) -> tuple[np.ndarray, str]:
+        return handle.result(), "local"
+
+
+class _LocalEncoder:
+    """An encoder worker built and run on a thread of its own: calls run one at a time, in the order sent, as a
+    Ray actor's do; futures among a call's arguments are waited for on that thread. One worker per device holds
+    the encoders of every store of the run, so they take turns, each with every core (encoding at once on
+    threads of their own, splitting the cores, they ran slower than by turns, and each thread's malloc arena
+    kept its own activations: bench/RESULTS.md)."""
+
+    def __init__(self, executor: LocalExecutor, worker: type[Any], worker_args: tuple[Any, ...],
+                 device: str | None) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        self._worker = self._thread.submit(self._build, executor, worker, worker_args, device)
+
+    @staticmethod
+    def _build(executor: LocalExecutor, worker: type[Any], worker_args: tuple[Any, ...], device: str | None) -> Any:
+        built = worker(*worker_args, node="local", device=device)
+        if isinstance(built, EncoderWorker):
+            built.reads = LocalReads(executor)
+        return built
 
     def submit(self, method: str, args: tuple[Any, ...]) -> Future:
         return self._thread.submit(self._run, method, args)
@@ -54,12 +76,11 @@ def _start_reader() -> None:
 
 class LocalExecutor:
     """Readers: a pool of worker processes, one per core, started by a fork server (the driver holds torch
-    and threads, which a plain fork would copy mid-state). Encoders: one per GPU (cuda:i), else one on CPU;
-    several stores' encoders on one device take turns (each with every core). The stages may be replaced
+    and threads, which a plain fork would copy mid-state). Encoders: one per GPU (cuda:i), else one on CPU,
+    each holding every store's encoder (they take turns, each with every core). The stages may be replaced
     (extract.stages.Stages): `prepare` and `read` are pickled into the reader processes."""
 
     name = "local"
-    encoders_take_turns = True
 
     def __init__(self, cfg: ExtractConfig, worker: type[EncoderWorker] = EncoderWorker,
                  prepare: PrepareStage = prepare_in_reader, read: ReadStage = read_in_reader) -> None:
@@ -70,7 +91,6 @@ class LocalExecutor:
         self._pool = self._new_pool(self.cores)
         self._pool_lock = threading.Lock()
         self._encoders: list[_LocalEncoder] = []
-        self._threads: dict[str | None, ThreadPoolExecutor] = {}  # device → the thread its encoders run on
 
     def resources(self) -> Resources:
         return Resources(visible_gpus(), self.cores, ["local"])
@@ -78,18 +98,15 @@ class LocalExecutor:
     def gpus(self) -> int:
         return visible_gpus()
 
-    def start_encoders(self, cfg: ExtractConfig, store_url: str, storage_options: dict[str, Any],
-                       count: int, gpus: int, nodes: list[str], share: int = 1) -> list[Any]:
-        """`count` encoders of one store (called once per store: several stores' encoders share the GPUs)."""
+    def start_encoders(self, worker_args: tuple[Any, ...], count: int, gpus: int, nodes: list[str]) -> list[Any]:
+        """`count` workers: one per GPU (cuda:i), else one on the CPU."""
         if gpus and count > gpus:
             raise ConfigError(f"--num-encoders {count}: the local executor runs one encoder per GPU and this machine "
                               f"has {gpus}; use Ray (--executor ray) to share GPUs")
-        devices = [f"cuda:{i}" if gpus else None for i in range(count)]
-        for device in devices:
-            if device not in self._threads:
-                self._threads[device] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
-        started = [_LocalEncoder(self._stage_worker, cfg, store_url, storage_options, device, self._threads[device])
-                   for device in devices]
+        if not gpus:
+            count = 1
+        started = [_LocalEncoder(self, self._stage_worker, worker_args, f"cuda:{i}" if gpus else None)
+                   for i in range(count)]
         self._encoders += started
         return started
 

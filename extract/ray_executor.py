@@ -1,6 +1,7 @@
 """The stages as Ray tasks and actors, on one machine or a cluster (`ray job submit`): an encoder actor that dies
-is restarted by Ray and the driver writes its slides again (extract/job.py). Ray itself is joined or started by
-slidecache.ray_connect."""
+is restarted by Ray and the driver writes its slides again (extract/job.py). Each encoder actor has its slides'
+tiles read by reader tasks placed on its own node, so tiles go reader → encoder through that node's object store
+and never through the driver. Ray itself is joined or started by slidecache.ray_connect."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import dataclasses
 import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
 
 from extract.config import ExtractConfig
 from extract.encoder_worker import EncoderWorker
@@ -42,13 +45,48 @@ def _apart(prepare: PrepareStage) -> Callable[..., tuple[PreparedSlide, Any]]:
     return prepare_apart
 
 
+def _where_read(read: ReadStage) -> Callable[..., tuple[np.ndarray, str]]:
+    """`read` answering its tiles and the node that read them (recorded with each slide)."""
+    def read_and_say_where(reader: str, path: str, plan: Any, coords: np.ndarray) -> tuple[np.ndarray, str]:
+        import ray
+
+        return read(reader, path, plan, coords), ray.get_runtime_context().get_node_id()
+
+    return read_and_say_where
+
+
+def _on_node(task: Any, node: str | None) -> Any:
+    """The task placed on `node` (waiting for its CPUs there; anywhere only if the node is gone)."""
+    if node is None:
+        return task
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
+
+
+class NodeReads:
+    """An encoder actor's reads: reader tasks on its own node, whose tiles it takes from that node's object
+    store. Ray retries a task whose process died (READ_RETRIES)."""
+
+    def __init__(self, read_task: Any, node: str) -> None:
+        import ray
+
+        self._ray = ray
+        self._task = _on_node(read_task, node)
+
+    def submit(self, prepared: PreparedSlide, start: int, stop: int) -> Any:
+        return self._task.remote(prepared.reader, prepared.entry.path, prepared.plan, prepared.coords[start:stop])
+
+    def get(self, handle: Any) -> tuple[np.ndarray, str]:
+        return self._ray.get(handle)
+
+
 class RayExecutor:
     """Ray initialised by the caller, or by this executor when it first has work (`connect`:
     lazy_ray_session), so that a rerun with nothing to encode starts no Ray. Tasks' tiles reach the actors
     through Ray's object store. The stages may be replaced (extract.stages.Stages)."""
 
     name = "ray"
-    encoders_take_turns = False  # actors are processes: several stores' CPU encoders split the cores instead
 
     def __init__(self, cfg: ExtractConfig, worker: type[EncoderWorker] = EncoderWorker,
                  prepare: PrepareStage = prepare_in_reader, read: ReadStage = read_in_reader,
@@ -62,7 +100,8 @@ class RayExecutor:
         self._prepare = ray.remote(num_cpus=cfg.reader_cpus, max_retries=READ_RETRIES, retry_exceptions=False,
                                    num_returns=2)(_apart(prepare))
         self._pictures: dict[Any, Any] = {}  # a prepare's plan ref → its pictures ref, until the plan is got
-        self._read = ray.remote(num_cpus=cfg.reader_cpus, max_retries=READ_RETRIES, retry_exceptions=False)(read)
+        self._read = ray.remote(num_cpus=cfg.reader_cpus, max_retries=READ_RETRIES,
+                                retry_exceptions=False)(_where_read(read))
         self._node_readers: dict[str, Any] = {}
 
     def _ensure_ray(self) -> None:
@@ -83,8 +122,7 @@ class RayExecutor:
         res = ray.cluster_resources()
         return Resources(int(res.get("GPU", 0)), int(res.get("CPU", 1)), nodes)
 
-    def start_encoders(self, cfg: ExtractConfig, store_url: str, storage_options: dict[str, Any],
-                       count: int, gpus: int, nodes: list[str], share: int = 1) -> list[Any]:
+    def start_encoders(self, worker_args: tuple[Any, ...], count: int, gpus: int, nodes: list[str]) -> list[Any]:
         self._ensure_ray()
         ray = self._ray
 
@@ -92,13 +130,14 @@ class RayExecutor:
         # 2-core node, and reading dominates small slides (bench/RESULTS.md).
         # Calls are not retried by Ray (a restarting actor's unreachable moments would use up the retries
         # of a lost node's calls): the driver counts deaths per call and writes the slides again.
-        # `share` stores' encoders share each GPU (one read feeding several encoders): 1/share of it each.
-        @ray.remote(num_gpus=1 / share if gpus else 0, num_cpus=0, max_restarts=-1, max_task_retries=0)
+        @ray.remote(num_gpus=1 if gpus else 0, num_cpus=0, max_restarts=-1, max_task_retries=0)
         class EncoderActor(self._worker):  # type: ignore[name-defined]
-            def __init__(self, config: ExtractConfig, store_url: str, storage_options: dict[str, Any]) -> None:
-                super().__init__(config, store_url, storage_options, ray.get_runtime_context().get_node_id())
+            def __init__(self, read_task: Any, *args: Any) -> None:
+                node = ray.get_runtime_context().get_node_id()
+                super().__init__(*args, node=node)
+                self.reads = NodeReads(read_task, node)
 
-        return [EncoderActor.options(**self._placement(i, gpus, nodes)).remote(cfg, store_url, storage_options)
+        return [EncoderActor.options(**self._placement(i, gpus, nodes)).remote(self._read, *worker_args)
                 for i in range(count)]
 
     @staticmethod
@@ -121,15 +160,12 @@ class RayExecutor:
         return plan
 
     def read(self, prepared: PreparedSlide, start: int, stop: int, near: str | None) -> Any:
-        """Read on node `near` when it has a free CPU (the tiles then stay on that node), else anywhere.
-        One placed task per node, made once."""
+        """Read on node `near` (its encoder's: the tiles then stay on that node), else anywhere. One placed
+        task per node, made once."""
         task = self._read
         if near is not None:
             if near not in self._node_readers:
-                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-                self._node_readers[near] = self._read.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(near, soft=True))
+                self._node_readers[near] = _on_node(self._read, near)
             task = self._node_readers[near]
         return task.remote(prepared.reader, prepared.entry.path, prepared.plan, prepared.coords[start:stop])
 

@@ -1,8 +1,9 @@
 """The seam between the extraction and where it runs: the stages an executor runs, and what an executor offers.
 
 The stages are plain functions and one plain class: `prepare_in_reader` and `read_in_reader` run in reader
-processes, an `EncoderWorker` in an encoder's process (Ray) or thread (local). Each executor takes stand-ins
-for them (`Stages`): a bench's that leave only the coordination to measure, a test's that crash their process.
+processes, an `EncoderWorker` in an encoder's process (Ray) or thread (local), where it has its tiles read on its
+own node (`ChunkReads`, made by the executor). Each executor takes stand-ins for them (`Stages`): a bench's that
+leave only the coordination to measure, a test's that crash their process.
 """
 
 from __future__ import annotations
@@ -65,13 +66,15 @@ class Executor(Protocol):
     name: str
 
     def resources(self) -> Resources: ...
-    encoders_take_turns: bool  # several stores' encoders on one device: by turns (else they split its cores)
 
     def gpus(self) -> int: ...  # what resources() would say, without starting anything
-    def start_encoders(self, cfg: ExtractConfig, store_url: str, storage_options: dict[str, Any],
-                       count: int, gpus: int, nodes: list[str], share: int = 1) -> list[Any]: ...
+    def start_encoders(self, worker_args: tuple[Any, ...], count: int, gpus: int, nodes: list[str]) -> list[Any]:
+        """`count` workers, each built as worker(*worker_args, node=..., device=...), one per GPU when there are
+        GPUs; a slide encoder worker is given `reads` on its own node."""
     def prepare(self, entry: SlideEntry, cfg: ExtractConfig) -> Any: ...
-    def read(self, prepared: PreparedSlide, start: int, stop: int, near: str | None) -> Any: ...
+    def read(self, prepared: PreparedSlide, start: int, stop: int, near: str | None) -> Any:
+        """Start reading tiles start:stop on node `near` (where its encoder runs) if given; a worker's
+        `reads.get` takes the handle."""
     def call(self, actor: Any, method: str, *args: Any) -> Any: ...
     def wait(self, refs: Sequence[Any], timeout: float) -> list[Any]:
         """Every ref of `refs` that is ready, waiting up to `timeout` for the first."""

@@ -33,6 +33,7 @@ class SlideOutcome:
     error: str = ""
     node: str = ""  # the Ray node whose encoder wrote it
     store: str = ""  # which store, when the run fills several ("" for one)
+    read_nodes: list[str] = dataclasses.field(default_factory=list)  # the Ray nodes its tiles were read on
 
 
 @dataclass
@@ -40,7 +41,7 @@ class ExtractionSummary:
     outcomes: list[SlideOutcome] = field(default_factory=list)
     seconds: float = 0.0  # the whole run
     pipeline_seconds: float = 0.0  # from the encoders being ready to the last commit (no model loading)
-    chunk_reads: dict[str, int] = field(default_factory=dict)  # slide → reader tasks run for it (all stores)
+    chunk_reads: dict[str, int] = field(default_factory=dict)  # slide → chunks read for it (once for all stores)
 
     def for_store(self, label: str) -> ExtractionSummary:
         """The outcomes of one store of a several-store run."""

@@ -114,8 +114,11 @@ EXEMPT |= {
     "gdc-client download -m gdc_manifest.txt -d /data/tcga/slides": _GDC,
     "export TCGA_MANIFEST=/data/tcga/gdc_manifest.txt TCGA_SLIDE_ROOT=/data/tcga/slides": _ENV,
     "export AWS_ENDPOINT_URL=... AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...": _ENV,
-    "ray start --head": "starts the head node of a Ray cluster; the `ray job submit` tests start their own head "
-                        "(tests/ray_head.py)",
+    "ray start --head --port 6379 --num-gpus 0": "starts the head node of a Ray cluster; the `ray job submit` tests "
+                                                 "start their own head (tests/ray_head.py)",
+    "ray start --address HEAD:6379": "joins a GPU node to a cluster; tests/extract/test_nodes.py runs a second node "
+                                     "(ray.cluster_utils) and checks each slide is read where it is encoded",
+    "export RAY_ADDRESS=http://HEAD:8265": _ENV,
     "ray job submit --working-dir . -- python -m extract --cohort TCGA --store s3://bucket/tcga-virchow2.zarr":
         _TCGA + _S3 + _general("tests/extract/test_readme_extract.py (on a Ray head and a moto S3 server)"),
     "python -m store verify s3://bucket/tcga-virchow2.zarr":

@@ -65,7 +65,7 @@ class EncoderExitingOnUniformTile(EncoderWorker):
 
 
 class PausingAfterFirstAppend(EncoderWorker):
-    """Sleeps `pause_s` after its first append (one that encoded: not a refused slide's), or until the file
+    """Sleeps `pause_s` after its first append, or until the file
     `resume_when` exists, whichever comes first (a test resumes it once another job is done, however slow)."""
 
     pause_s = 0.0
@@ -75,11 +75,10 @@ class PausingAfterFirstAppend(EncoderWorker):
         super().__init__(*args, **kwargs)
         self.appended = False
 
-    def encode_append(self, slide_id: str, start: int, tiles: np.ndarray, coords: np.ndarray,
-                      tissue: np.ndarray) -> int:
-        refused = self.writers.refused(slide_id)  # then nothing is appended
-        rows = super().encode_append(slide_id, start, tiles, coords, tissue)
-        if not refused and not self.appended:
+    def _encode_append(self, i: int, slide_id: str, start: int, tiles: np.ndarray, coords: np.ndarray,
+                       tissue: np.ndarray) -> int:
+        rows = super()._encode_append(i, slide_id, start, tiles, coords, tissue)
+        if not self.appended:
             self.appended = True
             self._pause()
         return rows

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from extract.config import ExtractConfig
-from extract.encoder_worker import EncoderWorker
 from extract.executors import executor_session, resolve_executor
 from extract.job import Extraction
 from extract.local_executor import LocalExecutor
 from extract.stages import Stages
+from extract.writers import PinnedWriters
 from slidecache.cohorts.slides import load_cohort
 from slidecache.errors import ConfigError, EncoderError
 from store import EmbeddingStore
@@ -70,7 +70,7 @@ def test_local_executor_refuses_more_encoders_than_gpus(tmp_path):
     executor = LocalExecutor(ExtractConfig(**TINY))
     try:
         with pytest.raises(ConfigError, match="one encoder per GPU"):
-            executor.start_encoders(ExtractConfig(**TINY), str(tmp_path / "s"), {}, count=3, gpus=2, nodes=["local"])
+            executor.start_encoders(([(ExtractConfig(**TINY), str(tmp_path / "s"))], {}), count=3, gpus=2, nodes=["local"])
     finally:
         executor.shutdown()
 
@@ -102,17 +102,17 @@ def test_a_slide_whose_reading_kills_its_process_fails_alone(synthetic_slides, t
     from tests.extract.faulty_stages import ReaderExitingOn
 
     faulty = Stages(read=ReaderExitingOn("syn2"))  # the last slide: its failure ends the run
-    # The failed slide's writer removes its rows on the encoder's thread, slowed here as under load, where the
+    # The failed slide's writer removes its rows on the encoder's thread before the call raises, slowed here as under load, where the
     # run once returned first and closing the executor cancelled the queued removal: a half-written slide was left.
-    real_abort, aborts = EncoderWorker.abort_slide, {"called": [], "done": []}
+    real_abort, aborts = PinnedWriters.abort, {"called": [], "done": []}
 
-    def slow_abort(worker: EncoderWorker, slide_id: str) -> None:
+    def slow_abort(writers: PinnedWriters, slide_id: str) -> None:
         aborts["called"].append(slide_id)
         time.sleep(1.5)
-        real_abort(worker, slide_id)
+        real_abort(writers, slide_id)
         aborts["done"].append(slide_id)
 
-    monkeypatch.setattr(EncoderWorker, "abort_slide", slow_abort)
+    monkeypatch.setattr(PinnedWriters, "abort", slow_abort)
     cfg = ExtractConfig(**TINY, executor="local")
     entries = load_cohort(synthetic_slides)
     url = str(tmp_path / "store")

@@ -12,7 +12,7 @@ import pytest
 
 from demo.slides import HEMATOXYLIN, synthetic_he, write_pyramid
 from extract.config import ExtractConfig
-from extract.job import MAX_CHUNK_RETRIES, Extraction
+from extract.job import MAX_DEATH_RETRIES, Extraction
 from extract.ray_executor import RayExecutor
 from slidecache.cohorts.slides import load_cohort
 from store import EmbeddingStore
@@ -36,7 +36,7 @@ def test_a_chunk_that_kills_its_actor_three_times_fails_its_slide(local_ray, syn
                          executor=faulty).run()
     (outcome,) = summary.outcomes
     assert outcome.status == "failed", outcome
-    assert f"died {1 + MAX_CHUNK_RETRIES} times" in outcome.error and "tiles 0-" in outcome.error
+    assert f"died {1 + MAX_DEATH_RETRIES} times" in outcome.error and "while encoding this slide" in outcome.error
     store = EmbeddingStore.open(url)
     assert store.failures()["poison"]["error_class"] == "EncoderError" and store.slide_states() == {}
     # the restarted actor goes on with the next slides of the same Ray session
