@@ -1,12 +1,14 @@
-"""Attention-MIL heads trained on the cached tiles (gated attention, Ilse et al. 2018; as in CLAM/TRIDENT).
+"""Attention-MIL heads trained on the cached tiles: gated attention (ABMIL, Ilse et al. 2018; as in CLAM/TRIDENT),
+TransMIL, CLAM-SB and DSMIL (slidecache/heads/networks.py), all through one training loop.
 
 A patient is one bag: up to `max_tiles` tiles sampled from all of the patient's slides, read from the
-store once per cross-validation. Three losses share one network:
+store once per cross-validation. Three losses serve every network:
   * `cox`  — negative Cox partial log-likelihood over the mini-batch, Efron or Breslow ties;
   * `nll`  — discrete-time survival NLL (Zadeh & Schmid 2020, as PORPOISE/SurvPath) over quantile bins
              of the uncensored training times;
   * `ce`   — cross-entropy for grade classification.
-Inputs are standardised with the training fold's tile statistics; everything is seeded.
+The network adds to the loss what its paper does (CLAM-SB: instance clustering on grade; DSMIL: half the loss on
+its max-instance score). Inputs are standardised with the training fold's tile statistics; everything is seeded.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from torch import nn
 from evaluate.abmil_settings import TrainSettings
 from slidecache.devices import pick_device
 from slidecache.errors import EvaluationError
-from slidecache.heads.abmil import ABMILModel, GatedABMIL, pad_bags
+from slidecache.heads.mil import BagLoss, MILModel, pad_bags
+from slidecache.heads.networks import build_network
 from store.embedding_store import EmbeddingStore
 
 DEFAULT_MAX_TILES = 512
@@ -143,10 +146,11 @@ class _BagBatches:
         return x, mask
 
 
-def train_abmil(bags: Sequence[np.ndarray], loss: str, seed: int, settings: TrainSettings | None = None, *,
-                time: np.ndarray | None = None, event: np.ndarray | None = None,
-                labels: np.ndarray | None = None, n_classes: int | None = None) -> ABMILModel:
-    """Fit one ABMIL network. `loss`: cox/nll (need time and event) or ce (needs labels and n_classes)."""
+def train_mil(bags: Sequence[np.ndarray], loss: str, seed: int, settings: TrainSettings | None = None, *,
+              time: np.ndarray | None = None, event: np.ndarray | None = None,
+              labels: np.ndarray | None = None, n_classes: int | None = None, architecture: str = "abmil") -> MILModel:
+    """Fit one MIL network (`architecture`: abmil, transmil, clam-sb, dsmil). `loss`: cox/nll (need time and
+    event) or ce (needs labels and n_classes)."""
     s = settings or TrainSettings()
     device = pick_device(s.device)
     torch.manual_seed(seed)
@@ -168,14 +172,25 @@ def train_abmil(bags: Sequence[np.ndarray], loss: str, seed: int, settings: Trai
         class_weight = torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32,
                                     device=device)
     else:
-        raise EvaluationError(f"unknown ABMIL loss {loss!r}")
-    network = GatedABMIL(bags[0].shape[1], n_out, s.hidden, s.dropout)
+        raise EvaluationError(f"unknown MIL loss {loss!r}")
+    network = build_network(architecture, bags[0].shape[1], n_out, **vars(s))  # hidden, dropout, CLAM's options
     if loss == "nll":  # start from the training fold's life-table hazards, so curves are calibrated from step 0
-        with torch.no_grad():
-            network.head.bias.copy_(torch.from_numpy(_life_table_logits(bin_label, event, n_out)))
+        network.set_output_bias(torch.from_numpy(_life_table_logits(bin_label, event, n_out)))
     network.to(device)
     batches = _BagBatches(bags, mean, std, device)
     on_device = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+
+    def batch_loss(idx: np.ndarray) -> tuple[BagLoss, torch.Tensor | None]:
+        """The batch's loss of a network's outputs, and its classes (which CLAM's instance loss needs)."""
+        if loss == "cox":
+            t, e, deaths = on_device(time[idx]), on_device(event[idx]), max(1, int(event[idx].sum()))
+            return lambda out: cox_partial_nll(out[:, 0], t, e, s.ties) / deaths, None
+        if loss == "nll":
+            k, e = on_device(bin_label[idx]), on_device(event[idx])
+            return lambda out: discrete_time_nll(out, k, e) / len(idx), None
+        y = on_device(labels[idx]).long()
+        return lambda out: nn.functional.cross_entropy(out, y, weight=class_weight), y
+
     optimiser = torch.optim.AdamW(network.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     history = []
     for _ in range(s.epochs):
@@ -186,14 +201,7 @@ def train_abmil(bags: Sequence[np.ndarray], loss: str, seed: int, settings: Trai
             idx = order[start: start + s.batch_size]
             if loss == "cox" and (len(idx) < 2 or not event[idx].any()):
                 continue  # a batch without an event carries no partial likelihood
-            out, _ = network(*batches(idx))
-            if loss == "cox":
-                value = cox_partial_nll(out[:, 0], on_device(time[idx]), on_device(event[idx]), s.ties)
-                value = value / max(1, int(event[idx].sum()))
-            elif loss == "nll":
-                value = discrete_time_nll(out, on_device(bin_label[idx]), on_device(event[idx])) / len(idx)
-            else:
-                value = nn.functional.cross_entropy(out, on_device(labels[idx]).long(), weight=class_weight)
+            value = network.objective(*batches(idx), *batch_loss(idx))
             optimiser.zero_grad()
             value.backward()
             optimiser.step()
@@ -201,13 +209,19 @@ def train_abmil(bags: Sequence[np.ndarray], loss: str, seed: int, settings: Trai
             count += len(idx)
         history.append(total / max(count, 1))
     if not all(math.isfinite(h) for h in history):
-        raise EvaluationError(f"ABMIL training diverged (loss {history[-1]}); lower the learning rate")
+        raise EvaluationError(f"{architecture} training diverged (loss {history[-1]}); lower the learning rate")
     del batches  # frees the staged bags on the device
-    describe = {"loss": loss, "device": str(device), "epochs": s.epochs, "hidden": s.hidden, "lr": s.lr, "batch_size": s.batch_size,
+    describe = {"architecture": architecture, "loss": loss, "device": str(device), "epochs": s.epochs,
+                "hidden": s.hidden, "lr": s.lr, "batch_size": s.batch_size,
                 "final_train_loss": history[-1] if history else None}
     if loss == "cox":
         describe["ties"] = s.ties
     if edges is not None:
         describe["bin_edges_days"] = edges.tolist()
         edges = np.append(edges, max(float(time.max()), float(edges[-1]) + 1.0))
-    return ABMILModel(network, loss, mean, std, edges, history, describe)
+    if loss == "ce":  # CLAM's instance clustering settings (survival heads do without)
+        describe |= {k: network.config[k] for k in network.options}
+    return MILModel(network, loss, mean, std, edges, history, describe)
+
+
+train_abmil = train_mil  # its name before the other networks came

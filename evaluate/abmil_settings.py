@@ -1,5 +1,6 @@
-"""The ABMIL heads' training settings, apart from the model: a module that needs no torch, so the pooled-feature
-heads' fold workers (joblib processes that import evaluate.survival) start without importing it (2.4 s each)."""
+"""The attention-MIL heads' training settings, apart from the model: a module that needs no torch, so the
+pooled-feature heads' fold workers (joblib processes that import evaluate.survival) start without importing it
+(2.4 s each)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,7 @@ class TrainSettings:
     ties: str = "efron"
     bins: int = 4
     device: str = "auto"  # auto: CUDA when visible
+    # CLAM-SB's instance clustering (grade only), CLAM's defaults: smooth top-1 SVM, weight 1 - bag_weight 0.7, B 8
+    instance_loss: str = "svm"
+    instance_weight: float = 0.3
+    k_sample: int = 8

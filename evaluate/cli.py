@@ -136,21 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_split)
 
     abmil = argparse.ArgumentParser(add_help=False)
-    group = abmil.add_argument_group("ABMIL heads (trained on tiles read from the store)")
+    group = abmil.add_argument_group("attention-MIL heads: abmil, transmil, clam-sb, dsmil (trained on tiles read "
+                                     "from the store)")
     group.add_argument("--max-tiles", type=int, default=512, help="tiles sampled per patient bag")
     group.add_argument("--epochs", type=int, default=TrainSettings.epochs)
     group.add_argument("--lr", type=float, default=TrainSettings.lr)
     group.add_argument("--batch-size", type=int, default=TrainSettings.batch_size, help="bags per step")
-    group.add_argument("--ties", default="efron", choices=["efron", "breslow"], help="abmil-cox tie handling")
+    group.add_argument("--ties", default="efron", choices=["efron", "breslow"], help="the *-cox heads' tie handling")
     group.add_argument("--device", default=TrainSettings.device, help="auto (CUDA when visible), cpu, cuda, cuda:1 ...")
 
     heatmaps = argparse.ArgumentParser(add_help=False)
     heatmaps.add_argument("--heatmaps", nargs="+", metavar="SLIDE_ID",
-                          help="ABMIL heads: attention PNGs for these slides, or `auto` (highest and lowest scoring patients)")
+                          help="MIL heads: attention PNGs for these slides, or `auto` (highest and lowest scoring "
+                               "patients)")
 
     p = sub.add_parser("survival", parents=[common, abmil, heatmaps], help="cross-validated survival head from the cache")
     p.add_argument("--head", default="coxnet", choices=list(HEADS))
-    p.add_argument("--pooling", default="mean", choices=POOLINGS, help="slide-vector heads (ABMIL reads tiles)")
+    p.add_argument("--pooling", default="mean", choices=POOLINGS, help="slide-vector heads (MIL heads read tiles)")
     p.add_argument("--split", help="a split file from `python -m evaluate split` (default: made here from --seed)")
     p.add_argument("--save-head", metavar="DIR", help="also refit the head on every patient and save it (safetensors) "
                                                       "for `python -m train.generate --slide ... --survival-head DIR`")

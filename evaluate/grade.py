@@ -1,5 +1,6 @@
 """Grade heads from the cache over patient folds: logistic regression on the stored slide vectors
-(`logreg`), or an attention-MIL classifier on tile bags (`abmil`, evaluate/abmil.py).
+(`logreg`), or an attention-MIL classifier on tile bags (`abmil`, `transmil`, `clam-sb`, `dsmil`: the networks of
+slidecache/heads/networks.py, trained by evaluate/abmil.py).
 
 Grades come from the clinical table (G1-G4, or BLCA's High/Low Grade as its own scheme; GX and
 "[Not Available]" are missing). One scheme per evaluation: mixing G1-G4 with High/Low would make the
@@ -31,10 +32,11 @@ from sklearn.metrics import (
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from evaluate.abmil import TrainSettings, train_abmil
+from evaluate.abmil import TrainSettings, train_mil
 from evaluate.features import PatientData
 from evaluate.survival_metrics import NotComputed, computed, summarise
 from slidecache.errors import EvaluationError
+from slidecache.heads.networks import ARCHITECTURES
 
 GRADE_ORDER = {"G1-G4": ["G1", "G2", "G3", "G4"], "high-low": ["Low Grade", "High Grade"]}
 
@@ -110,13 +112,14 @@ def _metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray, n_classes: int)
     return out | {"not_computed": reasons}
 
 
-GRADE_HEADS = ("logreg", "abmil")
+GRADE_HEADS = ("logreg", *ARCHITECTURES)
+BAG_GRADE_HEADS = ARCHITECTURES  # input: an object array of tile bags (evaluate.abmil.load_bags)
 
 
 def _fit_predict_proba(head: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
                        seed: int, c: float, settings: TrainSettings | None) -> tuple[np.ndarray, Any]:
-    if head == "abmil":
-        model = train_abmil(list(x_train), "ce", seed, settings, labels=y_train, n_classes=n_classes)
+    if head in BAG_GRADE_HEADS:
+        model = train_mil(list(x_train), "ce", seed, settings, labels=y_train, n_classes=n_classes, architecture=head)
         return model.probabilities(list(x_test)), model
     model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, class_weight="balanced",
                                                                random_state=seed)).fit(x_train, y_train)
@@ -141,11 +144,12 @@ def refit_grade_on_all(data: PatientData, seed: int = 0, c: float = 0.1, head: s
 
 def cross_validate_grade(data: PatientData, folds: dict[str, int], seed: int = 0, c: float = 0.1, head: str = "logreg",
                          features: np.ndarray | None = None, settings: TrainSettings | None = None) -> GradeResult:
-    """`features` overrides data.features; the abmil head needs one tile bag per patient (abmil.load_bags)."""
+    """`features` overrides data.features; the MIL heads need one tile bag per patient (abmil.load_bags)."""
     if head not in GRADE_HEADS:
         raise EvaluationError(f"unknown grade head {head!r}; choose one of {', '.join(GRADE_HEADS)}")
-    if head == "abmil" and (features is None or features.dtype != object):
-        raise EvaluationError("the abmil grade head trains on tiles: pass one bag per patient (evaluate.abmil.load_bags)")
+    if head in BAG_GRADE_HEADS and (features is None or features.dtype != object):
+        raise EvaluationError(f"the {head} grade head trains on tiles: pass one bag per patient "
+                              "(evaluate.abmil.load_bags)")
     mask, classes, scheme, dropped = grade_labels(data)
     fold_of = np.array([folds.get(p, -1) for p in data.patient_ids])
     keep = mask & (fold_of >= 0)

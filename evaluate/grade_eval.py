@@ -1,5 +1,5 @@
 """One grade evaluation as `python -m evaluate grade` and the demo run it: a classifier cross-validated on the
-cohort's folds, with ABMIL attention heatmaps and the head refitted on every graded patient and saved when
+cohort's folds, with MIL attention heatmaps and the head refitted on every graded patient and saved when
 asked. The result writes today's files (metrics.json, predictions.csv, confusion.png) and gives the lines
 the command prints."""
 
@@ -12,7 +12,13 @@ from typing import Any, Callable, Mapping
 from evaluate.abmil_settings import TrainSettings
 from evaluate.cohort import CohortSettings, open_patients
 from evaluate.features import PatientData
-from evaluate.grade import GradeResult, confusion_plot, cross_validate_grade, refit_grade_on_all
+from evaluate.grade import (
+    BAG_GRADE_HEADS,
+    GradeResult,
+    confusion_plot,
+    cross_validate_grade,
+    refit_grade_on_all,
+)
 from evaluate.records import WritesMetrics, format_summary, run_extras
 from evaluate.tiles import draw_attention, read_bags
 from slidecache.errors import EvaluationError
@@ -23,16 +29,16 @@ from store.embedding_store import EmbeddingStore
 @dataclass(frozen=True)
 class GradeSettings:
     head: str = "logreg"
-    pooling: str = "mean"  # logreg; the abmil head reads tiles
+    pooling: str = "mean"  # logreg; the MIL heads read tiles
     seed: int = 0
-    max_tiles: int = 512  # tiles sampled per patient bag (ABMIL)
-    abmil: TrainSettings = field(default_factory=TrainSettings)
-    heatmaps: tuple[str, ...] = ()  # ABMIL: slide ids, or `auto`
+    max_tiles: int = 512  # tiles sampled per patient bag (MIL heads)
+    abmil: TrainSettings = field(default_factory=TrainSettings)  # every MIL head's training settings
+    heatmaps: tuple[str, ...] = ()  # MIL heads: slide ids, or `auto`
     save_head: str | None = None  # also refit on every graded patient and save the head here
 
     @property
     def tiles(self) -> bool:
-        return self.head == "abmil"
+        return self.head in BAG_GRADE_HEADS
 
 
 @dataclass
@@ -81,7 +87,8 @@ def evaluate_grade(store: EmbeddingStore, data: PatientData, folds: dict[str, in
     """The head cross-validated on `folds`; heatmaps are drawn into `out`. Settings that cannot work are refused
     before anything is fitted."""
     if settings.heatmaps and not settings.tiles:
-        raise EvaluationError("--heatmaps draws ABMIL attention: use --head abmil")
+        raise EvaluationError("--heatmaps draws ABMIL attention, or another MIL head's: use one of --head "
+                              f"{'|'.join(BAG_GRADE_HEADS)}")
     if settings.save_head:
         check_savable("grade", settings.head)
     bags = read_bags(store, data, settings.max_tiles, settings.seed, log) if settings.tiles else None

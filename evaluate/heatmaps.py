@@ -8,13 +8,13 @@ from typing import Any, Mapping, Sequence
 
 from slidecache.cohorts.ids import patient_key
 from slidecache.errors import EvaluationError
-from slidecache.heads.abmil import ABMILModel
+from slidecache.heads.mil import MILModel
 from slidecache.heads.heatmap import draw_heatmap
 from store.embedding_store import EmbeddingStore
 
 
 def draw_heatmaps(store: EmbeddingStore, slide_ids: Sequence[str], folds: Mapping[str, int],
-                  models: Mapping[int, ABMILModel], out_dir: str | Path) -> list[dict[str, Any]]:
+                  models: Mapping[int, MILModel], out_dir: str | Path) -> list[dict[str, Any]]:
     """One PNG per slide, each drawn with the model of the fold holding the slide's patient out."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 Heads (scikit-survival): `coxnet` (elastic net, alpha chosen by inner cross-validation on the training
 fold and passed explicitly at prediction), `coxph` and `rsf` (on PCA components fitted inside the
-training fold: 2560 raw dimensions would make CoxPH singular); and attention-MIL heads on the tiles
-(`abmil-cox`, `abmil-nll`, see evaluate/abmil.py), whose input is one bag of tiles per patient. Per fold
+training fold: 2560 raw dimensions would make CoxPH singular); and attention-MIL heads on the tiles, NETWORK-cox
+and NETWORK-nll for each network of slidecache/heads/networks.py (`abmil-cox`, `transmil-nll`, `clam-sb-cox`,
+`dsmil-nll`, ...; see evaluate/abmil.py), whose input is one bag of tiles per patient. Per fold
 (evaluate/survival_metrics.py): Harrell's C with a bootstrap 95% CI over the held-out patients, Uno's C,
 time-dependent AUC at event-time quartiles and the integrated Brier score over an even grid of the test
 follow-up, the IPCW ones below the training fold's censoring horizon; and low/high-risk groups split at
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -37,9 +39,10 @@ from evaluate import survival_metrics as sm
 from evaluate.abmil_settings import TrainSettings
 from evaluate.features import PatientData
 from slidecache.errors import EvaluationError, SlidecacheError
+from slidecache.heads.networks import ARCHITECTURES
 
-if TYPE_CHECKING:  # torch is imported only by the ABMIL heads, when they run
-    from slidecache.heads.abmil import ABMILModel
+if TYPE_CHECKING:  # torch is imported only by the MIL heads, when they run
+    from slidecache.heads.mil import MILModel
 
 PCA_COMPONENTS = 16
 SUMMARY_METRICS = ("harrell_c", "uno_c", "mean_auc", "ibs")
@@ -111,10 +114,10 @@ def fit_rsf(x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | N
     return FittedHead(model, {}, {"pca_components": int(model.named_steps["pca"].n_components_), "trees": 200})
 
 
-class ABMILHead(FittedHead):
-    """An ABMIL network; Cox heads get survival curves from a Breslow baseline on the training risks."""
+class MILHead(FittedHead):
+    """A MIL network; Cox heads get survival curves from a Breslow baseline on the training risks."""
 
-    def __init__(self, model: ABMILModel, baseline: BreslowEstimator | None) -> None:
+    def __init__(self, model: MILModel, baseline: BreslowEstimator | None) -> None:
         super().__init__(model, {}, model.describe)
         self.baseline = baseline
 
@@ -127,28 +130,36 @@ class ABMILHead(FittedHead):
         return _evaluate_curves(self.baseline.get_survival_function(self.risk(x)), times)
 
 
-def _fit_abmil(loss: str, x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | None) -> FittedHead:
-    from evaluate.abmil import train_abmil
+ABMILHead = MILHead  # its name before the other networks came
 
-    model = train_abmil(list(x), loss, seed, settings, time=y["time"].astype(np.float64), event=y["event"])
+
+def fit_mil(architecture: str, loss: str, x: np.ndarray, y: np.ndarray, seed: int,
+            settings: TrainSettings | None = None) -> FittedHead:
+    from evaluate.abmil import train_mil
+
+    model = train_mil(list(x), loss, seed, settings, time=y["time"].astype(np.float64), event=y["event"],
+                      architecture=architecture)
     baseline = None
     if loss == "cox":
         baseline = BreslowEstimator().fit(model.risk(list(x)), y["event"], y["time"])
-    return ABMILHead(model, baseline)
+    return MILHead(model, baseline)
 
 
 def fit_abmil_cox(x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | None = None) -> FittedHead:
-    return _fit_abmil("cox", x, y, seed, settings)
+    return fit_mil("abmil", "cox", x, y, seed, settings)
 
 
 def fit_abmil_nll(x: np.ndarray, y: np.ndarray, seed: int, settings: TrainSettings | None = None) -> FittedHead:
-    return _fit_abmil("nll", x, y, seed, settings)
+    return fit_mil("abmil", "nll", x, y, seed, settings)
 
 
+# NETWORK-cox (Cox partial likelihood) and NETWORK-nll (discrete-time NLL) for every MIL network.
+MIL_HEADS = {f"{network}-{loss}": (network, loss) for network in ARCHITECTURES for loss in ("cox", "nll")}
 HEADS: dict[str, Callable[[np.ndarray, np.ndarray, int, TrainSettings | None], FittedHead]] = {
-    "coxnet": fit_coxnet, "coxph": fit_coxph, "rsf": fit_rsf, "abmil-cox": fit_abmil_cox, "abmil-nll": fit_abmil_nll,
+    "coxnet": fit_coxnet, "coxph": fit_coxph, "rsf": fit_rsf,
+    **{name: partial(fit_mil, architecture, loss) for name, (architecture, loss) in MIL_HEADS.items()},
 }
-BAG_HEADS = {"abmil-cox", "abmil-nll"}  # input: an object array of tile bags (evaluate.abmil.load_bags)
+BAG_HEADS = set(MIL_HEADS)  # input: an object array of tile bags (evaluate.abmil.load_bags)
 
 
 def _fold_metrics(head: FittedHead, risk_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, risk_te: np.ndarray,
@@ -170,7 +181,7 @@ def _run_fold(head: str, x: np.ndarray, y: np.ndarray, test: np.ndarray, seed: i
     except NoComparablePairException:  # e.g. in coxnet's inner CV on a handful of training patients
         why = (f"the {head} head: a C-index had no comparable pair of patients {where}: too few patients or events "
                "per fold; use fewer folds or more patients")
-    except EvaluationError as e:  # a problem of this fold's data, e.g. ABMIL diverging or too few events for bins
+    except EvaluationError as e:  # a problem of this fold's data, e.g. a MIL head diverging or too few events for bins
         why = f"the {head} head could not be fitted {where}: {e}"
     except SlidecacheError:  # a setting (e.g. an unusable --device): no fold can do better
         raise
@@ -211,7 +222,7 @@ def refit_on_all(data: PatientData, endpoint: str, head: str, seed: int = 0, fea
 def cross_validate(data: PatientData, endpoint: str, head: str, folds: dict[str, int], seed: int = 0,
                    features: np.ndarray | None = None, settings: TrainSettings | None = None) -> SurvivalResult:
     """Fit `head` on each training fold, score it on the held-out fold. `features` overrides data.features;
-    the ABMIL heads need it: one bag of tiles per patient (evaluate.abmil.load_bags)."""
+    the MIL heads need it: one bag of tiles per patient (evaluate.abmil.load_bags)."""
     if head not in HEADS:
         raise EvaluationError(f"unknown survival head {head!r}; choose one of {', '.join(HEADS)}")
     if head in BAG_HEADS and (features is None or features.dtype != object):

@@ -1,5 +1,5 @@
 """One survival evaluation as `python -m evaluate survival` and the demo run it: a head cross-validated on the
-cohort's folds, beside an age + stage clinical baseline, with ABMIL attention heatmaps and the head refitted
+cohort's folds, beside an age + stage clinical baseline, with MIL attention heatmaps and the head refitted
 on every patient and saved when asked. The result writes today's files (metrics.json, predictions.csv,
 km.png) and gives the lines the command prints."""
 
@@ -26,11 +26,11 @@ BASELINE_MIN_PATIENTS = 20
 class SurvivalSettings:
     endpoint: str = "OS"
     head: str = "coxnet"
-    pooling: str = "mean"  # slide-vector heads; ABMIL heads read tiles
+    pooling: str = "mean"  # slide-vector heads; MIL heads read tiles
     seed: int = 0
-    max_tiles: int = 512  # tiles sampled per patient bag (ABMIL)
-    abmil: TrainSettings = field(default_factory=TrainSettings)
-    heatmaps: tuple[str, ...] = ()  # ABMIL: slide ids, or `auto`
+    max_tiles: int = 512  # tiles sampled per patient bag (MIL heads)
+    abmil: TrainSettings = field(default_factory=TrainSettings)  # every MIL head's training settings
+    heatmaps: tuple[str, ...] = ()  # MIL heads: slide ids, or `auto`
     save_head: str | None = None  # also refit on every patient and save the head here
     clinical_baseline: bool = True  # the age + stage CoxPH beside the head
 
@@ -112,7 +112,8 @@ def evaluate_survival(store: EmbeddingStore, data: PatientData, folds: dict[str,
     """The head cross-validated on `folds`; heatmaps are drawn into `out`. Settings that cannot work are refused
     before anything is fitted."""
     if settings.heatmaps and not settings.tiles:
-        raise EvaluationError("--heatmaps draws ABMIL attention: use --head abmil-cox or abmil-nll")
+        raise EvaluationError("--heatmaps draws ABMIL attention, or another MIL head's: use one of --head "
+                              f"{'|'.join(sorted(BAG_HEADS))}")
     if settings.save_head:
         check_savable("survival", settings.head)
     bags = read_bags(store, data, settings.max_tiles, settings.seed, log) if settings.tiles else None

@@ -17,7 +17,7 @@ import numpy as np
 from evaluate import survival_metrics as sm
 from evaluate.abmil import TrainSettings, load_bags
 from evaluate.features import PatientData, patient_features
-from evaluate.grade import GRADE_HEADS, cross_validate_grade
+from evaluate.grade import BAG_GRADE_HEADS, GRADE_HEADS, cross_validate_grade
 from evaluate.survival import BAG_HEADS, HEADS, cross_validate
 from slidecache.cohorts.clinical import ENDPOINTS, ClinicalTable
 from slidecache.errors import EvaluationError, SlidecacheError
@@ -25,7 +25,6 @@ from store.embedding_store import EmbeddingStore
 
 SURVIVAL_COLUMNS = ("harrell_c", "uno_c", "mean_auc", "ibs")
 GRADE_COLUMNS = ("balanced_accuracy", "macro_f1", "qwk", "auc")
-BAG_GRADE_HEADS = {"abmil"}
 
 
 @dataclass
@@ -203,14 +202,14 @@ def paired_differences(rows: Sequence[SweepRow], seed: int = 0) -> list[PairedDi
 
 
 def format_differences(differences: Sequence[PairedDifference]) -> str:
-    header = f"{'task':<6} {'head':<10} {'pooling':<7} {'C(b) - C(a)':>12} {'95% CI':>18}  b vs a"
+    header = f"{'task':<6} {'head':<12} {'pooling':<7} {'C(b) - C(a)':>12} {'95% CI':>18}  b vs a"
     lines = [header, "-" * len(header)]
     for d in differences:
         if d.result is None:
-            lines.append(f"{d.task:<6} {d.head:<10} {d.pooling:<7} {'n/a':>12} {'':>18}  {d.b} vs {d.a}: {d.error}")
+            lines.append(f"{d.task:<6} {d.head:<12} {d.pooling:<7} {'n/a':>12} {'':>18}  {d.b} vs {d.a}: {d.error}")
             continue
         lo, hi = d.result["ci95"]
-        lines.append(f"{d.task:<6} {d.head:<10} {d.pooling:<7} {d.result['difference']:>+12.3f} "
+        lines.append(f"{d.task:<6} {d.head:<12} {d.pooling:<7} {d.result['difference']:>+12.3f} "
                      f"{f'[{lo:+.3f}, {hi:+.3f}]':>18}  {d.b} vs {d.a} ({d.patients} patients)")
     return "\n".join(lines)
 
@@ -220,17 +219,17 @@ def format_table(rows: Sequence[SweepRow]) -> str:
     width = max([len(r.encoder) for r in rows] + [7]) if any(r.encoder for r in rows) else 0
     lead = (lambda r: f"{r.encoder:<{width}} ") if width else (lambda r: "")
     with_ci = any(r.c_index for r in rows)
-    header = (f"{'encoder':<{width}} " if width else "") + f"{'task':<6} {'head':<10} {'pooling':<7} {'n':>5} " \
+    header = (f"{'encoder':<{width}} " if width else "") + f"{'task':<6} {'head':<12} {'pooling':<7} {'n':>5} " \
         + " ".join(f"{c:>15}" for c in columns) + (f" {'C 95% CI':>16}" if with_ci else "") + f" {'s':>7}"
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.error:
-            lines.append(f"{lead(r)}{r.task:<6} {r.head:<10} {r.pooling:<7} {'-':>5} error: {r.error}")
+            lines.append(f"{lead(r)}{r.task:<6} {r.head:<12} {r.pooling:<7} {'-':>5} error: {r.error}")
             continue
         cells = [_cell(r.metrics.get(c)) for c in columns]
         ci = (r.c_index or {}).get("ci95")
         ci_cell = (f" {f'[{ci[0]:.3f}, {ci[1]:.3f}]':>16}" if ci else f" {'':>16}") if with_ci else ""
-        lines.append(f"{lead(r)}{r.task:<6} {r.head:<10} {r.pooling:<7} {r.patients:>5} " + " ".join(cells)
+        lines.append(f"{lead(r)}{r.task:<6} {r.head:<12} {r.pooling:<7} {r.patients:>5} " + " ".join(cells)
                      + ci_cell + f" {r.seconds:>7.1f}")
     return "\n".join(lines)
 

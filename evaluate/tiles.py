@@ -1,4 +1,4 @@
-"""What the ABMIL heads of an evaluation read and draw: one bag of tiles per patient (its size logged), and
+"""What the MIL heads of an evaluation read and draw: one bag of tiles per patient (its size logged), and
 attention heatmaps of chosen slides, each by the head of the fold that held the slide's patient out."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from store.embedding_store import EmbeddingStore
 
 def read_bags(store: EmbeddingStore, data: PatientData, max_tiles: int, seed: int,
               log: Callable[[str], None]) -> np.ndarray:
-    from evaluate.abmil import load_bags  # torch: only when an ABMIL head runs
+    from evaluate.abmil import load_bags  # torch: only when a MIL head runs
 
     bags = load_bags(store, data.slides, max_tiles, seed)
     tiles = sum(len(b) for b in bags)

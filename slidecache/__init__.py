@@ -9,7 +9,7 @@ package is the library under all of them, and imports none of them:
     devices      cores, GPUs and the torch device a run uses
     jsonl        reading JSON-lines files with line numbers in errors; json_out: strict JSON out
     cohorts/     what describes patients and cohorts: ids, slide tables, clinical tables, splits, reports
-    heads/       fitted slide-level heads (ABMIL) as saved files and heatmaps: fitted by `evaluate`,
+    heads/       fitted slide-level heads (MIL networks) as saved files and heatmaps: fitted by `evaluate`,
                  applied by `train.generate --slide`
 
 `slidecache COMMAND ARGS` (the console script, see __main__) runs `python -m COMMAND ARGS`.

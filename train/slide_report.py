@@ -4,7 +4,7 @@ The slide is read, tiled and encoded exactly as the store's own slides were (the
 recorded: encoder, weights, tiling, tissue), into a one-slide store in the page folder whose fingerprint must
 equal the store's; a slide the store already holds is read from it and not encoded again. The checkpoint
 writes the report; saved survival and grade heads (`python -m evaluate ... --save-head DIR`) add the risk
-group and the grade; an ABMIL head's tile attention is drawn over the thumbnail. The page (report.html,
+group and the grade; a MIL head's tile attention is drawn over the thumbnail. The page (report.html,
 self-contained) and report.json record the models that made each part.
 """
 
@@ -139,12 +139,12 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def draw_picture(slide: SlideView, page_dir: Path, attention_head: Any = None) -> Path | None:
-    """thumbnail.png: the stored thumbnail, with an ABMIL head's tile attention over it when one is given."""
+    """thumbnail.png: the stored thumbnail, with a MIL head's tile attention over it when one is given."""
     path = page_dir / PICTURE
     if attention_head is not None:
         from slidecache.heads.heatmap import draw_heatmap
 
-        draw_heatmap(attention_head, slide, path, f"{slide.slide_id}: attention of the saved ABMIL head")
+        draw_heatmap(attention_head, slide, path, f"{slide.slide_id}: attention of the saved MIL head")
         return path
     stored = slide.thumbnail()
     if stored is None:

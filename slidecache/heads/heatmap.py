@@ -1,5 +1,5 @@
-"""Attention heatmaps from the cache alone: every tile's ABMIL attention drawn over the stored thumbnail at
-the stored coordinates (CLAM's picture).
+"""Attention heatmaps from the cache alone: every tile's attention under a MIL head (ABMIL, TransMIL, CLAM-SB,
+DSMIL) drawn over the stored thumbnail at the stored coordinates (CLAM's picture).
 """
 
 from __future__ import annotations
@@ -9,13 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from slidecache.heads.abmil import ABMILModel
+from slidecache.heads.mil import MILModel
 from slidecache.heads.slide_tiles import SlideTiles
 
 CANVAS_LONG_SIDE = 1024  # px, when the slide has no stored thumbnail
 
 
-def tile_scores(model: ABMILModel, slide: SlideTiles) -> np.ndarray:
+def tile_scores(model: MILModel, slide: SlideTiles) -> np.ndarray:
+    """A separable network's scores are read block by block; TransMIL's and DSMIL's need the slide as one bag."""
+    if not model.network.separable:
+        return model.tile_attention(np.concatenate([slide.embeddings(rows) for rows in slide.row_blocks()]))
     return np.concatenate([model.tile_attention(slide.embeddings(rows)) for rows in slide.row_blocks()])
 
 
@@ -47,7 +50,7 @@ def attention_overlay(rgb: np.ndarray, coords: np.ndarray, scores: np.ndarray, t
     return blended
 
 
-def draw_heatmap(model: ABMILModel, slide: SlideTiles, path: str | Path, title: str = "") -> dict[str, Any]:
+def draw_heatmap(model: MILModel, slide: SlideTiles, path: str | Path, title: str = "") -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -3,7 +3,8 @@
 
 A linear head (coxnet and coxph: scaler → [PCA →] Cox; logreg: scaler → logistic regression) is saved as the
 affine map it computes, x @ W + b, read off the fitted pipeline and checked against it on the patients it
-was fitted on; an ABMIL head as its network's tensors and its input statistics. Tensors go to
+was fitted on; a MIL head (ABMIL, TransMIL, CLAM-SB, DSMIL) as its network's tensors, its input statistics and
+the arguments its network is rebuilt from (a card without an architecture is an ABMIL's). Tensors go to
 `head.safetensors`, the rest to `head.json`: task, head, endpoint or classes, pooling, the store's
 fingerprint, and for survival the risk cut (the median risk of the patients it was fitted on: above it is
 the high-risk group). A random survival forest cannot be written without pickle, so it is refused.
@@ -21,14 +22,16 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from slidecache.errors import EvaluationError
-from slidecache.heads.abmil import ABMILModel, GatedABMIL
+from slidecache.heads.mil import MILModel
+from slidecache.heads.networks import ARCHITECTURES, build_network
 from slidecache.heads.slide_tiles import SlideTiles
 from slidecache.json_out import dumps
 from slidecache.provenance import provenance
 
 TENSORS, CARD = "head.safetensors", "head.json"
-SAVABLE_SURVIVAL = ("coxnet", "coxph", "abmil-cox", "abmil-nll")
-SAVABLE_GRADE = ("logreg", "abmil")
+MIL_SURVIVAL = tuple(f"{architecture}-{loss}" for architecture in ARCHITECTURES for loss in ("cox", "nll"))
+SAVABLE_SURVIVAL = ("coxnet", "coxph", *MIL_SURVIVAL)
+SAVABLE_GRADE = ("logreg", *ARCHITECTURES)
 
 
 def check_savable(task: str, head: str) -> None:
@@ -57,15 +60,13 @@ def _columns(values: np.ndarray) -> np.ndarray:
     return values.reshape(len(values), -1)
 
 
-def _abmil_tensors(model: ABMILModel) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _mil_tensors(model: MILModel) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     net = model.network
     tensors = {f"network.{k}": v.detach().cpu().numpy() for k, v in net.state_dict().items()}
     tensors |= {"input_mean": np.asarray(model.mean, np.float32), "input_std": np.asarray(model.std, np.float32)}
     if model.bin_edges is not None:
         tensors["bin_edges"] = np.asarray(model.bin_edges, np.float64)
-    shape = {"dim": int(net.embed[0].in_features), "n_out": int(net.head.out_features),
-             "hidden": int(net.embed[0].out_features), "dropout": float(net.embed[-1].p), "loss": model.loss}
-    return tensors, shape
+    return tensors, {"architecture": net.architecture, **net.config, "loss": model.loss}
 
 
 def _write(folder: str | Path, tensors: dict[str, np.ndarray], card: dict[str, Any]) -> Path:
@@ -87,22 +88,22 @@ def save_survival_head(folder: str | Path, head: str, fitted: Any, x: np.ndarray
             "store_fingerprint": store_fingerprint, "risk_cut": float(np.median(risks)), "patients": int(len(x)),
             "risk_cut_rule": "median risk of the patients the head was fitted on; above it: high risk",
             "cross_validated": summary}
-    if head.startswith("abmil"):
-        tensors, shape = _abmil_tensors(fitted.model)
-        return _write(folder, tensors, card | {"kind": "abmil", "network": shape})
+    if head in MIL_SURVIVAL:
+        tensors, shape = _mil_tensors(fitted.model)
+        return _write(folder, tensors, card | {"kind": "abmil", "network": shape})  # kind: any MIL network
     weight, bias = affine_map(lambda v: _columns(fitted.risk(v)), x.shape[1], np.asarray(x, np.float64))
     return _write(folder, {"weight": weight, "bias": bias}, card | {"kind": "affine", "output": "risk"})
 
 
 def save_grade_head(folder: str | Path, head: str, model: Any, x: np.ndarray, classes: list[str], scheme: str,
                     pooling: str, store_fingerprint: str, summary: dict[str, Any]) -> Path:
-    """`model`: the grade model refit on every patient (a scaler + LogisticRegression pipeline, or ABMILModel)."""
+    """`model`: the grade model refit on every patient (a scaler + LogisticRegression pipeline, or a MILModel)."""
     check_savable("grade", head)
     card = {"task": "grade", "head": head, "classes": classes, "scheme": scheme, "pooling": pooling,
             "store_fingerprint": store_fingerprint, "patients": int(len(x)), "cross_validated": summary}
-    if head == "abmil":
-        tensors, shape = _abmil_tensors(model)
-        return _write(folder, tensors, card | {"kind": "abmil", "network": shape})
+    if head in ARCHITECTURES:
+        tensors, shape = _mil_tensors(model)
+        return _write(folder, tensors, card | {"kind": "abmil", "network": shape})  # kind: any MIL network
     trained = [classes[i] for i in model.classes_]
     weight, bias = affine_map(lambda v: _columns(model.decision_function(v)), x.shape[1], np.asarray(x, np.float64))
     return _write(folder, {"weight": weight, "bias": bias},
@@ -115,7 +116,7 @@ class SavedHead:
     card: dict[str, Any]
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
-    abmil: ABMILModel | None = None
+    abmil: MILModel | None = None  # any MIL head (the name train.slide_report reads)
 
     @property
     def task(self) -> str:
@@ -160,9 +161,10 @@ def load_head(folder: str | Path, store_fingerprint: str | None = None) -> Saved
     tensors = load_file(str(folder / TENSORS))
     if card["kind"] == "affine":
         return SavedHead(card, tensors["weight"], tensors["bias"])
-    shape = card["network"]
-    network = GatedABMIL(shape["dim"], shape["n_out"], shape["hidden"], shape["dropout"])
+    shape = dict(card["network"])
+    loss = shape.pop("loss")
+    network = build_network(shape.pop("architecture", "abmil"), **shape)
     network.load_state_dict({k.removeprefix("network."): torch.from_numpy(v.copy()) for k, v in tensors.items()
                              if k.startswith("network.")})
-    model = ABMILModel(network, shape["loss"], tensors["input_mean"], tensors["input_std"], tensors.get("bin_edges"))
+    model = MILModel(network, loss, tensors["input_mean"], tensors["input_std"], tensors.get("bin_edges"))
     return SavedHead(card, abmil=model)
