@@ -45,7 +45,7 @@ __all__ = ["Extraction", "ExtractionSummary", "MAX_DEATH_RETRIES", "SlideOutcome
 
 PROGRESS_EVERY_S = 10.0
 PROBE_EVERY_S = 0.5  # how often a restarting encoder actor is pinged
-READS_AHEAD = 4  # chunks of a slide being read while its encoder encodes one
+MIN_READS_AHEAD, MAX_READS_AHEAD = 4, 32  # chunks of a slide being read while its encoder encodes one
 
 
 def _error_text(error: BaseException) -> tuple[BaseException, str]:
@@ -83,6 +83,7 @@ class Extraction:
         # progress: a slide counts once per store that lacks it (each is encoded and written once per store)
         self._total = self._done_tiles = self._planned_tiles = self._planned_slides = 0
         self._t0 = self._last_report = self._pipeline_started = 0.0
+        self.reads_ahead = MIN_READS_AHEAD  # set once the cluster is known
 
     @property
     def store(self) -> EmbeddingStore | None:
@@ -112,6 +113,9 @@ class Extraction:
         self._unplaced = set(range(len(self.actors)))
         # enough planned slides that every encoder has its next one while it encodes one
         self.scheduler.max_prepare = max(2, res.cpus, 2 * len(self.actors))
+        # a read per core beside each encoder: a GPU takes ~5 cores' reading (bench/RESULTS.md), and a chunk read
+        # ahead waits in the node's object store, so this also bounds the memory a slide takes, however large
+        self.reads_ahead = min(MAX_READS_AHEAD, max(MIN_READS_AHEAD, res.cpus // len(self.actors)))
 
     def _open_stores(self, info: dict[str, Any]) -> None:
         """Once the first encoder is ready: create or open each store (its fingerprint from that encoder), and
@@ -227,15 +231,17 @@ class Extraction:
     # ---- sending and collecting ----------------------------------------------------------------
 
     def _send(self, call: Call) -> None:
-        """Send the slide to its encoder, with its first chunks' reads started on the encoder's node."""
+        """Send the slide to its encoder, with its first chunks' reads started on the encoder's node: half as many
+        as the encoder keeps ahead, enough to feed it across the switch from the slide before, few enough not to
+        hold up that slide's own reads, which queue behind them on the node's cores."""
         slide = call.slide
         p: PreparedSlide = slide.prepared  # type: ignore[assignment]  # the scheduler holds our plans
         near = self.actor_nodes[call.actor] or None
         chunk = self.cfg.read_chunk
         first = [self.ex.read(p, start, min(start + chunk, p.n_tiles), near)
-                 for start in range(0, min(p.n_tiles, READS_AHEAD * chunk), chunk)]
+                 for start in range(0, min(p.n_tiles, max(1, self.reads_ahead // 2) * chunk), chunk)]
         job = SlideJob(dataclasses.replace(p, pictures=None), [self.working.index(t) for t in slide.targets],
-                       slide.token, list(slide.own_tokens), chunk, READS_AHEAD, first)
+                       slide.token, list(slide.own_tokens), chunk, self.reads_ahead, first)
         call.ref = self.ex.call(self.actors[call.actor], "encode_slide", job, p.writer_pictures())
 
     def _collect(self, call: Call) -> None:

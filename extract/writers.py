@@ -1,15 +1,15 @@
 """The writers of the slides pinned to one encoder process: embeddings go from the encoder to the store
 where they were computed, never through the coordinating driver.
 
-The driver sends an encoder, in order, `open` → `append` × chunks → `commit` for each slide it pins there
-(a Ray actor runs one caller's calls in the order they were sent). Appends are written by one thread
+The encoder worker calls, for each slide pinned to it, `open` → `append` × chunks → `commit`, all within the
+slide's one call (extract/encoder_worker.py). Appends are written by one thread
 behind the encoder, in order, so compressing and storing a chunk overlaps encoding the next (a GPU is
 never kept waiting on zstd); an append's error surfaces at the slide's next call, and `commit` returns
 once everything before it is written. The writers' leases are renewed by another thread, so a slide
 waiting behind another slide's long chunks keeps its lease. When the process restarts
-(killed, its node lost) its writers and the rows they buffered are gone: a retried call for such a slide
-raises WriterRestarted and the driver writes the slide again from its first tile, naming the dead
-writer's lease token as its own so that it is taken over at once.
+(killed, its node lost) its writers and the rows they buffered are gone: the driver sends the slide again,
+to be written from its first tile, naming the dead writer's lease token as its own so that it is taken over
+at once. A chunk that does not continue the rows of its slide's writer raises WriterRestarted.
 """
 
 from __future__ import annotations
