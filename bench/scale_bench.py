@@ -278,20 +278,28 @@ def print_ceiling(r: dict[str, Any]) -> None:
 CHUNK = 256  # tiles per read chunk and per encode call (the GPU default)
 
 
-def projection(per_slide_s: float, per_chunk_s: float, rss_per_slide: float, rss_base: float) -> list[dict[str, Any]]:
+def projection(roles: dict[str, tuple[float, float]], rss_per_slide: float, rss_base: float) -> list[dict[str, Any]]:
     """A TCGA-scale run on n H200s: the wall at the measured eager bf16 rate and at the compiled rate × the
-    pipeline's target efficiency, the coordinators' CPU and its share of one core, the driver's memory, from the
-    fitted costs per slide and per read chunk."""
-    coordination = TCGA_SLIDES * per_slide_s + TCGA_TILES / CHUNK * per_chunk_s
-    limit = CHUNK / per_chunk_s if per_chunk_s > 0 else float("inf")
+    pipeline's target efficiency; the head node's coordination CPU (driver and GCS: what one cluster shares) and
+    the raylets' (spread over the GPU nodes, each for its own reads); how many tiles/s one head coordinates; the
+    driver's memory; from the costs per slide and per read chunk fitted for each role."""
+    slide_tiles = TCGA_TILES / TCGA_SLIDES
+    chunks = slide_tiles / CHUNK
+
+    def per_slide(*names: str) -> float:
+        return sum(roles[name][0] + chunks * roles[name][1] for name in names)
+
+    head, raylets = per_slide("driver", "gcs"), per_slide("raylet")
     rows = []
     for gpus in (8, 64, 128):
         wall = TCGA_TILES / (gpus * H200_TILES_PER_S)
         compiled = TCGA_TILES / (gpus * H200_COMPILED_TILES_PER_S * PIPELINE_EFFICIENCY)
         rows.append({"gpus": gpus, "wall_h": wall / 3600, "wall_compiled_pipeline_h": compiled / 3600,
-                     "coordination_cpu_h": coordination / 3600, "coordinator_cores_busy": coordination / wall,
-                     "coordination_limit_tiles_per_s": limit,
-                     "gpus_one_driver_feeds": limit / H200_TILES_PER_S,
+                     "head_cpu_h": TCGA_SLIDES * head / 3600, "head_cores_busy": TCGA_SLIDES * head / wall,
+                     "raylets_cpu_h": TCGA_SLIDES * raylets / 3600,
+                     "raylet_cores_busy_per_gpu": TCGA_SLIDES * raylets / wall / gpus,
+                     "coordination_limit_tiles_per_s": slide_tiles / head,
+                     "gpus_one_driver_feeds": slide_tiles / head / H200_TILES_PER_S,
                      "driver_rss_mb": (rss_base + TCGA_SLIDES * rss_per_slide) / 2**20})
     return rows
 
@@ -342,23 +350,24 @@ def summarise(runs: list[dict[str, Any]], chunky: dict[str, Any]) -> dict[str, A
               f"{1e6 * c / r['tiles']:>18.2f} {r['cpu_s']['driver']:>9.1f} {r['cpu_s']['gcs']:>6.1f} "
               f"{r['cpu_s']['raylet']:>9.1f} {r['cpu_s']['workers']:>10.1f} {_growth(r) / 2**20:>12.1f}")
     per_slide, per_chunk = fit(runs[-1], chunky)
+    roles = {role: fit(runs[-1], chunky, role) for role in ("driver", "gcs", "raylet")}
     a, b = runs[0], runs[-1]
     slope = (_growth(b) - _growth(a)) / max(b["slides"] - a["slides"], 1)
-    proj = projection(per_slide, per_chunk, max(slope, 0.0), b["driver_uss_before"] + _growth(a))
+    proj = projection(roles, max(slope, 0.0), b["driver_uss_before"] + _growth(a))
     print(f"\nfitted: coordination {1e3 * per_slide:.2f} ms per slide + {1e3 * per_chunk:.2f} ms per chunk of {CHUNK} "
           f"tiles = {1e6 * per_chunk / CHUNK:.2f} ms per 1,000 tiles (targets ≤ 20 and ≤ 5); the driver's private "
           f"memory grows {slope:.0f} B per slide (fitted from {a['slides']} and {b['slides']} slides; target ≤ 2 KB)")
-    roles = {role: fit(runs[-1], chunky, role) for role in ("driver", "gcs", "raylet")}
     print("by role: " + "; ".join(f"{role} {1e3 * a:.2f} ms per slide + {1e6 * b / CHUNK:.2f} ms per 1,000 tiles"
                                   for role, (a, b) in roles.items()))
     for row in proj:
         print(f"TCGA ({TCGA_SLIDES} slides, {TCGA_TILES:.1e} tiles) on {row['gpus']} H200s: "
               f"{row['wall_h'] * 60:.1f} min encoder-bound at {H200_TILES_PER_S} tiles/s per GPU, "
               f"{row['wall_compiled_pipeline_h'] * 60:.1f} min compiled ({H200_COMPILED_TILES_PER_S} × pipeline "
-              f"{PIPELINE_EFFICIENCY}); coordination {row['coordination_cpu_h'] * 60:.1f} CPU-min = "
-              f"{row['coordinator_cores_busy']:.3f} of one core (one driver coordinates up to "
-              f"{row['coordination_limit_tiles_per_s']:.0f} tiles/s = {row['gpus_one_driver_feeds']:.0f} H200s); "
-              f"driver ~{row['driver_rss_mb']:.0f} MB private")
+              f"{PIPELINE_EFFICIENCY}); head node (driver + GCS) {row['head_cpu_h'] * 60:.1f} CPU-min = "
+              f"{row['head_cores_busy']:.3f} of one core; raylets {row['raylets_cpu_h'] * 60:.1f} CPU-min = "
+              f"{row['raylet_cores_busy_per_gpu']:.3f} of a core per GPU, on its own node; one driver coordinates "
+              f"up to {row['coordination_limit_tiles_per_s']:,.0f} tiles/s = {row['gpus_one_driver_feeds']:.0f} "
+              f"H200s; driver ~{row['driver_rss_mb']:.0f} MB private")
     return {"runs": runs, "chunk_run": chunky, "coordination_ms_per_slide": 1e3 * per_slide,
             "coordination_ms_per_1k_tiles": 1e6 * per_chunk / CHUNK, "coordination_ms_per_chunk": 1e3 * per_chunk,
             "driver_private_growth_bytes_per_slide": slope, "tcga_projection": proj,
