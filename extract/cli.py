@@ -1,4 +1,5 @@
-"""`python -m extract --cohort NAME_OR_TABLE --store URL ...`: thin CLI over extract.job."""
+"""`python -m extract --cohort NAME_OR_TABLE --store URL ...`: thin CLI over extract.job; `images` and
+`slide-embeddings` subcommands over extract.images and extract.slide_embeddings."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from extract.stages import Stages
 from slidecache.cli_args import ArgumentParser, guarded, storage_options
 from slidecache.configs import SHIPPED
 from slidecache.errors import ConfigError
+from slidecache.slide_embeddings import SLIDE_ENCODERS
 from slidecache.tile_embeddings import EMBEDDING_WIDTHS
 from store.backends import display_url
 
@@ -29,7 +31,10 @@ ENCODERS_HELP = (ENCODER_HELP + "; several, comma-separated (virchow2,uni2-h), f
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m extract",
-                                description="Encode whole-slide images once into a slidecache store (a Ray job, or one machine without Ray).")
+                                description="Encode whole-slide images once into a slidecache store (a Ray job, or one "
+                                            "machine without Ray). Subcommands: `python -m extract images ...` "
+                                            "(InternVL image datasets), `python -m extract slide-embeddings ...` "
+                                            "(slide encoders over a store's tile features).")
     p.add_argument("--cohort", required=True,
                    help="named cohort (configs/cohorts/NAME.yaml), a slide folder, a CSV or a GDC manifest; relative "
                         "paths inside a table are relative to the table's folder, not to the working directory")
@@ -105,6 +110,57 @@ def _extract_images(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+SLIDE_EMBEDDINGS_HELP = (
+    "Compute every slide's slide embedding (PRISM, TITAN, Prov-GigaPath's slide encoder) from the tile features a "
+    "store already holds, never opening a slide file, and write them into that store as a named set with its own "
+    "fingerprint; a rerun embeds only what is missing or whose tiles changed. A subcommand of its own, not an "
+    "option of `python -m extract --cohort ...`: it reads a store, not slides, so it needs no cohort, reader or tile "
+    "encoder.")
+
+
+def build_slide_embeddings_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m extract slide-embeddings", description=SLIDE_EMBEDDINGS_HELP)
+    p.add_argument("--store", required=True, help="the tile store (path or URL) whose features are read and into "
+                                                  "which the slide embeddings are written")
+    p.add_argument("--slide-encoder", required=True,
+                   help=f"registry name (extract/slide_encoders/: {', '.join(SLIDE_ENCODERS)}, each with a "
+                        "NAME-random twin); each reads one tile encoder's features, at its card's tile size")
+    p.add_argument("--weights", help="hub id, local file or folder of the slide encoder's published weights "
+                                     "(default: the registry's hub id, with HF_TOKEN)")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA when visible, else the CPU), cpu, cuda, cuda:1")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="auto (default): fp16 autocast on CUDA, as TRIDENT runs these models, fp32 on the CPU; "
+                        "recorded in the set's fingerprint")
+    p.add_argument("--set", dest="set_name", metavar="NAME",
+                   help="the set's name in the store (default: the slide encoder's name)")
+    p.add_argument("--limit", type=int, help="embed at most N slides this run")
+    p.add_bool("--retry-failed", help="retry slides that failed on the same tile rows before")
+    p.add_bool("--any-tiling", help="embed tiles of another size or magnification than the slide encoder's card "
+                                    "(refused otherwise)")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for the store (s3 credentials: prefer "
+                                                             "AWS_* variables)")
+    return p
+
+
+def slide_embeddings_main(argv: Sequence[str]) -> int:
+    args = build_slide_embeddings_parser().parse_args(argv)
+    return guarded(lambda: _slide_embeddings(args))
+
+
+def _slide_embeddings(args: argparse.Namespace) -> int:
+    from extract.slide_embeddings import SlideEmbeddingJob
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    job = SlideEmbeddingJob(args.store, args.slide_encoder, args.weights, args.device, args.precision, args.set_name,
+                            args.limit, args.retry_failed, args.any_tiling, storage_options(args.storage_options),
+                            log=lambda m: print(m, flush=True))
+    summary = job.run()
+    print(summary.table(), flush=True)
+    return 1 if summary.failed else 0
+
+
 def encoder_stores(encoders: str | None, stores: list[str], weights: str | None) -> list[tuple[str, str | None, str | None]]:
     """(store, encoder, weights) per encoder of `--encoder a,b,c` (None: the config's encoder), from
     `--store` holding {encoder} or listing one store per encoder."""
@@ -131,6 +187,8 @@ def main(argv: Sequence[str] | None = None, stages: Stages = Stages()) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["images"]:
         return images_main(argv[1:])
+    if argv[:1] == ["slide-embeddings"]:
+        return slide_embeddings_main(argv[1:])
     args = build_parser().parse_args(argv)
     return guarded(lambda: _extract(args, stages))
 

@@ -15,6 +15,7 @@ _LAZY = {  # name -> the module that defines it
     "EmbeddingStore": "store.embedding_store",
     "SlideView": "store.slide_view",
     "SlideWriter": "store.slide_writer",
+    "SlideEmbeddingSet": "store.slide_embeddings",
 }
 
 

@@ -1,4 +1,5 @@
-"""`python -m store info|verify|failures|export-h5|import-h5|rm|merge`: thin commands over the library."""
+"""`python -m store info|verify|failures|export-h5|import-h5|export-slide-h5|import-slide-h5|rm|
+rm-slide-embeddings|merge`: thin commands over the library."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from store.backends import display_url
 from store.embedding_store import EmbeddingStore
 from store.h5io import export_h5, import_h5_files
 from store.merge_stores import merge_stores
-from store.verify import verify_store
+from store.slide_h5io import export_slide_h5, import_slide_h5
+from store.verify import SET_PROBLEM, verify_store
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,6 +43,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"created      {store.provenance.get('created_at')} by {store.provenance.get('code_version')}")
     print(f"slides       {len(complete)} complete, {len(states) - len(complete)} incomplete, "
           f"{len(store.failures())} failed; {tiles} tiles")
+    for name, emb_set in store.slide_embedding_sets().items():
+        entries, stale = emb_set.entries(), emb_set.stale()
+        encoder = emb_set.slide_encoder
+        print(f"slide embeddings {name}: {encoder.get('name')} ({encoder.get('weights_id')}), {emb_set.dim}-d, "
+              f"{len(entries) - len(stale)} slides, {len(stale)} stale, {len(emb_set.failures())} failed"
+              f"{'  (imported)' if emb_set.imported else ''}; fingerprint {emb_set.fingerprint}")
     if args.list:
         for slide_id in complete:
             s = store.slide(slide_id)
@@ -54,7 +62,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem)
     errors = [p for p in problems if p.severity == "error"]
-    print(f"verified {len(store.slide_ids())} slides: {len(errors)} errors, {len(problems) - len(errors)} warnings")
+    in_sets = [p for p in problems if p.message.startswith(SET_PROBLEM)]
+    set_errors = sum(p.severity == "error" for p in in_sets)
+    print(f"verified {len(store.slide_ids())} slides: {len(errors) - set_errors} errors, "
+          f"{len(problems) - len(errors) - (len(in_sets) - set_errors)} warnings")
+    sets = store.slide_embedding_sets()
+    if sets:
+        counted = ", ".join(f"{name} ({len(s.entries())} embeddings)" for name, s in sets.items())
+        print(f"verified slide-embedding sets {counted}: {set_errors} errors, {len(in_sets) - set_errors} warnings")
     return 1 if errors else 0
 
 
@@ -90,6 +105,37 @@ def cmd_import_h5(args: argparse.Namespace) -> int:
         print(f"{len(report.refused)} of {len(report.refused) + len(report.imported)} .h5 files refused (listed "
               "above); nothing of them was written: fix them and rerun", file=sys.stderr)
     return 1 if report.refused else 0
+
+
+def cmd_export_slide_h5(args: argparse.Namespace) -> int:
+    folder, written = export_slide_h5(_open(args, args.store), args.out_dir, args.set_name)
+    print(f"wrote {len(written)} slide-embedding .h5 files to {folder}")
+    return 0
+
+
+def cmd_import_slide_h5(args: argparse.Namespace) -> int:
+    """Good files are imported, bad ones listed at the end; exit 1 when any was refused, as import-h5 does."""
+    report = import_slide_h5(args.in_dir, args.store, args.slide_encoder, args.set_name,
+                             storage_options=_storage_options(args))
+    where = f"set {report.set.name} of {display_url(args.store)}" if report.set else display_url(args.store)
+    print(f"imported {len(report.imported)} slide embeddings from {report.folder} into {where}"
+          f"{'' if report.set else ': nothing written'}; {len(report.skipped)} files without one")
+    for _, message in report.refused:
+        print(f"refused: {message}", file=sys.stderr)
+    if report.refused:
+        print(f"{len(report.refused)} .h5 files refused (listed above); nothing of them was written: fix them and "
+              "rerun", file=sys.stderr)
+    return 1 if report.refused else 0
+
+
+def cmd_rm_slide_embeddings(args: argparse.Namespace) -> int:
+    store = _open(args, args.store, mode="a")
+    if not store.delete_slide_embedding_set(args.name):
+        print(f"no slide-embedding set {args.name!r} in {display_url(store.url)} (sets: "
+              f"{', '.join(store.slide_embedding_sets()) or 'none'})", file=sys.stderr)
+        return 1
+    print(f"removed slide-embedding set {args.name}")
+    return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -141,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--encoder", required=True,
                    help="name of the encoder that made the features (recorded; a registered encoder's width is checked)")
+    p = add("export-slide-h5", cmd_export_slide_h5,
+            "Write a slide-embedding set as TRIDENT does: DIR/slide_features_<encoder>/<slide_id>.h5.")
+    p.add_argument("store")
+    p.add_argument("out_dir")
+    p.add_argument("--set", dest="set_name", metavar="NAME", help="the set (default: the store's only set)")
+    p = add("import-slide-h5", cmd_import_slide_h5,
+            "Import TRIDENT slide embeddings (DIR/slide_features_<encoder>/ or that folder) into a set of the store "
+            "holding their tile features.")
+    p.add_argument("in_dir")
+    p.add_argument("store")
+    p.add_argument("--slide-encoder", required=True,
+                   help="the slide encoder that made them (a registered one's width and tile encoder are checked)")
+    p.add_argument("--set", dest="set_name", metavar="NAME", help="the set's name (default: the slide encoder's)")
+    p = add("rm-slide-embeddings", cmd_rm_slide_embeddings, "Remove a slide-embedding set from a store.")
+    p.add_argument("store")
+    p.add_argument("name", metavar="NAME")
     p = add("rm", cmd_rm, "Remove slides (complete or interrupted) and their failure records.")
     p.add_argument("store")
     p.add_argument("slide_ids", nargs="+", metavar="ID")

@@ -19,6 +19,7 @@ import os
 import traceback
 from typing import Any, Collection, Iterator, Mapping
 
+import numpy as np
 import zarr
 from zarr.errors import ContainsGroupError, GroupNotFoundError, NodeNotFoundError
 
@@ -46,6 +47,7 @@ from store.schema import (
     check_new_store,
     check_root_attrs,
 )
+from store.slide_embeddings import SlideEmbeddingSet, create_or_open_set, delete_set, open_set, set_names
 from store.slide_view import SlideView
 from store.slide_writer import SlideWriter
 
@@ -225,6 +227,27 @@ class EmbeddingStore:
     def slides(self) -> Iterator[SlideView]:
         for slide_id in self.slide_ids():
             yield self.slide(slide_id)
+
+    # ---- slide-embedding sets: one vector per slide, made from these tiles (store/slide_embeddings.py) ----
+
+    def slide_embedding_sets(self) -> dict[str, SlideEmbeddingSet]:
+        return {name: open_set(self._root, self, name) for name in set_names(self._root)}
+
+    def slide_embedding_set(self, name: str, spec: Mapping[str, Any] | None = None,
+                            config: Mapping[str, Any] | None = None, imported: bool = False) -> SlideEmbeddingSet:
+        """The set `name`; given its `spec` (to write), created when absent, refused when made with another."""
+        if spec is None:
+            return open_set(self._root, self, name)
+        return create_or_open_set(self._root, self, name, spec, config, imported)
+
+    def slide_embeddings(self, name: str, current: bool = True) -> tuple[list[str], np.ndarray]:
+        """(slide ids, float32 (n, E)) of set `name`, sorted; `current`: only embeddings made from the tile rows
+        the store holds now (a slide extracted again since is left out until its embedding is recomputed)."""
+        return self.slide_embedding_set(name).embeddings(current=current)
+
+    def delete_slide_embedding_set(self, name: str) -> bool:
+        self._require_writable()
+        return delete_set(self._root, name)
 
     # ---- writing -------------------------------------------------------------------------------
 

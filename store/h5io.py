@@ -28,6 +28,7 @@ from slidecache.errors import InteropError, InvalidSlideId, SlideBusy, SlideWrit
 from slidecache.provenance import UNKNOWN
 from slidecache.tile_embeddings import embedding_width
 from store.embedding_store import EmbeddingStore
+from store.slide_view import SlideView
 
 MPP_AT_1X = 10.0  # the usual convention: 0.5 µm/px at 20x, 0.25 at 40x
 
@@ -41,15 +42,9 @@ def export_h5(store: EmbeddingStore, out_dir: str | Path, slide_ids: list[str] |
     """Write one TRIDENT-style .h5 per complete slide (features as float32, as those tools expect)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tiling = store.spec.get("tiling", {})
-    tile_px, target_mpp = tiling.get("tile_px"), tiling.get("target_mpp")
     written = []
     for slide_id in slide_ids or store.slide_ids():
         slide = store.slide(slide_id)
-        mpp = slide.attrs.get("mpp")
-        patch_level0 = slide.attrs.get("tile_px_level0")
-        if patch_level0 is None and isinstance(tile_px, (int, float)) and isinstance(target_mpp, (int, float)) and mpp:
-            patch_level0 = int(round(tile_px * target_mpp / float(mpp)))
         tmp = out / f".{slide_id}.h5.partial"
         with h5py.File(tmp, "w") as f:
             feats = f.create_dataset("features", shape=(slide.n_tiles, slide.embedding_dim), dtype="float32")
@@ -57,24 +52,8 @@ def export_h5(store: EmbeddingStore, out_dir: str | Path, slide_ids: list[str] |
             for rows in slide.row_blocks():
                 feats[rows] = slide.embeddings(rows).astype(np.float32)
                 coords[rows] = slide.coords(rows)
-            level0_side = int(patch_level0) if patch_level0 else -1
-            size = slide.attrs.get("level0_size") or [-1, -1]
-            patch_level, patch_size, downsample = _clam_patch(slide.attrs.get("tiling") or {}, tile_px, level0_side)
-            coords.attrs.update({
-                # CLAM: read_region(coord, patch_level, (patch_size, patch_size)) reads exactly the tile
-                "patch_level": patch_level,
-                "patch_size": patch_size,
-                "downsample": [downsample, downsample],
-                # TRIDENT
-                "patch_size_level0": level0_side,
-                "target_patch_size": int(tile_px) if isinstance(tile_px, (int, float)) else -1,
-                "level0_magnification": float(MPP_AT_1X / mpp) if mpp else -1,
-                "target_magnification": float(MPP_AT_1X / target_mpp) if isinstance(target_mpp, (int, float)) else -1,
-                "overlap": 0,
-                "name": slide_id,
-                "level0_width": int(size[0]),
-                "level0_height": int(size[1]),
-            })
+            coords.attrs.update(coords_attrs(store, slide))
+            mpp = slide.attrs.get("mpp")
             f.attrs.update({
                 "slidecache_fingerprint": store.fingerprint,
                 "slidecache_encoder": _json_safe(store.spec.get("encoder", {})),
@@ -86,6 +65,34 @@ def export_h5(store: EmbeddingStore, out_dir: str | Path, slide_ids: list[str] |
         if progress:
             progress(slide_id)
     return written
+
+
+def coords_attrs(store: EmbeddingStore, slide: SlideView) -> dict[str, Any]:
+    """The attributes TRIDENT and CLAM readers look for on a slide's `coords` dataset (see the module docstring)."""
+    tiling = store.spec.get("tiling", {})
+    tile_px, target_mpp = tiling.get("tile_px"), tiling.get("target_mpp")
+    mpp = slide.attrs.get("mpp")
+    patch_level0 = slide.attrs.get("tile_px_level0")
+    if patch_level0 is None and isinstance(tile_px, (int, float)) and isinstance(target_mpp, (int, float)) and mpp:
+        patch_level0 = int(round(tile_px * target_mpp / float(mpp)))
+    level0_side = int(patch_level0) if patch_level0 else -1
+    size = slide.attrs.get("level0_size") or [-1, -1]
+    patch_level, patch_size, downsample = _clam_patch(slide.attrs.get("tiling") or {}, tile_px, level0_side)
+    return {
+        # CLAM: read_region(coord, patch_level, (patch_size, patch_size)) reads exactly the tile
+        "patch_level": patch_level,
+        "patch_size": patch_size,
+        "downsample": [downsample, downsample],
+        # TRIDENT
+        "patch_size_level0": level0_side,
+        "target_patch_size": int(tile_px) if isinstance(tile_px, (int, float)) else -1,
+        "level0_magnification": float(MPP_AT_1X / mpp) if mpp else -1,
+        "target_magnification": float(MPP_AT_1X / target_mpp) if isinstance(target_mpp, (int, float)) else -1,
+        "overlap": 0,
+        "name": slide.slide_id,
+        "level0_width": int(size[0]),
+        "level0_height": int(size[1]),
+    }
 
 
 def _clam_patch(tiling: dict[str, Any], tile_px: Any, level0_side: int) -> tuple[int, int, float]:

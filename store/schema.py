@@ -13,6 +13,7 @@ Layout (schema 2):
           pooled_max  float32 (D,)           max over the slide's tiles, written at commit
           thumbnail   uint8   (h, w, 3)      optional, with tissue_mask uint8 (h, w); attrs downsample
       failures/<slide_id>  attrs: error_class, message, traceback_tail, attempts, last_attempt_at
+      slide_embeddings/<set>/  slide-embedding sets made from these tiles: see store/slide_embeddings.py
     Schema 1 (still read): a slide's arrays directly in its group, no `data` attribute.
 """
 

@@ -11,8 +11,10 @@ from slidecache.errors import StoreError
 from slidecache.provenance import fingerprint
 from store.embedding_store import EmbeddingStore
 from store.lease import Lease
-from store.schema import WRITER, data_group
+from store.schema import DATA, WRITER, data_group
+from store.slide_embeddings import SlideEmbeddingSet
 
+SET_PROBLEM = "slide-embedding set "  # how a set's problems begin
 POOLED_TOLERANCE = 1e-2  # pooled_mean is computed in float64 from the float16 rows; this is rounding slack
 
 
@@ -115,4 +117,45 @@ def verify_store(store: EmbeddingStore, progress: Callable[[str], None] | None =
     for slide_id in store.failures():
         if states.get(slide_id, False):
             problems.append(Problem(slide_id, "warning", "complete, yet a failure record remains"))
+    for emb_set in store.slide_embedding_sets().values():
+        problems += verify_slide_embeddings(store, emb_set)
+    return problems
+
+
+def verify_slide_embeddings(store: EmbeddingStore, emb_set: SlideEmbeddingSet) -> list[Problem]:
+    """A slide-embedding set: its fingerprint (its own hash, made from this store's tiles), each embedding's
+    marker, shape, dtype and values, and whether the tile rows it was made from are still the store's."""
+    where = f"{SET_PROBLEM}{emb_set.name}"
+    problems = []
+
+    def add(slide_id: str | None, severity: str, message: str) -> None:
+        problems.append(Problem(slide_id, severity, f"{where}: {message}"))
+
+    if fingerprint(emb_set.spec) != emb_set.fingerprint:
+        add(None, "error", "its fingerprint does not match the hash of its fingerprint_spec")
+    if emb_set.spec.get("tiles") != store.fingerprint:
+        add(None, "error", f"made from tiles of fingerprint {str(emb_set.spec.get('tiles'))[:12]}, the store's is "
+                           f"{store.fingerprint[:12]}")
+    for slide_id, complete in sorted(emb_set.states().items()):
+        if not complete:
+            add(slide_id, "warning", "an unfinished write (no marker): invisible to readers, replaced by the next run")
+    stale = emb_set.stale()
+    for slide_id, attrs in emb_set.entries().items():
+        if attrs.get("fingerprint") != emb_set.fingerprint:
+            add(slide_id, "error", f"written under fingerprint {str(attrs.get('fingerprint'))[:12]}, the set has "
+                                   f"{emb_set.fingerprint[:12]}")
+        try:
+            array = emb_set.slide_array(slide_id, attrs)
+        except (KeyError, StoreError, OSError) as e:
+            add(slide_id, "error", f"marked complete but its embedding {attrs.get(DATA)!r} is unreadable "
+                                   f"({type(e).__name__}: {e})")
+            continue
+        if tuple(array.shape) != (emb_set.dim,) or str(array.dtype) != "float32":
+            add(slide_id, "error",
+                f"embedding is {array.dtype} {tuple(array.shape)}, expected float32 ({emb_set.dim},)")
+        elif not np.isfinite(array[...]).all():
+            add(slide_id, "error", "embedding holds NaN/Inf")
+        if slide_id in stale:
+            add(slide_id, "warning", f"stale: {stale[slide_id]}; readers leave it out until "
+                                     "`python -m extract slide-embeddings` recomputes it")
     return problems
