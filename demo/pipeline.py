@@ -31,9 +31,9 @@ from typing import Any, Callable, Iterator
 from demo.cohort import SEED, DemoSize, plan_patients, write_clinical, write_report_texts, write_slides
 from demo.summary import write_summary
 from extract.config import ExtractConfig
-from extract.ray_executor import lazy_ray_session
 from extract.job import Extraction
 from extract.qc import write_qc
+from extract.ray_executor import lazy_ray_session
 from extract.summary import SlideStatus
 from slidecache import json_out
 from slidecache.cohorts.slides import load_cohort

@@ -8,8 +8,8 @@ from typing import Any, Mapping, Sequence
 
 from slidecache.cohorts.ids import patient_key
 from slidecache.errors import EvaluationError
-from slidecache.heads.mil import MILModel
 from slidecache.heads.heatmap import draw_heatmap
+from slidecache.heads.mil import MILModel
 from store.embedding_store import EmbeddingStore
 
 
