@@ -114,7 +114,8 @@ class EncoderWorker:
             if live:
                 self._encode_chunks(job, live, answers, read_nodes)
             timings = {**p.attrs.get("timings", {}), "encode_write_s": round(time.perf_counter() - began, 3)}
-            extra = {"timings": timings, "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            extra = {"timings": timings, "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "nodes": {"encoded": self.node, "read": sorted(set(read_nodes))}}  # Ray node ids, or "local"
             for i in list(live):
                 try:
                     rows = self.writers[i].commit(p.entry.slide_id, extra, p.empty_reason if p.n_tiles == 0 else None)

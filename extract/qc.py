@@ -98,7 +98,7 @@ def write_qc(store_url: str, qc_dir: str | Path, summary: Any = None, storage_op
                   for sid, f in sorted(failures.items())]
         lines.append("")
     lines += ["## Slides", "", "| slide | tiles | picture |", "|---|---:|---|"]
-    lines += [f"| {sid} | {n} | [png](slides/{sid}.png) |" for sid, n in sorted(tiles.items())]
+    lines += [f"| {sid} | {n} | [png](<slides/{sid}.png>) |" for sid, n in sorted(tiles.items())]
     report = out / "summary.md"
     report.write_text("\n".join(lines) + "\n")
     return report

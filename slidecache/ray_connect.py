@@ -7,6 +7,18 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
+from slidecache.errors import ConfigError
+
+
+def _check_address(address: str) -> None:
+    """An http(s):// address is a dashboard's, where `ray job submit --address` sends jobs; a process joins a
+    cluster by its GCS address (what `ray start --head` prints, HEAD:6379)."""
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"RAY_ADDRESS={address} is a Ray dashboard's address (for `ray job submit --address`); "
+                          "to run on the cluster, submit the command with `ray job submit --address "
+                          f"{address} --working-dir . -- ...`, or join it from this process with "
+                          "RAY_ADDRESS=HEAD:6379 (its GCS address); unset RAY_ADDRESS to run on this machine alone")
+
 
 def connect_ray(address: str | None = None, *, object_store_memory: int | None = None,
                 join_running: bool = False) -> bool:
@@ -21,6 +33,7 @@ def connect_ray(address: str | None = None, *, object_store_memory: int | None =
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return False
+    _check_address(address or os.environ.get("RAY_ADDRESS", ""))
     if address or os.environ.get("RAY_ADDRESS") or join_running:
         # address None: ray.init takes RAY_ADDRESS, else joins a Ray running here, else starts one
         ray.init(address=address, include_dashboard=False, log_to_driver=True)

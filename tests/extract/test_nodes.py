@@ -101,6 +101,7 @@ def test_a_node_killed_while_it_holds_a_slide_loses_nothing(two_nodes, tmp_path)
     assert verify_store(store) == [] and store.failures() == {}
     for outcome in summary.outcomes:  # rows are the planned tiles, none lost, none zero, none twice
         slide = store.slide(outcome.slide_id)
+        assert slide.attrs["nodes"] == {"encoded": outcome.node, "read": [outcome.node]}  # recorded in the store
         coords = slide.coords()
         assert slide.n_tiles == outcome.tiles == len({tuple(xy) for xy in coords.tolist()}) > 0
         assert (np.abs(slide.embeddings().astype(np.float32)).sum(axis=1) > 0).all()

@@ -9,6 +9,7 @@ import types
 
 import pytest
 
+from slidecache.errors import ConfigError
 from slidecache.ray_connect import connect_ray, ray_connection
 
 
@@ -64,3 +65,12 @@ def test_a_session_shuts_down_only_the_ray_it_started(fake_ray):
     with ray_connection(object_store_memory=1):
         pass
     assert calls == [] and ray.initialized
+
+
+def test_a_dashboard_address_is_refused_saying_how_to_submit_or_join(fake_ray, monkeypatch):
+    """docs/tcga.md submits with `ray job submit --address http://HEAD:8265`; the same URL in RAY_ADDRESS for a
+    plain run is a clear refusal, not Ray's traceback, and nothing is started."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ConfigError, match="dashboard's address.*ray job submit --address http://127.0.0.1:8265"):
+        connect_ray()
+    assert fake_ray[1] == []  # no init
