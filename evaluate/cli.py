@@ -23,6 +23,7 @@ from evaluate.survival_eval import SurvivalSettings, run_survival
 from slidecache.cli_args import ArgumentParser, run_command
 from slidecache.cohorts.clinical import ENDPOINTS
 from slidecache.cohorts.splits import import_published_splits, write_split
+from slidecache.errors import EvaluationError
 
 
 def _cohort(args: argparse.Namespace) -> CohortSettings:
@@ -70,16 +71,26 @@ def _head_command(args: argparse.Namespace, run: Callable[..., Any], settings: A
     return 0
 
 
+def _pooling(args: argparse.Namespace) -> str:
+    """--pooling, refused beside --slide-embeddings (whose set holds the slide vector: nothing is pooled)."""
+    if args.slide_embeddings and args.pooling is not None:
+        raise EvaluationError(f"--pooling {args.pooling} pools a slide's tiles, but --slide-embeddings "
+                              f"{args.slide_embeddings} reads the slide vectors stored in that set: give one of "
+                              "the two")
+    return args.pooling or "mean"
+
+
 def cmd_survival(args: argparse.Namespace) -> int:
     return _head_command(args, run_survival, SurvivalSettings(
-        endpoint=args.endpoint, head=args.head, pooling=args.pooling, seed=args.seed, max_tiles=args.max_tiles,
-        abmil=_abmil(args), heatmaps=tuple(args.heatmaps or ()), save_head=args.save_head))
+        endpoint=args.endpoint, head=args.head, pooling=_pooling(args), seed=args.seed, max_tiles=args.max_tiles,
+        abmil=_abmil(args), heatmaps=tuple(args.heatmaps or ()), save_head=args.save_head,
+        slide_embeddings=args.slide_embeddings))
 
 
 def cmd_grade(args: argparse.Namespace) -> int:
     return _head_command(args, run_grade, GradeSettings(
-        head=args.head, pooling=args.pooling, seed=args.seed, max_tiles=args.max_tiles, abmil=_abmil(args),
-        heatmaps=tuple(args.heatmaps or ()), save_head=args.save_head))
+        head=args.head, pooling=_pooling(args), seed=args.seed, max_tiles=args.max_tiles, abmil=_abmil(args),
+        heatmaps=tuple(args.heatmaps or ()), save_head=args.save_head, slide_embeddings=args.slide_embeddings))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -87,7 +98,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     settings = SweepSettings(args.store, _cohort(args), tasks=args.tasks, heads=args.heads,
                              grade_heads=args.grade_heads, poolings=args.poolings, max_tiles=args.max_tiles,
-                             abmil=_abmil(args))
+                             abmil=_abmil(args), slide_embeddings=tuple(args.slide_embeddings or ()))
     out = Path(args.out)
     evaluation = evaluate_sweep(settings, out, _recorded(args), log=lambda line: print(line, flush=True))
     for warning in evaluation.warnings():
@@ -110,6 +121,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {evaluation.write(args.out)}")
     return 0
+
+
+SET_HELP = ("a slide-embedding set of the store (`python -m extract slide-embeddings`, e.g. titan): fit the "
+            "slide-vector head on its vectors instead of pooled tiles")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("survival", parents=[common, abmil, heatmaps], help="cross-validated survival head from the cache")
     p.add_argument("--head", default="coxnet", choices=list(HEADS))
-    p.add_argument("--pooling", default="mean", choices=POOLINGS, help="slide-vector heads (MIL heads read tiles)")
+    p.add_argument("--pooling", choices=POOLINGS, help="slide-vector heads (MIL heads read tiles); default mean")
+    p.add_argument("--slide-embeddings", metavar="NAME", help=SET_HELP)
     p.add_argument("--split", help="a split file from `python -m evaluate split` (default: made here from --seed)")
     p.add_argument("--save-head", metavar="DIR", help="also refit the head on every patient and save it (safetensors) "
                                                       "for `python -m train.generate --slide ... --survival-head DIR`")
@@ -162,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grade", parents=[common, abmil, heatmaps], help="cross-validated grade classifier from the cache")
     p.add_argument("--label", default="grade", choices=["grade"], help="the clinical column to predict")
     p.add_argument("--head", default="logreg", choices=list(GRADE_HEADS))
-    p.add_argument("--pooling", default="mean", choices=POOLINGS)
+    p.add_argument("--pooling", choices=POOLINGS, help="logreg; default mean")
+    p.add_argument("--slide-embeddings", metavar="NAME", help=SET_HELP)
     p.add_argument("--split", help="a split file from `python -m evaluate split`")
     p.add_argument("--save-head", metavar="DIR", help="also refit the head on every graded patient and save it "
                                                       "for `python -m train.generate --slide ... --grade-head DIR`")
@@ -179,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="survival heads")
     p.add_argument("--grade-heads", nargs="+", default=["logreg", "abmil"], choices=list(GRADE_HEADS))
     p.add_argument("--poolings", nargs="+", default=["mean", "max"], choices=POOLINGS)
+    p.add_argument("--slide-embeddings", nargs="+", metavar="NAME",
+                   help="slide-embedding sets of the store(s): rows for each with the slide-vector heads, beside the "
+                        "pooled rows, on the same patients and folds")
     p.add_argument("--split", help="a split file used for every task (default: folds per task from --seed)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sweep)

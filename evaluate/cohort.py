@@ -10,10 +10,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from evaluate.features import PatientData, patient_features
+from evaluate.features import PatientData, SetCoverage, patient_features, set_features
 from slidecache.cohorts.clinical import ClinicalTable, load_clinical_tables
 from slidecache.cohorts.splits import make_folds, read_split
-from slidecache.errors import ClinicalTableError
+from slidecache.errors import ClinicalTableError, EvaluationError
 from store.embedding_store import EmbeddingStore
 
 
@@ -48,6 +48,31 @@ def open_patients(store_url: str, cohort: CohortSettings, endpoint: str | None =
     if endpoint and (why := clinical.absent_endpoint(endpoint)):
         raise ClinicalTableError(why)
     return store, patient_features(store, clinical, pooling)
+
+
+def open_set_patients(store_url: str, cohort: CohortSettings, name: str, endpoint: str | None = None
+                      ) -> tuple[EmbeddingStore, PatientData, SetCoverage]:
+    """As `open_patients`, each patient's vector from the store's slide-embedding set `name` (and which slides
+    the set lacks)."""
+    store = EmbeddingStore.open(store_url)
+    clinical = cohort.table()
+    if endpoint and (why := clinical.absent_endpoint(endpoint)):
+        raise ClinicalTableError(why)
+    data, coverage = set_features(store, clinical, name)
+    return store, data, coverage
+
+
+def refuse_tiles_with_set(name: str, head: str, tiles: bool, save_head: str | None,
+                          heatmaps: Sequence[str] = ()) -> None:
+    """What a head on a set's slide vectors cannot do, refused before anything is read."""
+    if tiles:
+        raise EvaluationError(f"--head {head} trains on the tiles, not on slide vectors: with --slide-embeddings "
+                              f"{name} use a slide-vector head (coxnet, coxph, rsf; logreg for grade)")
+    if save_head:
+        raise EvaluationError(f"--save-head saves a head applied to a new slide's pooled tiles; one fitted on "
+                              f"slide-embedding set {name!r} cannot be applied that way: leave out --save-head")
+    if heatmaps:
+        raise EvaluationError("--heatmaps draws a MIL head's tile attention; a slide-embedding set has no tiles")
 
 
 def site_folds(data: PatientData, endpoint: str, folds: int, seed: int,

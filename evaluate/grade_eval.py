@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from evaluate.abmil_settings import TrainSettings
-from evaluate.cohort import CohortSettings, open_patients
-from evaluate.features import PatientData
+from evaluate.cohort import CohortSettings, open_patients, open_set_patients, refuse_tiles_with_set
+from evaluate.features import PatientData, SetCoverage, set_label
 from evaluate.grade import (
     BAG_GRADE_HEADS,
     GradeResult,
@@ -19,7 +19,7 @@ from evaluate.grade import (
     cross_validate_grade,
     refit_grade_on_all,
 )
-from evaluate.records import WritesMetrics, format_summary, run_extras
+from evaluate.records import WritesMetrics, format_summary, run_extras, set_lines
 from evaluate.tiles import draw_attention, read_bags
 from slidecache.errors import EvaluationError
 from slidecache.heads.saved import check_savable, save_grade_head
@@ -35,6 +35,7 @@ class GradeSettings:
     abmil: TrainSettings = field(default_factory=TrainSettings)  # every MIL head's training settings
     heatmaps: tuple[str, ...] = ()  # MIL heads: slide ids, or `auto`
     save_head: str | None = None  # also refit on every graded patient and save the head here
+    slide_embeddings: str | None = None  # a slide-embedding set of the store: its vectors instead of pooled tiles
 
     @property
     def tiles(self) -> bool:
@@ -49,6 +50,13 @@ class GradeEvaluation(WritesMetrics):
     heatmaps: list[dict[str, Any]] | None = None
     saved_head: str | None = None
     config: Mapping[str, Any] | None = None  # what metrics.json records as the run's provenance
+    coverage: SetCoverage | None = None  # the slide-embedding set read, and the slides it lacks
+
+    @property
+    def pooling(self) -> str:
+        if self.settings.slide_embeddings:
+            return set_label(self.settings.slide_embeddings)
+        return "tiles" if self.settings.tiles else self.settings.pooling
 
     def brief(self) -> dict[str, Any]:
         """The head, its summary, classes and confusion matrix: the demo's record."""
@@ -61,7 +69,9 @@ class GradeEvaluation(WritesMetrics):
         record = {"label": "grade", "head": self.settings.head, "scheme": result.scheme, "classes": result.classes,
                   "summary": result.summary, "confusion": result.confusion, "folds": result.folds,
                   "dropped": result.dropped, "patients": len(result.predictions),
-                  "store_fingerprint": self.store_fingerprint, "re_encoded_tiles": 0}
+                  "pooling": self.pooling, "store_fingerprint": self.store_fingerprint, "re_encoded_tiles": 0}
+        if self.coverage is not None:
+            record["slide_embeddings"] = self.coverage.record()
         return record | run_extras(self.config, self.heatmaps, self.saved_head)
 
     def plot(self, out: Path) -> None:
@@ -75,7 +85,7 @@ class GradeEvaluation(WritesMetrics):
         chance = result.summary["chance"]
         lines.append(f"  chance: majority-class accuracy {chance['majority_class_accuracy']:.3f}, "
                      f"balanced accuracy {chance['balanced_accuracy']:.3f}")
-        return lines
+        return lines + set_lines(self.coverage)
 
     def wrote(self, out: Path) -> str:
         return f"wrote {out}/metrics.json, predictions.csv, confusion.png; re-encoded nothing"
@@ -83,9 +93,12 @@ class GradeEvaluation(WritesMetrics):
 
 def evaluate_grade(store: EmbeddingStore, data: PatientData, folds: dict[str, int], settings: GradeSettings,
                    out: Path = Path("."), config: Mapping[str, Any] | None = None,
-                   log: Callable[[str], None] = print) -> GradeEvaluation:
+                   log: Callable[[str], None] = print, coverage: SetCoverage | None = None) -> GradeEvaluation:
     """The head cross-validated on `folds`; heatmaps are drawn into `out`. Settings that cannot work are refused
-    before anything is fitted."""
+    before anything is fitted. With `settings.slide_embeddings`, `data` holds the set's vectors (`coverage`)."""
+    if settings.slide_embeddings:
+        refuse_tiles_with_set(settings.slide_embeddings, settings.head, settings.tiles, settings.save_head,
+                              settings.heatmaps)
     if settings.heatmaps and not settings.tiles:
         raise EvaluationError("--heatmaps draws ABMIL attention, or another MIL head's: use one of --head "
                               f"{'|'.join(BAG_GRADE_HEADS)}")
@@ -94,7 +107,7 @@ def evaluate_grade(store: EmbeddingStore, data: PatientData, folds: dict[str, in
     bags = read_bags(store, data, settings.max_tiles, settings.seed, log) if settings.tiles else None
     result = cross_validate_grade(data, folds, settings.seed, head=settings.head, features=bags,
                                   settings=settings.abmil)
-    evaluation = GradeEvaluation(settings, result, store.fingerprint, config=config)
+    evaluation = GradeEvaluation(settings, result, store.fingerprint, config=config, coverage=coverage)
     if settings.heatmaps:
         top = f"p_{result.classes[-1]}"  # the highest grade's probability
         scores = {p["patient_id"]: p[top] for p in result.predictions}
@@ -111,7 +124,13 @@ def evaluate_grade(store: EmbeddingStore, data: PatientData, folds: dict[str, in
 def run_grade(store_url: str, cohort: CohortSettings, settings: GradeSettings, out: Path,
               config: Mapping[str, Any] | None = None, log: Callable[[str], None] = print) -> GradeEvaluation:
     """`python -m evaluate grade`: the cohort read, `out` made, the folds made, then the evaluation."""
-    store, data = open_patients(store_url, cohort, pooling=settings.pooling)
+    coverage = None
+    if settings.slide_embeddings:
+        refuse_tiles_with_set(settings.slide_embeddings, settings.head, settings.tiles, settings.save_head,
+                              settings.heatmaps)
+        store, data, coverage = open_set_patients(store_url, cohort, settings.slide_embeddings)
+    else:
+        store, data = open_patients(store_url, cohort, pooling=settings.pooling)
     out.mkdir(parents=True, exist_ok=True)
     folds = cohort.folds_of(data)
-    return evaluate_grade(store, data, folds, settings, out, config, log)
+    return evaluate_grade(store, data, folds, settings, out, config, log, coverage)

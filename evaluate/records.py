@@ -1,14 +1,18 @@
 """What survival and grade evaluations share in their outputs: the metrics.json + predictions.csv pair, a
-metric summary as one printed cell, and the record of a head that could not be estimated."""
+metric summary as one printed cell, the record of a head that could not be estimated, and the lines naming a
+slide-embedding set read."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from slidecache.json_out import dumps
 from slidecache.provenance import provenance
+
+if TYPE_CHECKING:
+    from evaluate.features import SetCoverage
 
 
 def format_summary(value: Mapping[str, Any]) -> str:
@@ -48,6 +52,15 @@ def run_extras(config: Mapping[str, Any] | None, heatmaps: Any, saved_head: Any)
     if saved_head is not None:
         extras["saved_head"] = saved_head
     return extras
+
+
+def set_lines(coverage: SetCoverage | None) -> list[str]:
+    """The set a head read (name, fingerprint, slide encoder) and the slides it lacks."""
+    if coverage is None:
+        return []
+    lines = [f"  slide vectors: set {coverage.name!r} ({coverage.slide_encoder}, fingerprint "
+             f"{coverage.fingerprint[:12]}), {coverage.slides - len(coverage.missing)} of {coverage.slides} slides"]
+    return lines + ([f"  {warning}"] if (warning := coverage.warning()) else [])
 
 
 class WritesMetrics:

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from evaluate.abmil_settings import TrainSettings
-from evaluate.cohort import CohortSettings, open_patients
-from evaluate.features import PatientData
-from evaluate.records import WritesMetrics, format_summary, run_extras
+from evaluate.cohort import CohortSettings, open_patients, open_set_patients, refuse_tiles_with_set
+from evaluate.features import PatientData, SetCoverage, set_label
+from evaluate.records import WritesMetrics, format_summary, run_extras, set_lines
 from evaluate.survival import BAG_HEADS, SurvivalResult, clinical_covariates, cross_validate, km_plot, refit_on_all
 from evaluate.tiles import draw_attention, read_bags
 from slidecache.errors import EvaluationError
@@ -33,6 +33,7 @@ class SurvivalSettings:
     heatmaps: tuple[str, ...] = ()  # MIL heads: slide ids, or `auto`
     save_head: str | None = None  # also refit on every patient and save the head here
     clinical_baseline: bool = True  # the age + stage CoxPH beside the head
+    slide_embeddings: str | None = None  # a slide-embedding set of the store: its vectors instead of pooled tiles
 
     @property
     def tiles(self) -> bool:
@@ -48,9 +49,12 @@ class SurvivalEvaluation(WritesMetrics):
     heatmaps: list[dict[str, Any]] | None = None
     saved_head: str | None = None
     config: Mapping[str, Any] | None = None  # what metrics.json records as the run's provenance
+    coverage: SetCoverage | None = None  # the slide-embedding set read, and the slides it lacks
 
     @property
     def pooling(self) -> str:
+        if self.settings.slide_embeddings:
+            return set_label(self.settings.slide_embeddings)
         return "tiles" if self.settings.tiles else self.settings.pooling
 
     def brief(self) -> dict[str, Any]:
@@ -64,6 +68,8 @@ class SurvivalEvaluation(WritesMetrics):
                   "summary": result.summary, "logrank_p": result.logrank_p, "folds": result.folds,
                   "patients": len(result.predictions), "store_fingerprint": self.store_fingerprint,
                   "re_encoded_tiles": 0}
+        if self.coverage is not None:
+            record["slide_embeddings"] = self.coverage.record()
         if self.baseline is not None:
             record["clinical_baseline_age_stage"] = self.baseline
         record |= run_extras(self.config, None, None)
@@ -86,10 +92,12 @@ class SurvivalEvaluation(WritesMetrics):
             lines.append(f"  clinical baseline (age + stage CoxPH): {self.baseline['error']}")
         logrank = result.logrank_p if result.logrank_p is not None else "n/a"
         lines.append(f"  log-rank p (held-out risk groups) {logrank}")
-        return lines
+        return lines + set_lines(self.coverage)
 
     def wrote(self, out: Path) -> str:
         source = "tile embeddings" if self.settings.tiles else "slide vectors"
+        if self.coverage is not None:
+            source = f"slide embeddings of set {self.coverage.name!r}"
         return f"wrote {out}/metrics.json, predictions.csv, km.png; re-encoded nothing ({source} read from the store)"
 
 
@@ -108,9 +116,12 @@ def clinical_baseline(data: PatientData, endpoint: str, folds: dict[str, int], s
 
 def evaluate_survival(store: EmbeddingStore, data: PatientData, folds: dict[str, int], settings: SurvivalSettings,
                       out: Path = Path("."), config: Mapping[str, Any] | None = None,
-                      log: Callable[[str], None] = print) -> SurvivalEvaluation:
+                      log: Callable[[str], None] = print, coverage: SetCoverage | None = None) -> SurvivalEvaluation:
     """The head cross-validated on `folds`; heatmaps are drawn into `out`. Settings that cannot work are refused
-    before anything is fitted."""
+    before anything is fitted. With `settings.slide_embeddings`, `data` holds the set's vectors (`coverage`)."""
+    if settings.slide_embeddings:
+        refuse_tiles_with_set(settings.slide_embeddings, settings.head, settings.tiles, settings.save_head,
+                              settings.heatmaps)
     if settings.heatmaps and not settings.tiles:
         raise EvaluationError("--heatmaps draws ABMIL attention, or another MIL head's: use one of --head "
                               f"{'|'.join(sorted(BAG_HEADS))}")
@@ -118,7 +129,7 @@ def evaluate_survival(store: EmbeddingStore, data: PatientData, folds: dict[str,
         check_savable("survival", settings.head)
     bags = read_bags(store, data, settings.max_tiles, settings.seed, log) if settings.tiles else None
     result = cross_validate(data, settings.endpoint, settings.head, folds, settings.seed, bags, settings.abmil)
-    evaluation = SurvivalEvaluation(settings, result, store.fingerprint, config=config)
+    evaluation = SurvivalEvaluation(settings, result, store.fingerprint, config=config, coverage=coverage)
     if settings.clinical_baseline:
         evaluation.baseline = clinical_baseline(data, settings.endpoint, folds, settings.seed)
     if settings.heatmaps:
@@ -136,7 +147,13 @@ def evaluate_survival(store: EmbeddingStore, data: PatientData, folds: dict[str,
 def run_survival(store_url: str, cohort: CohortSettings, settings: SurvivalSettings, out: Path,
                  config: Mapping[str, Any] | None = None, log: Callable[[str], None] = print) -> SurvivalEvaluation:
     """`python -m evaluate survival`: the cohort read, its folds made, `out` made before anything is fitted."""
-    store, data = open_patients(store_url, cohort, settings.endpoint, settings.pooling)
+    coverage = None
+    if settings.slide_embeddings:
+        refuse_tiles_with_set(settings.slide_embeddings, settings.head, settings.tiles, settings.save_head,
+                              settings.heatmaps)
+        store, data, coverage = open_set_patients(store_url, cohort, settings.slide_embeddings, settings.endpoint)
+    else:
+        store, data = open_patients(store_url, cohort, settings.endpoint, settings.pooling)
     folds = cohort.folds_of(data, settings.endpoint)
     out.mkdir(parents=True, exist_ok=True)
-    return evaluate_survival(store, data, folds, settings, out, config, log)
+    return evaluate_survival(store, data, folds, settings, out, config, log, coverage)

@@ -3,7 +3,9 @@ re-fitting users do dozens of times.
 
 Slide vectors are read once per store and pooling, tile bags once per store; every (store, task, head,
 pooling) uses the same patients and the same folds for its task, so rows of one task compare heads and
-encoders directly, and the difference of two encoders' C-index comes with a paired bootstrap interval.
+encoders directly, and the difference of two encoders' C-index comes with a paired bootstrap interval. A
+slide-embedding set of a store (`set:NAME`) is one more source of slide vectors beside the poolings: its rows use
+the slide-vector heads, and each survival one is compared with the same head on the first pooling.
 """
 
 from __future__ import annotations
@@ -86,14 +88,29 @@ def run_sweeps(stores: Mapping[str, EmbeddingStore], clinical: ClinicalTable, ta
                survival_heads: Sequence[str], grade_heads: Sequence[str], poolings: Sequence[str],
                folds_for: Callable[[str, PatientData], dict[str, int]], seed: int = 0,
                settings: TrainSettings | None = None, max_tiles: int = 512,
-               progress: Callable[[SweepRow], None] | None = None) -> tuple[list[SweepRow], dict[str, int]]:
+               progress: Callable[[SweepRow], None] | None = None,
+               sets: Mapping[str, Mapping[str, PatientData | str]] | None = None
+               ) -> tuple[list[SweepRow], dict[str, int]]:
     """Every (store, task, head, pooling) on the same patients and the same folds per task (made once, from
     the first store's patients): rows of one task compare encoders directly. Also returns how many patients
-    each store had that the others lack (left out)."""
+    each store had that the others lack (left out). `sets`: per store label, more slide vectors beside the
+    poolings ({"set:titan": the set's PatientData, or why this store has none}); the sweep keeps only the
+    patients every one of them has (the set's own coverage says who it lacks)."""
     _check_names(tasks, survival_heads, grade_heads)
+    sets = sets or {}
     features = {label: {p: patient_features(store, clinical, p) for p in poolings} for label, store in stores.items()}
     common, dropped = shared_patients({label: f[poolings[0]] for label, f in features.items()})
-    for by_pooling in features.values():
+    extra = {label: {name: d for name, d in sets.get(label, {}).items() if isinstance(d, PatientData)}
+             for label in stores}
+    for by_set in extra.values():
+        for data in by_set.values():
+            common = sorted(set(common) & set(data.patient_ids))
+    if not common:
+        raise EvaluationError("no patient has slide vectors in every slide-embedding set and pooling of the sweep: "
+                              "make the sets' missing slides (`python -m extract slide-embeddings`), or sweep the "
+                              "sets apart")
+    for label, by_pooling in features.items():
+        by_pooling.update(extra[label])
         for pooling, data in by_pooling.items():
             by_pooling[pooling] = data.subset(np.isin(data.patient_ids, common))
     first = next(iter(features.values()))[poolings[0]]
@@ -110,10 +127,12 @@ def run_sweeps(stores: Mapping[str, EmbeddingStore], clinical: ClinicalTable, ta
             heads = survival_heads if task != "grade" else grade_heads
             for head in heads:
                 tile_head = head in BAG_HEADS or head in BAG_GRADE_HEADS
-                for pooling in (["tiles"] if tile_head else poolings):
-                    data = reference if tile_head else by_pooling[pooling]
+                for pooling in (["tiles"] if tile_head else [*poolings, *sets.get(label, {})]):
+                    data = reference if tile_head else by_pooling.get(pooling)
                     if absent.get(task):
                         row = SweepRow(task, head, pooling, 0, {}, 0.0, absent[task], label)
+                    elif data is None:  # a set this store does not hold: the row says why
+                        row = SweepRow(task, head, pooling, 0, {}, 0.0, str(sets[label][pooling]), label)
                     else:
                         row = _fit(label, task, head, pooling, data, folds[task], seed, bags if tile_head else None,
                                    settings)
@@ -177,6 +196,18 @@ class PairedDifference:
                 "patients": self.patients, "error": self.error, **(self.result or {})}
 
 
+def _difference(ra: SweepRow, rb: SweepRow, key: tuple[str, str, str], a: str, b: str, seed: int) -> PairedDifference:
+    """C of row b minus row a on the patients both hold out, the bootstrap resampling them jointly."""
+    risk_b = {p["patient_id"]: p["risk"] for p in rb.predictions}
+    both = [p for p in ra.predictions if p["patient_id"] in risk_b]
+    times, events, folds, risk_a, risk_b_ = _columns(both, {p["patient_id"]: p["risk"] for p in both}, risk_b)
+    try:
+        result, error = sm.paired_c_difference(times, events, folds, risk_a, risk_b_, seed=seed), None
+    except sm.NotComputed as e:
+        result, error = None, str(e)
+    return PairedDifference(*key, a, b, len(both), result, error)
+
+
 def paired_differences(rows: Sequence[SweepRow], seed: int = 0) -> list[PairedDifference]:
     """Harrell's C of encoder b minus encoder a for every pair of stores and every survival (task, head,
     pooling) both fitted: on the same held-out patients, the bootstrap resampling them jointly."""
@@ -188,28 +219,36 @@ def paired_differences(rows: Sequence[SweepRow], seed: int = 0) -> list[PairedDi
         for i, a in enumerate(encoders):
             for b in encoders[i + 1:]:
                 ra, rb = by_key.get((a, *key)), by_key.get((b, *key))
-                if ra is None or rb is None:
-                    continue
-                risk_b = {p["patient_id"]: p["risk"] for p in rb.predictions}
-                both = [p for p in ra.predictions if p["patient_id"] in risk_b]
-                times, events, folds, risk_a, risk_b_ = _columns(both, {p["patient_id"]: p["risk"] for p in both}, risk_b)
-                try:
-                    result, error = sm.paired_c_difference(times, events, folds, risk_a, risk_b_, seed=seed), None
-                except sm.NotComputed as e:
-                    result, error = None, str(e)
-                out.append(PairedDifference(*key, a, b, len(both), result, error))
+                if ra is not None and rb is not None:
+                    out.append(_difference(ra, rb, key, a, b, seed))
+    return out
+
+
+def set_differences(rows: Sequence[SweepRow], reference: str, seed: int = 0) -> list[PairedDifference]:
+    """Each survival set row (`set:NAME`) against the same store, task and head on the `reference` pooling:
+    Harrell's C of the set minus the pooled tiles' on the same held-out patients (a and b name the rows)."""
+    fitted = [r for r in rows if r.task != "grade" and r.predictions]
+    by_key = {(r.encoder, r.task, r.head, r.pooling): r for r in fitted}
+    out = []
+    for rb in fitted:
+        ra = by_key.get((rb.encoder, rb.task, rb.head, reference))
+        if rb.pooling.startswith("set:") and ra is not None:
+            where = f"{rb.encoder} " if rb.encoder else ""
+            out.append(_difference(ra, rb, (rb.task, rb.head, rb.pooling), where + reference, where + rb.pooling, seed))
     return out
 
 
 def format_differences(differences: Sequence[PairedDifference]) -> str:
-    header = f"{'task':<6} {'head':<12} {'pooling':<7} {'C(b) - C(a)':>12} {'95% CI':>18}  b vs a"
+    wide = max([len(d.pooling) for d in differences] + [7])
+    header = f"{'task':<6} {'head':<12} {'pooling':<{wide}} {'C(b) - C(a)':>12} {'95% CI':>18}  b vs a"
     lines = [header, "-" * len(header)]
     for d in differences:
         if d.result is None:
-            lines.append(f"{d.task:<6} {d.head:<12} {d.pooling:<7} {'n/a':>12} {'':>18}  {d.b} vs {d.a}: {d.error}")
+            lines.append(f"{d.task:<6} {d.head:<12} {d.pooling:<{wide}} {'n/a':>12} {'':>18}  "
+                         f"{d.b} vs {d.a}: {d.error}")
             continue
         lo, hi = d.result["ci95"]
-        lines.append(f"{d.task:<6} {d.head:<12} {d.pooling:<7} {d.result['difference']:>+12.3f} "
+        lines.append(f"{d.task:<6} {d.head:<12} {d.pooling:<{wide}} {d.result['difference']:>+12.3f} "
                      f"{f'[{lo:+.3f}, {hi:+.3f}]':>18}  {d.b} vs {d.a} ({d.patients} patients)")
     return "\n".join(lines)
 
@@ -219,17 +258,18 @@ def format_table(rows: Sequence[SweepRow]) -> str:
     width = max([len(r.encoder) for r in rows] + [7]) if any(r.encoder for r in rows) else 0
     lead = (lambda r: f"{r.encoder:<{width}} ") if width else (lambda r: "")
     with_ci = any(r.c_index for r in rows)
-    header = (f"{'encoder':<{width}} " if width else "") + f"{'task':<6} {'head':<12} {'pooling':<7} {'n':>5} " \
+    wide = max([len(r.pooling) for r in rows] + [7])  # a set's rows are named `set:NAME`
+    header = (f"{'encoder':<{width}} " if width else "") + f"{'task':<6} {'head':<12} {'pooling':<{wide}} {'n':>5} " \
         + " ".join(f"{c:>15}" for c in columns) + (f" {'C 95% CI':>16}" if with_ci else "") + f" {'s':>7}"
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.error:
-            lines.append(f"{lead(r)}{r.task:<6} {r.head:<12} {r.pooling:<7} {'-':>5} error: {r.error}")
+            lines.append(f"{lead(r)}{r.task:<6} {r.head:<12} {r.pooling:<{wide}} {'-':>5} error: {r.error}")
             continue
         cells = [_cell(r.metrics.get(c)) for c in columns]
         ci = (r.c_index or {}).get("ci95")
         ci_cell = (f" {f'[{ci[0]:.3f}, {ci[1]:.3f}]':>16}" if ci else f" {'':>16}") if with_ci else ""
-        lines.append(f"{lead(r)}{r.task:<6} {r.head:<12} {r.pooling:<7} {r.patients:>5} " + " ".join(cells)
+        lines.append(f"{lead(r)}{r.task:<6} {r.head:<12} {r.pooling:<{wide}} {r.patients:>5} " + " ".join(cells)
                      + ci_cell + f" {r.seconds:>7.1f}")
     return "\n".join(lines)
 

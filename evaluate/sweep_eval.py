@@ -1,7 +1,8 @@
 """One sweep as `python -m evaluate sweep` runs it: every (store, task, head, pooling) of evaluate/sweep.py on the
-cohort's patients, the paired C-index differences between stores, and a check that no encoder module was
-imported. The result writes today's files (sweep.json, sweep.csv, sweep_predictions.csv) and gives the lines
-the command prints."""
+cohort's patients, with rows for the stores' slide-embedding sets asked for, the paired C-index differences between
+stores (and of each set against the first pooling), and a check that no encoder module was imported. The
+result writes today's files (sweep.json, sweep.csv, sweep_predictions.csv) and gives the lines the command
+prints."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from evaluate.abmil_settings import TrainSettings
 from evaluate.cohort import CohortSettings
-from evaluate.features import PatientData
+from evaluate.features import PatientData, SetCoverage, set_features, set_label
 from evaluate.sweep import (
     PairedDifference,
     SweepRow,
@@ -21,7 +22,9 @@ from evaluate.sweep import (
     format_table,
     paired_differences,
     run_sweeps,
+    set_differences,
 )
+from slidecache.cohorts.clinical import ClinicalTable
 from slidecache.errors import EvaluationError
 from slidecache.json_out import dumps
 from slidecache.labels import distinct_labels
@@ -39,6 +42,7 @@ class SweepSettings:
     poolings: Sequence[str] = ("mean", "max")
     max_tiles: int = 512
     abmil: TrainSettings = field(default_factory=TrainSettings)
+    slide_embeddings: Sequence[str] = ()  # slide-embedding sets of the store(s): rows beside the poolings
 
 
 @dataclass
@@ -49,6 +53,7 @@ class SweepEvaluation:
     differences: list[PairedDifference]
     loaded: list[str]  # encoder modules imported by this sweep (none, or it is refused)
     config: Mapping[str, Any] | None = None  # what sweep.json records as the run's provenance
+    coverage: dict[str, dict[str, SetCoverage]] = field(default_factory=dict)  # store label → set → its coverage
 
     def record(self) -> dict[str, Any]:
         """sweep.json."""
@@ -60,6 +65,9 @@ class SweepEvaluation:
                   "stores": {label or "store": s.url for label, s in self.stores.items()},
                   "patients_left_out": self.dropped if len(self.stores) > 1 else {},
                   "re_encoded_tiles": 0, "encoder_modules_loaded": self.loaded}
+        if self.coverage:
+            sets = {label: {name: c.record() for name, c in by_set.items()} for label, by_set in self.coverage.items()}
+            record["slide_embeddings"] = sets[""] if list(sets) == [""] else sets
         if self.config is not None:
             record["provenance"] = provenance(self.config)
         return record
@@ -79,13 +87,15 @@ class SweepEvaluation:
 
     def warnings(self) -> list[str]:
         return [f"warning: {n} patients of {label} are not in every store: left out, so that every encoder is "
-                "scored on the same patients" for label, n in self.dropped.items() if n]
+                "scored on the same patients" for label, n in self.dropped.items() if n] + \
+            [w for by_set in self.coverage.values() for c in by_set.values() if (w := c.warning())]
 
     def lines(self) -> list[str]:
         lines = [format_table(self.rows)]
         if self.differences:
             lines += ["", "paired differences of Harrell's C (b - a) on the same held-out patients, "
-                          "bootstrap resampling them jointly across stores:", format_differences(self.differences)]
+                          "bootstrap resampling them jointly (across stores; a set against the pooled tiles):",
+                      format_differences(self.differences)]
         return lines + [f"best {task}: {best}" for task, best in best_by_task(self.rows).items()]
 
     def check(self, out: Path) -> None:
@@ -113,6 +123,24 @@ def progress_line(row: SweepRow) -> str:
                                                                 else f"{row.seconds:.1f} s")
 
 
+def sweep_sets(stores: Mapping[str, EmbeddingStore], clinical: ClinicalTable, names: Sequence[str]
+               ) -> tuple[dict[str, dict[str, PatientData | str]], dict[str, dict[str, SetCoverage]]]:
+    """Each store's vectors of each set ({label: {"set:NAME": data, or why it has none}}) and their coverage; a
+    set no store holds is refused (a typo, most likely), one only some stores hold gives the others error rows."""
+    sets: dict[str, dict[str, PatientData | str]] = {label: {} for label in stores}
+    coverage: dict[str, dict[str, SetCoverage]] = {label: {} for label in stores}
+    for name in dict.fromkeys(names):
+        for label, store in stores.items():
+            try:
+                data, coverage[label][name] = set_features(store, clinical, name)
+                sets[label][set_label(name)] = data
+            except EvaluationError as e:
+                sets[label][set_label(name)] = str(e)
+        if not any(name in c for c in coverage.values()):
+            raise EvaluationError(str(sets[next(iter(stores))][set_label(name)]))
+    return sets, coverage
+
+
 def evaluate_sweep(settings: SweepSettings, out: Path, config: Mapping[str, Any] | None = None,
                    log: Callable[[str], None] = print) -> SweepEvaluation:
     """Every row, each logged as it is fitted; `out` is made before anything is fitted."""
@@ -127,9 +155,11 @@ def evaluate_sweep(settings: SweepSettings, out: Path, config: Mapping[str, Any]
     def folds_for(task: str, data: PatientData) -> dict[str, int]:
         return cohort.folds_of(data, None if task == "grade" else task)
 
+    sets, coverage = sweep_sets(stores, clinical, settings.slide_embeddings)
     rows, dropped = run_sweeps(stores, clinical, settings.tasks, settings.heads, settings.grade_heads,
                                settings.poolings, folds_for, cohort.seed, settings.abmil, settings.max_tiles,
-                               lambda row: log(progress_line(row)))
+                               lambda row: log(progress_line(row)), sets)
     differences = paired_differences(rows, cohort.seed) if len(stores) > 1 else []
+    differences += set_differences(rows, settings.poolings[0], cohort.seed)
     loaded = sorted(set(encoder_modules_loaded()) - already)  # imported by this sweep
-    return SweepEvaluation(rows, stores, dropped, differences, loaded, config)
+    return SweepEvaluation(rows, stores, dropped, differences, loaded, config, coverage)
