@@ -87,6 +87,13 @@ def set_label(name: str) -> str:
     return f"set:{name}"
 
 
+def pooling_label(slide_embeddings: str | None, tiles: bool, pooling: str) -> str:
+    """What a head read, as its records name it: a set, the tiles (a MIL head), or the pooling of slide vectors."""
+    if slide_embeddings:
+        return set_label(slide_embeddings)
+    return "tiles" if tiles else pooling
+
+
 @dataclass(frozen=True)
 class SetCoverage:
     """Which of the joined patients' slides a slide-embedding set holds, and what to run for the others."""

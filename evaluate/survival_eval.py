@@ -11,12 +11,12 @@ from typing import Any, Callable, Mapping
 
 from evaluate.abmil_settings import TrainSettings
 from evaluate.cohort import CohortSettings, open_patients, open_set_patients, refuse_tiles_with_set
-from evaluate.features import PatientData, SetCoverage, set_label
+from evaluate.features import PatientData, SetCoverage, pooling_label
 from evaluate.records import WritesMetrics, format_summary, run_extras, set_lines
 from evaluate.survival import BAG_HEADS, SurvivalResult, clinical_covariates, cross_validate, km_plot, refit_on_all
-from evaluate.tiles import draw_attention, read_bags
+from evaluate.tiles import bags_if_needed, draw_attention
 from slidecache.errors import EvaluationError
-from slidecache.heads.saved import check_savable, save_survival_head
+from slidecache.heads.saved import save_survival_head
 from store.embedding_store import EmbeddingStore
 
 BASELINE_MIN_PATIENTS = 20
@@ -53,9 +53,7 @@ class SurvivalEvaluation(WritesMetrics):
 
     @property
     def pooling(self) -> str:
-        if self.settings.slide_embeddings:
-            return set_label(self.settings.slide_embeddings)
-        return "tiles" if self.settings.tiles else self.settings.pooling
+        return pooling_label(self.settings.slide_embeddings, self.settings.tiles, self.settings.pooling)
 
     def brief(self) -> dict[str, Any]:
         """The head, its summary and the log-rank p: the demo's record."""
@@ -119,15 +117,7 @@ def evaluate_survival(store: EmbeddingStore, data: PatientData, folds: dict[str,
                       log: Callable[[str], None] = print, coverage: SetCoverage | None = None) -> SurvivalEvaluation:
     """The head cross-validated on `folds`; heatmaps are drawn into `out`. Settings that cannot work are refused
     before anything is fitted. With `settings.slide_embeddings`, `data` holds the set's vectors (`coverage`)."""
-    if settings.slide_embeddings:
-        refuse_tiles_with_set(settings.slide_embeddings, settings.head, settings.tiles, settings.save_head,
-                              settings.heatmaps)
-    if settings.heatmaps and not settings.tiles:
-        raise EvaluationError("--heatmaps draws ABMIL attention, or another MIL head's: use one of --head "
-                              f"{'|'.join(sorted(BAG_HEADS))}")
-    if settings.save_head:
-        check_savable("survival", settings.head)
-    bags = read_bags(store, data, settings.max_tiles, settings.seed, log) if settings.tiles else None
+    bags = bags_if_needed(store, data, settings, "survival", sorted(BAG_HEADS), log)
     result = cross_validate(data, settings.endpoint, settings.head, folds, settings.seed, bags, settings.abmil)
     evaluation = SurvivalEvaluation(settings, result, store.fingerprint, config=config, coverage=coverage)
     if settings.clinical_baseline:

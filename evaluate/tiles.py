@@ -4,12 +4,44 @@ attention heatmaps of chosen slides, each by the head of the fold that held the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from evaluate.cohort import refuse_tiles_with_set
 from evaluate.features import PatientData
+from slidecache.errors import EvaluationError
+from slidecache.heads.saved import check_savable
 from store.embedding_store import EmbeddingStore
+
+
+class HeadSettings(Protocol):
+    """What a survival or grade evaluation's settings say about the head and what it reads."""
+
+    head: str
+    slide_embeddings: str | None
+    save_head: str | None
+    heatmaps: tuple[str, ...]
+    max_tiles: int
+    seed: int
+
+    @property
+    def tiles(self) -> bool: ...
+
+
+def bags_if_needed(store: EmbeddingStore, data: PatientData, settings: HeadSettings, task: str,
+                   bag_heads: Iterable[str], log: Callable[[str], None]) -> np.ndarray | None:
+    """Refuse settings that cannot work before anything is fitted; then the tile bags a MIL head reads (None for
+    a head on slide vectors)."""
+    if settings.slide_embeddings:
+        refuse_tiles_with_set(settings.slide_embeddings, settings.head, settings.tiles, settings.save_head,
+                              settings.heatmaps)
+    if settings.heatmaps and not settings.tiles:
+        raise EvaluationError(f"--heatmaps draws ABMIL attention, or another MIL head's: use one of --head "
+                              f"{'|'.join(bag_heads)}")
+    if settings.save_head:
+        check_savable(task, settings.head)
+    return read_bags(store, data, settings.max_tiles, settings.seed, log) if settings.tiles else None
 
 
 def read_bags(store: EmbeddingStore, data: PatientData, max_tiles: int, seed: int,

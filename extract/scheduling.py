@@ -31,12 +31,9 @@ CALLS_PER_ENCODER = 2  # the slide being encoded, and the next one, read meanwhi
 
 
 class Plan(Protocol):
-    """What scheduling needs of a prepared slide (extract.slide_prep.PreparedSlide)."""
+    """What scheduling needs of a prepared slide (extract.slide_prep.PreparedSlide): which slide it is."""
 
     entry: SlideEntry
-
-    @property
-    def n_tiles(self) -> int: ...
 
 
 def unwrapped(error: BaseException) -> BaseException:

@@ -118,10 +118,9 @@ EXEMPT |= {
                                                  "start their own head (tests/ray_head.py)",
     "ray start --address HEAD:6379": "joins a GPU node to a cluster; tests/extract/test_nodes.py runs a second node "
                                      "(ray.cluster_utils) and checks each slide is read where it is encoded",
-    "ray job submit --address http://HEAD:8265 --working-dir . --runtime-env-json '{\"env_vars\": {\"HF_TOKEN\": "
-    "\"...\", \"AWS_ENDPOINT_URL\": \"...\", \"AWS_ACCESS_KEY_ID\": \"...\", \"AWS_SECRET_ACCESS_KEY\": \"...\", "
-    "\"TCGA_MANIFEST\": \"/data/tcga/gdc_manifest.txt\", \"TCGA_SLIDE_ROOT\": \"/data/tcga/slides\"}}' -- python -m "
-    "extract --cohort TCGA --store s3://bucket/tcga-virchow2.zarr --qc-dir /shared/qc/tcga-virchow2":
+    "ray job submit --address http://HEAD:8265 --working-dir . --runtime-env-json '{\"env_vars\": {\"TCGA_MANIFEST\": "
+    "\"/data/tcga/gdc_manifest.txt\", \"TCGA_SLIDE_ROOT\": \"/data/tcga/slides\"}}' -- python -m extract --cohort TCGA "
+    "--store s3://bucket/tcga-virchow2.zarr --qc-dir /shared/qc/tcga-virchow2":
         _TCGA + _S3 + _general("tests/extract/test_readme_extract.py (on a Ray head and a moto S3 server)"),
     "python -m store verify s3://bucket/tcga-virchow2.zarr":
         _TCGA + _S3 + _general("tests/store/test_readme_store.py"),
