@@ -62,8 +62,7 @@ def open_set_patients(store_url: str, cohort: CohortSettings, name: str, endpoin
     return store, data, coverage
 
 
-def refuse_tiles_with_set(name: str, head: str, tiles: bool, save_head: str | None,
-                          heatmaps: Sequence[str] = ()) -> None:
+def refuse_tiles_with_set(name: str, head: str, tiles: bool, save_head: str | None) -> None:
     """What a head on a set's slide vectors cannot do, refused before anything is read."""
     if tiles:
         raise EvaluationError(f"--head {head} trains on the tiles, not on slide vectors: with --slide-embeddings "
@@ -71,8 +70,6 @@ def refuse_tiles_with_set(name: str, head: str, tiles: bool, save_head: str | No
     if save_head:
         raise EvaluationError(f"--save-head saves a head applied to a new slide's pooled tiles; one fitted on "
                               f"slide-embedding set {name!r} cannot be applied that way: leave out --save-head")
-    if heatmaps:
-        raise EvaluationError("--heatmaps draws a MIL head's tile attention; a slide-embedding set has no tiles")
 
 
 def site_folds(data: PatientData, endpoint: str, folds: int, seed: int,

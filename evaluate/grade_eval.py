@@ -1,7 +1,7 @@
 """One grade evaluation as `python -m evaluate grade` and the demo run it: a classifier cross-validated on the
-cohort's folds, with MIL attention heatmaps and the head refitted on every graded patient and saved when
-asked. The result writes today's files (metrics.json, predictions.csv, confusion.png) and gives the lines
-the command prints."""
+cohort's folds, with heatmaps (a MIL head's attention, logreg's occlusion of tiles) and the head refitted on
+every graded patient and saved when asked. The result writes today's files (metrics.json, predictions.csv,
+confusion.png) and gives the lines the command prints."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from evaluate.abmil_settings import TrainSettings
-from evaluate.cohort import CohortSettings, open_patients, open_set_patients, refuse_tiles_with_set
+from evaluate.cohort import CohortSettings, open_patients, open_set_patients
 from evaluate.features import PatientData, SetCoverage, pooling_label
 from evaluate.grade import (
     BAG_GRADE_HEADS,
@@ -19,8 +21,9 @@ from evaluate.grade import (
     cross_validate_grade,
     refit_grade_on_all,
 )
+from evaluate.heatmaps import OcclusionTarget
 from evaluate.records import WritesMetrics, format_summary, run_extras, set_lines
-from evaluate.tiles import bags_if_needed, draw_attention
+from evaluate.tiles import bags_if_needed, draw_slide_heatmaps, heatmap_painter, refuse_with_set
 from slidecache.heads.saved import save_grade_head
 from store.embedding_store import EmbeddingStore
 
@@ -32,7 +35,7 @@ class GradeSettings:
     seed: int = 0
     max_tiles: int = 512  # tiles sampled per patient bag (MIL heads)
     abmil: TrainSettings = field(default_factory=TrainSettings)  # every MIL head's training settings
-    heatmaps: tuple[str, ...] = ()  # MIL heads: slide ids, or `auto`
+    heatmaps: tuple[str, ...] = ()  # slide ids, or `auto`: MIL heads' attention, logreg's occlusion
     save_head: str | None = None  # also refit on every graded patient and save the head here
     slide_embeddings: str | None = None  # a slide-embedding set of the store: its vectors instead of pooled tiles
 
@@ -88,19 +91,28 @@ class GradeEvaluation(WritesMetrics):
         return f"wrote {out}/metrics.json, predictions.csv, confusion.png; re-encoded nothing"
 
 
+def expected_grade_index(model: Any, x: np.ndarray) -> np.ndarray:
+    """Σ k·p(grade k), grades numbered from 0 in order: what logreg's occlusion measures. Ordinal and signed, so a
+    tile pushing towards higher grades scores above 0 whichever grade is predicted (a class absent from the fold's
+    training has p 0, as in cross_validate_grade)."""
+    return model.predict_proba(x) @ model.classes_.astype(np.float64)
+
+
 def evaluate_grade(store: EmbeddingStore, data: PatientData, folds: dict[str, int], settings: GradeSettings,
                    out: Path = Path("."), config: Mapping[str, Any] | None = None,
                    log: Callable[[str], None] = print, coverage: SetCoverage | None = None) -> GradeEvaluation:
     """The head cross-validated on `folds`; heatmaps are drawn into `out`. Settings that cannot work are refused
     before anything is fitted. With `settings.slide_embeddings`, `data` holds the set's vectors (`coverage`)."""
-    bags = bags_if_needed(store, data, settings, "grade", BAG_GRADE_HEADS, log)
+    bags = bags_if_needed(store, data, settings, "grade", log)
     result = cross_validate_grade(data, folds, settings.seed, head=settings.head, features=bags,
                                   settings=settings.abmil)
     evaluation = GradeEvaluation(settings, result, store.fingerprint, config=config, coverage=coverage)
     if settings.heatmaps:
         top = f"p_{result.classes[-1]}"  # the highest grade's probability
         scores = {p["patient_id"]: p[top] for p in result.predictions}
-        evaluation.heatmaps = draw_attention(store, data, settings.heatmaps, folds, result.models, scores, out, log)
+        target = OcclusionTarget(f"expected grade ({result.classes[0]} = 0)", expected_grade_index)
+        evaluation.heatmaps = draw_slide_heatmaps(store, data, settings.heatmaps, folds, result.models, scores, out,
+                                                  log, heatmap_painter(store, data, settings, target))
     if settings.save_head:
         model, inputs, classes, scheme = refit_grade_on_all(data, settings.seed, head=settings.head, features=bags,
                                                             settings=settings.abmil)
@@ -115,8 +127,7 @@ def run_grade(store_url: str, cohort: CohortSettings, settings: GradeSettings, o
     """`python -m evaluate grade`: the cohort read, `out` made, the folds made, then the evaluation."""
     coverage = None
     if settings.slide_embeddings:
-        refuse_tiles_with_set(settings.slide_embeddings, settings.head, settings.tiles, settings.save_head,
-                              settings.heatmaps)
+        refuse_with_set(settings)
         store, data, coverage = open_set_patients(store_url, cohort, settings.slide_embeddings)
     else:
         store, data = open_patients(store_url, cohort, pooling=settings.pooling)

@@ -1,7 +1,7 @@
 """One survival evaluation as `python -m evaluate survival` and the demo run it: a head cross-validated on the
-cohort's folds, beside an age + stage clinical baseline, with MIL attention heatmaps and the head refitted
-on every patient and saved when asked. The result writes today's files (metrics.json, predictions.csv,
-km.png) and gives the lines the command prints."""
+cohort's folds, beside an age + stage clinical baseline, with heatmaps (a MIL head's attention, a slide-vector
+head's occlusion of tiles) and the head refitted on every patient and saved when asked. The result writes
+today's files (metrics.json, predictions.csv, km.png) and gives the lines the command prints."""
 
 from __future__ import annotations
 
@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from evaluate.abmil_settings import TrainSettings
-from evaluate.cohort import CohortSettings, open_patients, open_set_patients, refuse_tiles_with_set
+from evaluate.cohort import CohortSettings, open_patients, open_set_patients
 from evaluate.features import PatientData, SetCoverage, pooling_label
+from evaluate.heatmaps import OcclusionTarget
 from evaluate.records import WritesMetrics, format_summary, run_extras, set_lines
 from evaluate.survival import BAG_HEADS, SurvivalResult, clinical_covariates, cross_validate, km_plot, refit_on_all
-from evaluate.tiles import bags_if_needed, draw_attention
+from evaluate.tiles import bags_if_needed, draw_slide_heatmaps, heatmap_painter, refuse_with_set
 from slidecache.errors import EvaluationError
 from slidecache.heads.saved import save_survival_head
 from store.embedding_store import EmbeddingStore
 
 BASELINE_MIN_PATIENTS = 20
+RISK = OcclusionTarget("risk", lambda head, x: head.risk(x))  # a slide-vector head's occlusion: its fold's risk
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class SurvivalSettings:
     seed: int = 0
     max_tiles: int = 512  # tiles sampled per patient bag (MIL heads)
     abmil: TrainSettings = field(default_factory=TrainSettings)  # every MIL head's training settings
-    heatmaps: tuple[str, ...] = ()  # MIL heads: slide ids, or `auto`
+    heatmaps: tuple[str, ...] = ()  # slide ids, or `auto`: MIL heads' attention, slide-vector heads' occlusion
     save_head: str | None = None  # also refit on every patient and save the head here
     clinical_baseline: bool = True  # the age + stage CoxPH beside the head
     slide_embeddings: str | None = None  # a slide-embedding set of the store: its vectors instead of pooled tiles
@@ -117,15 +119,17 @@ def evaluate_survival(store: EmbeddingStore, data: PatientData, folds: dict[str,
                       log: Callable[[str], None] = print, coverage: SetCoverage | None = None) -> SurvivalEvaluation:
     """The head cross-validated on `folds`; heatmaps are drawn into `out`. Settings that cannot work are refused
     before anything is fitted. With `settings.slide_embeddings`, `data` holds the set's vectors (`coverage`)."""
-    bags = bags_if_needed(store, data, settings, "survival", sorted(BAG_HEADS), log)
+    bags = bags_if_needed(store, data, settings, "survival", log)
     result = cross_validate(data, settings.endpoint, settings.head, folds, settings.seed, bags, settings.abmil)
     evaluation = SurvivalEvaluation(settings, result, store.fingerprint, config=config, coverage=coverage)
     if settings.clinical_baseline:
         evaluation.baseline = clinical_baseline(data, settings.endpoint, folds, settings.seed)
     if settings.heatmaps:
-        models = {fold: head.model for fold, head in result.models.items()}
+        # A MIL head draws its network's attention; a slide-vector head is occluded through its risk.
+        models = {fold: head.model if settings.tiles else head for fold, head in result.models.items()}
         risks = {p["patient_id"]: p["risk"] for p in result.predictions}
-        evaluation.heatmaps = draw_attention(store, data, settings.heatmaps, folds, models, risks, out, log)
+        evaluation.heatmaps = draw_slide_heatmaps(store, data, settings.heatmaps, folds, models, risks, out, log,
+                                                  heatmap_painter(store, data, settings, RISK))
     if settings.save_head:
         fitted, inputs = refit_on_all(data, settings.endpoint, settings.head, settings.seed, bags, settings.abmil)
         evaluation.saved_head = str(save_survival_head(settings.save_head, settings.head, fitted, inputs,
@@ -139,8 +143,7 @@ def run_survival(store_url: str, cohort: CohortSettings, settings: SurvivalSetti
     """`python -m evaluate survival`: the cohort read, its folds made, `out` made before anything is fitted."""
     coverage = None
     if settings.slide_embeddings:
-        refuse_tiles_with_set(settings.slide_embeddings, settings.head, settings.tiles, settings.save_head,
-                              settings.heatmaps)
+        refuse_with_set(settings)
         store, data, coverage = open_set_patients(store_url, cohort, settings.slide_embeddings, settings.endpoint)
     else:
         store, data = open_patients(store_url, cohort, settings.endpoint, settings.pooling)
