@@ -61,25 +61,42 @@ class ExtractionSummary:
 
     def table(self) -> str:
         several = any(o.store for o in self.outcomes)
-        # columns as wide as their longest entry: a TCGA slide id (60 characters) is never cut
+        # columns as wide as their longest entry: a TCGA slide id (60 characters) is never cut, nor is a status
         wide = max([len("slide"), *(len(o.slide_id) for o in self.outcomes)])
         store_wide = max([len("store"), *(len(o.store or "") for o in self.outcomes)])
+        status_wide = max([len("status"), *(len(o.status) for o in self.outcomes)])
         store = f"{'store':<{store_wide}} " if several else ""
-        rows = [f"{'slide':<{wide}} {store}{'status':<8} {'tiles':>7} {'reader':<10} {'mpp':>7} {'s':>7}  error"]
+        rows = [f"{'slide':<{wide}} {store}{'status':<{status_wide}} {'tiles':>7} {'reader':<10} {'mpp':>7} "
+                f"{'s':>7}  error"]
         for o in self.outcomes:
             mpp = f"{o.mpp:.3f}" if o.mpp else "-"
+            # tiles written by this run: a slide it did not encode (skipped, owned, failed before) shows none
+            tiles = str(o.tiles) if o.status in (SlideStatus.DONE, SlideStatus.EMPTY) or o.tiles else "-"
             store = f"{o.store or '':<{store_wide}} " if several else ""
-            rows.append(f"{o.slide_id:<{wide}} {store}{o.status:<8} {o.tiles:>7} {o.reader:<10} {mpp:>7} "
-                        f"{o.seconds:>7.1f}  {o.error[:120]}")
+            # the whole error: it names what to do, and a cut would drop that
+            rows.append(f"{o.slide_id:<{wide}} {store}{o.status:<{status_wide}} {tiles:>7} {o.reader:<10} "
+                        f"{mpp:>7} {o.seconds:>7.1f}  {o.error}".rstrip())
         if several:
             reads = sum(self.chunk_reads.values())
-            rows.append(f"{len(self.chunk_reads)} slides read once for every store that lacked them: {reads} reader "
-                        "tasks")
-        rows.append(f"{self.count(SlideStatus.DONE)} done, {self.count(SlideStatus.EMPTY)} without tiles, "
-                    f"{self.count(SlideStatus.SKIPPED)} already complete, {self.count(SlideStatus.OWNED)} being "
-                    f"written by another job, {self.count(SlideStatus.FAILED)} failed, "
-                    f"{self.count(SlideStatus.FAILED_BEFORE)} failed before and not retried; "
-                    f"{self.tiles} tiles in "
-                    f"{self.seconds:.1f} s ({self.tiles / max(self.seconds, 1e-9):.1f} tiles/s; "
+            rows.append(f"{_count(len(self.chunk_reads), 'slide')} read once for every store that lacked them: "
+                        f"{_count(reads, 'reader task')}")
+            rows += [f"{label}: {self.for_store(label).counts()}" for label in dict.fromkeys(o.store for o in self.outcomes)]
+        else:
+            rows.append(self.counts())
+        rows.append(f"{_count(self.tiles, 'tile')} in {self.seconds:.1f} s "
+                    f"({self.tiles / max(self.seconds, 1e-9):.1f} tiles/s; "
                     f"{self.tiles / max(self.pipeline_seconds, 1e-9):.1f} tiles/s once the encoders were loaded)")
         return "\n".join(rows)
+
+    def counts(self) -> str:
+        """How many slides ended how, the statuses no slide has left out."""
+        words = {SlideStatus.DONE: "done", SlideStatus.EMPTY: "without tiles", SlideStatus.SKIPPED: "already complete",
+                 SlideStatus.OWNED: "being written by another job", SlideStatus.FAILED: "failed",
+                 SlideStatus.FAILED_BEFORE: "failed before and not retried"}
+        parts = [f"{self.count(status)} {word}" for status, word in words.items()
+                 if self.count(status) or status == SlideStatus.DONE]
+        return f"{_count(len(self.outcomes), 'slide')}: " + ", ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
