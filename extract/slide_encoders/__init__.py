@@ -78,10 +78,11 @@ _entries = partial(gated_and_random, SlideEncoderSpec)  # a gated hub model and 
 
 REGISTRY: dict[str, SlideEncoderSpec] = {
     **_entries("prism", "paige-ai/Prism",
-               "PRISM (Paige): Perceiver over Virchow tile embeddings, 1280-d; its BioGPT report decoder is not "
-               "built yet (to come: a baseline reporter for `evaluate report`)",
+               "PRISM (Paige): Perceiver over Virchow tile embeddings, 1280-d; its BioGPT report decoder "
+               "(prism_decoder.py) reports as a baseline: `python -m evaluate prism-report`",
                family="prism", arch=PRISM_ARCH, tile_encoder="virchow", tile_px=224,
                state_prefix="image_resampler.",
+               # the report decoder (prism_decoder.py loads it with the resampler) and the contrastive head
                ignored_prefixes=("text_decoder.", "img_to_latents.", "text_to_latents.", "temperature"),
                output="latent 0 of the Perceiver, layer-normed (slide_representations()['image_embedding'])"),
     **_entries("titan", "MahmoodLab/TITAN",

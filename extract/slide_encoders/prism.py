@@ -1,7 +1,7 @@
 """PRISM's slide encoder (Shaikovski et al. 2024, paige-ai/Prism): a Perceiver resampler whose 1 + 512 learned
 latents read a slide's Virchow (v1) tile embeddings (2560-d, class ‖ mean patch) by cross-attention, then talk
 among themselves; latent 0, layer-normed, is the 1280-d slide embedding, the other 512 the image latents PRISM's
-BioGPT report decoder attends to (not built here: a later step).
+BioGPT report decoder attends to (prism_decoder.py).
 
 Written from the hub repository's model code (perceiver.py, configuring_prism.py and config.json, as copied into
 the public repository DIAGNijmegen/unicorn_baseline at commit dec380918e3b, src/unicorn_baseline/vision_language/

@@ -72,6 +72,35 @@ PRISM_OTHER = {  # the rest of paige-ai/Prism's model.safetensors (modeling_pris
 }
 
 
+def prism_text_decoder(vocab: int = 42384, dim: int = 1024, layers: int = 24, ffn: int = 4096, context: int = 1280,
+                       positions: int = 1024) -> tuple[Shapes, list[list[str]]]:
+    """`text_decoder` of Prism, prefixed as the file holds it: biogpt.py's BioGPT wraps biogpt_hf.py's
+    BioGptForCausalLM(x_attn_dim=biogpt_context_dim) as `model`: BioGptModel (`biogpt`: embed_tokens, learned
+    positions of max_position_embeddings + 2 (BioGPT's offset), layers, layer_norm) and output_projection (no
+    bias). Every BioGptAttention has biases; layers num_hidden_layers // 2 and up add x_attn_layer_norm and x_attn,
+    whose k_proj and v_proj read the context_dim-wide latents. The second value: the one tied pair,
+    output_projection.weight = embed_tokens.weight (`_tied_weights_keys`: save_pretrained keeps embed_tokens)."""
+    p = "text_decoder.model."
+    keys: Shapes = {f"{p}biogpt.embed_tokens.weight": (vocab, dim),
+                    f"{p}biogpt.embed_positions.weight": (positions + 2, dim), **_norm(f"{p}biogpt.layer_norm", dim),
+                    f"{p}output_projection.weight": (vocab, dim)}
+    for i in range(layers):
+        layer = f"{p}biogpt.layers.{i}"
+        keys |= {**_norm(f"{layer}.self_attn_layer_norm", dim), **_norm(f"{layer}.final_layer_norm", dim),
+                 **_linear(f"{layer}.fc1", ffn, dim), **_linear(f"{layer}.fc2", dim, ffn)}
+        keys |= {k: v for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
+                 for k, v in _linear(f"{layer}.self_attn.{proj}", dim, dim).items()}
+        if i >= layers // 2:
+            keys |= {**_norm(f"{layer}.x_attn_layer_norm", dim), **_linear(f"{layer}.x_attn.q_proj", dim, dim),
+                     **_linear(f"{layer}.x_attn.k_proj", dim, context),
+                     **_linear(f"{layer}.x_attn.v_proj", dim, context),
+                     **_linear(f"{layer}.x_attn.out_proj", dim, dim)}
+    return keys, [[f"{p}biogpt.embed_tokens.weight", f"{p}output_projection.weight"]]
+
+
+PRISM_CONTRASTIVE = {k: v for k, v in PRISM_OTHER.items() if not k.startswith("text_decoder.")}  # not built anywhere
+
+
 def titan(dim: int = 768, depth: int = 6, tile: int = 768, mlp: int = 3072, queries: int = 128) -> Shapes:
     """`vision_encoder` of TITAN, unprefixed: mlp patch embed, class token, no position table (ALiBi), no layer
     scale (init_values None), blocks under CustomSequential's `modules_list`, CoCa poolers (torch's
