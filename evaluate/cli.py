@@ -98,7 +98,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     settings = SweepSettings(args.store, _cohort(args), tasks=args.tasks, heads=args.heads,
                              grade_heads=args.grade_heads, poolings=args.poolings, max_tiles=args.max_tiles,
-                             abmil=_abmil(args), slide_embeddings=tuple(args.slide_embeddings or ()))
+                             abmil=_abmil(args), slide_embeddings=tuple(args.slide_embeddings or ()),
+                             references=tuple(args.reference or ()))
     out = Path(args.out)
     evaluation = evaluate_sweep(settings, out, _recorded(args), log=lambda line: print(line, flush=True))
     for warning in evaluation.warnings():
@@ -107,6 +108,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print("\n".join(evaluation.lines()))
     evaluation.check(out)
     print(evaluation.wrote(out))
+    return 0
+
+
+def cmd_prism_report(args: argparse.Namespace) -> int:
+    from evaluate.prism_report import PrismReportSettings, run_prism_report
+
+    settings = PrismReportSettings(args.store, args.out, weights=args.weights, tokenizer=args.tokenizer,
+                                   slides=tuple(args.slides or ()), references=args.references, device=args.device,
+                                   precision=args.precision, max_new_tokens=args.max_new_tokens,
+                                   num_beams=args.num_beams, any_tiling=args.any_tiling, seed=args.seed)
+    result = run_prism_report(settings, vars(args), log=lambda line: print(line, flush=True))
+    print("\n".join(result.lines()))
     return 0
 
 
@@ -162,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     heatmaps = argparse.ArgumentParser(add_help=False)
     heatmaps.add_argument("--heatmaps", nargs="+", metavar="SLIDE_ID",
-                          help="MIL heads: attention PNGs for these slides, or `auto` (highest and lowest scoring "
-                               "patients)")
+                          help="heatmap PNGs over the thumbnail for these slides, or `auto` (highest and lowest "
+                               "scoring patients), each by the fold's head that held the patient out: a MIL head's "
+                               "attention; a slide-vector head's occlusion (its output with minus without each tile, "
+                               "or k x k tile groups on slides of over 2,000 tiles); not with --slide-embeddings")
 
     p = sub.add_parser("survival", parents=[common, abmil, heatmaps], help="cross-validated survival head from the cache")
     p.add_argument("--head", default="coxnet", choices=list(HEADS))
@@ -200,8 +215,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slide-embedding sets of the store(s): rows for each with the slide-vector heads, beside the "
                         "pooled rows, on the same patients and folds")
     p.add_argument("--split", help="a split file used for every task (default: folds per task from --seed)")
+    p.add_argument("--reference", nargs="+", metavar="ROW",
+                   help="the row each task's other rows are compared with (every metric's difference and its paired "
+                        "bootstrap interval), named by any of its encoder, task, head and pooling joined by /, e.g. "
+                        "coxph/mean, uni2-h/abmil-cox, grade/logreg/set:titan; default: each task's first fitted row")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("prism-report", help="PRISM's own reports (paige-ai/Prism's BioGPT decoder) for a store of "
+                                            "Virchow (v1) tile features: a baseline for `report`")
+    p.add_argument("--store", required=True,
+                   help="a store of Virchow (v1) tile features (2560-d, 224 px tiles at 0.5 µm/px)")
+    p.add_argument("--weights", default="paige-ai/Prism",
+                   help="the hub id (gated: HF_TOKEN), a local model.safetensors or its folder (a config.json beside "
+                        "it in the hub's format sets the architecture), or prism-random (random init)")
+    p.add_argument("--tokenizer", help="BioGPT's vocab.json + merges.txt: a folder or hub id (default: beside the "
+                                       "weights when there, else microsoft/biogpt at the commit PRISM's code pins)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--slides", nargs="+", metavar="ID", help="only these slides (default: every slide)")
+    which.add_argument("--references", help="only the slides these references name (the file `report` will score "
+                                            "against: jsonl, annotations.jsonl or HistGen's JSON)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp16 autocast on CUDA (as PRISM runs), fp32 on the CPU")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--num-beams", type=int, default=5, help="beam search as PRISM's model card (1: greedy)")
+    p.add_bool("--any-tiling", help="report on tiles other than the card's 224 px at 0.5 µm/px")
+    p.add_argument("--seed", type=int, default=0, help="prism-random's init")
+    p.add_argument("--out", required=True, help="folder for predictions.jsonl and predictions_manifest.json")
+    p.set_defaults(func=cmd_prism_report)
 
     p = sub.add_parser("report", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr and clinical correctness of generated reports")
     p.add_argument("--predictions", required=True, help="jsonl: {id, text} per generated report")

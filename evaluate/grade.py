@@ -203,3 +203,43 @@ def confusion_plot(result: GradeResult, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), np.nan)
+
+
+def _resampled_binary_auc(counts: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """ROC AUC of each resample: the share of (positive, negative) pairs scored in order, ties half (NaN without
+    both)."""
+    pairs = (score[:, None] > score[None, :]) + 0.5 * (score[:, None] == score[None, :])
+    pos, neg = positive.astype(float), (~positive).astype(float)
+    numerator = (((counts * pos) @ pairs) * (counts * neg)).sum(axis=1)
+    return _safe_ratio(numerator, (counts @ pos) * (counts @ neg))
+
+
+def resampled_grade_metrics(counts: np.ndarray, y: np.ndarray, pred: np.ndarray, proba: np.ndarray,
+                            n_classes: int) -> dict[str, np.ndarray]:
+    """Balanced accuracy, macro-F1, QWK and AUC (as _metrics defines them) of each bootstrap resample of one
+    held-out fold, `counts` (n_resamples, n_patients) saying how often each patient is drawn: all from the
+    resamples' weighted confusion matrices and pair counts. NaN where the resample leaves the metric undefined
+    (QWK: truth and predictions all one grade; AUC: a grade missing)."""
+    classes = np.arange(n_classes)
+    truth, called = (y[:, None] == classes).astype(float), (pred[:, None] == classes).astype(float)
+    confusion = np.einsum("bi,ik,il->bkl", counts, truth, called)  # rows true, columns predicted
+    rows, columns, hits = confusion.sum(axis=2), confusion.sum(axis=1), np.diagonal(confusion, axis1=1, axis2=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(rows > 0, hits / np.where(rows > 0, rows, 1.0), np.nan)
+        balanced = np.nanmean(recall, axis=1)  # over the grades the resample holds, as scikit-learn
+    f1 = np.nan_to_num(_safe_ratio(2 * hits, rows + columns))  # 2TP / (2TP + FP + FN); 0 when undefined
+    weights = (classes[:, None] - classes[None, :]) ** 2.0
+    total = confusion.sum(axis=(1, 2))
+    expected = rows[:, :, None] * columns[:, None, :] / total[:, None, None]
+    disagreement = np.einsum("kl,bkl->b", weights, expected)
+    qwk = 1 - _safe_ratio(np.einsum("kl,bkl->b", weights, confusion), disagreement)
+    if n_classes == 2:
+        auc = _resampled_binary_auc(counts, y == 1, proba[:, 1])
+    else:
+        per_class = np.stack([_resampled_binary_auc(counts, y == k, proba[:, k]) for k in classes], axis=1)
+        auc = np.where((rows > 0).all(axis=1), per_class.mean(axis=1), np.nan)
+    return {"balanced_accuracy": balanced, "macro_f1": f1.mean(axis=1), "qwk": qwk, "auc": auc}

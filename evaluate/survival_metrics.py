@@ -357,3 +357,99 @@ def summarise(folds: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, A
         else:
             summary[key] = {"mean": None, "std": None, "folds": 0, "not_computed_in_folds": missing}
     return summary
+
+
+# Every survival metric on bootstrap resamples of one held-out fold (the sweep's intervals): a resample is a row of
+# `counts` (how often each test patient is drawn), and each metric is a weighted sum over patients or pairs, so all
+# resamples come from a few matrix products. The training fold is not resampled: its censoring distribution G, the
+# IPCW horizon, the AUC time points and the IBS grid stay those of the fold's own point estimate.
+# tests/evaluate/test_sweep_intervals.py checks each against scikit-survival on the resampled patients.
+
+
+def resample_counts(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
+    """(n, size): how often each of `size` patients is drawn in each of n resamples (fold_bootstrap's draws)."""
+    return _resample_counts(rng, size, n)
+
+
+def ipcw_weights(train: np.ndarray, truncated: np.ndarray) -> np.ndarray:
+    """1/G(T_i) at each (censored-at-tau) test event, 0 for the censored: Uno's C weighs pairs by its square,
+    the time-dependent AUC its cases by it (as scikit-survival's predict_ipcw)."""
+    return CensoringDistributionEstimator().fit(train).predict_ipcw(truncated)
+
+
+def brier_losses(train: np.ndarray, truncated: np.ndarray, survival_probs: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """(n_test, n_times): each test patient's IPCW-weighted squared error at each grid time, as scikit-survival's
+    brier_score adds them up: the fold's Brier score at a time is their mean over patients."""
+    cens = CensoringDistributionEstimator().fit(train)
+    at_t = cens.predict_proba(grid)
+    at_y = cens.predict_proba(truncated["time"])
+    at_t[at_t == 0], at_y[at_y == 0] = np.inf, np.inf
+    time, event = truncated["time"][:, None], truncated["event"][:, None]
+    probs = np.asarray(survival_probs, dtype=float)
+    return probs ** 2 * ((time <= grid) & event) / at_y[:, None] + (1 - probs) ** 2 * (time > grid) / at_t
+
+
+def _pair_sums(counts: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Σ_ij c_i c_j pairs_ij for each resample (row of counts): one matrix product."""
+    return ((counts @ pairs) * counts).sum(axis=1)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), np.nan)
+
+
+def resampled_harrell_c(counts: np.ndarray, times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> np.ndarray:
+    """Harrell's C of each resample (NaN without a comparable pair), as _resampled_c."""
+    times, events = np.asarray(times, float), np.asarray(events, bool)
+    comparable, score = _harrell_pairs(times, events, np.asarray(risk, float))
+    drawn = counts > 0
+    first_event = np.where(drawn & events, times, np.inf).min(axis=1)
+    kept = first_event < np.where(drawn, times, -np.inf).max(axis=1)
+    return np.where(kept, _ratio(_pair_sums(counts, score), _pair_sums(counts, comparable)), np.nan)
+
+
+def resampled_uno_c(counts: np.ndarray, truncated: np.ndarray, weights: np.ndarray, risk: np.ndarray) -> np.ndarray:
+    """Uno's C of each resample: Harrell's pairs, each weighted by its earlier patient's squared IPCW weight
+    (NaN where no comparable pair has weight)."""
+    comparable, score = _harrell_pairs(truncated["time"], truncated["event"], np.asarray(risk, float))
+    w = np.square(weights)[:, None]
+    return _ratio(_pair_sums(counts, w * score), _pair_sums(counts, w * comparable))
+
+
+def _resampled_km(counts: np.ndarray, times: np.ndarray, events: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """(n, len(at)): the Kaplan-Meier survival of each resample at `at`."""
+    unique = np.unique(times)
+    at_risk = counts @ (times[:, None] >= unique).astype(float)
+    died = counts @ ((times[:, None] == unique) & events[:, None]).astype(float)
+    factor = np.where(at_risk > 0, 1 - died / np.where(at_risk > 0, at_risk, 1.0), 1.0)
+    survival = np.cumprod(factor, axis=1)
+    index = np.searchsorted(unique, at, side="right") - 1
+    return np.where(index >= 0, survival[:, np.maximum(index, 0)], 1.0)
+
+
+def resampled_mean_auc(counts: np.ndarray, truncated: np.ndarray, weights: np.ndarray, times: np.ndarray,
+                       risk: np.ndarray) -> np.ndarray:
+    """scikit-survival's mean cumulative/dynamic AUC of each resample at the fold's fixed `times`: each time's
+    AUC is the IPCW-weighted share of (case, control) pairs the risk orders right (ties count half), the mean
+    weighs them by the resample's Kaplan-Meier drop; NaN where a time has no case or no control."""
+    t, e = truncated["time"], truncated["event"]
+    _, score = _harrell_pairs(t, e, np.asarray(risk, float))  # score[i, j]: risk_i above risk_j (ties 0.5)
+    aucs = []
+    for time in times:
+        case, control = weights * ((t <= time) & e), (t > time).astype(float)
+        numerator = (((counts * case) @ score) * (counts * control)).sum(axis=1)
+        aucs.append(_ratio(numerator, (counts @ case) * (counts @ control)))
+    auc = np.stack(aucs, axis=1)
+    if len(times) == 1:
+        return auc[:, 0]
+    survival = _resampled_km(counts, t, e, np.asarray(times, float))
+    drop = -np.diff(np.concatenate([np.ones((len(counts), 1)), survival], axis=1), axis=1)
+    span = 1.0 - survival[:, -1]
+    return np.where(span > 0, (auc * drop).sum(axis=1) / np.where(span > 0, span, 1.0), np.nan)
+
+
+def resampled_ibs(counts: np.ndarray, losses: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The integrated Brier score of each resample over the fold's fixed grid (trapezoids, as scikit-survival)."""
+    brier = (counts @ losses) / counts.sum(axis=1, keepdims=True)
+    area = ((brier[:, 1:] + brier[:, :-1]) / 2 * np.diff(grid)).sum(axis=1)
+    return area / (grid[-1] - grid[0])

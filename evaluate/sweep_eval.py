@@ -1,8 +1,9 @@
 """One sweep as `python -m evaluate sweep` runs it: every (store, task, head, pooling) of evaluate/sweep.py on the
-cohort's patients, with rows for the stores' slide-embedding sets asked for, the paired C-index differences between
-stores (and of each set against the first pooling), and a check that no encoder module was imported. The
-result writes today's files (sweep.json, sweep.csv, sweep_predictions.csv) and gives the lines the command
-prints."""
+cohort's patients, with rows for the stores' slide-embedding sets asked for, every metric's bootstrap interval and
+its difference to each task's reference row (--reference), the paired C-index differences between stores (and of
+each set against the first pooling), and a check that no encoder module was imported. The result writes its files
+(sweep.json, sweep.csv, sweep_predictions.csv, sweep_grade_predictions.csv, sweep.html with sweep_forest.png) and
+gives the lines the command prints."""
 
 from __future__ import annotations
 
@@ -19,11 +20,16 @@ from evaluate.sweep import (
     SweepRow,
     best_by_task,
     format_differences,
+    format_intervals,
     format_table,
     paired_differences,
     run_sweeps,
     set_differences,
+    sweep_plan,
 )
+from evaluate.sweep_html import write_html
+from evaluate.sweep_intervals import RESAMPLES
+from evaluate.sweep_reference import attach_differences, check_references, choose_references
 from slidecache.cohorts.clinical import ClinicalTable
 from slidecache.errors import EvaluationError
 from slidecache.json_out import dumps
@@ -43,6 +49,8 @@ class SweepSettings:
     max_tiles: int = 512
     abmil: TrainSettings = field(default_factory=TrainSettings)
     slide_embeddings: Sequence[str] = ()  # slide-embedding sets of the store(s): rows beside the poolings
+    references: Sequence[str] = ()  # --reference: each task's row the others are compared with (sweep_reference.py)
+    resamples: int = RESAMPLES  # bootstrap resamples of each fold's held-out patients, every metric
 
 
 @dataclass
@@ -54,11 +62,14 @@ class SweepEvaluation:
     loaded: list[str]  # encoder modules imported by this sweep (none, or it is refused)
     config: Mapping[str, Any] | None = None  # what sweep.json records as the run's provenance
     coverage: dict[str, dict[str, SetCoverage]] = field(default_factory=dict)  # store label → set → its coverage
+    bootstrap: dict[str, Any] = field(default_factory=dict)  # resamples, seed, seconds spent on the intervals
 
     def record(self) -> dict[str, Any]:
         """sweep.json."""
         opened = list(self.stores.values())
         record = {"rows": [r.as_dict(reasons=True) for r in self.rows], "best": best_by_task(self.rows),
+                  "reference_rows": {r.task: r.name for r in self.rows if r.is_reference},
+                  "bootstrap": self.bootstrap,
                   "paired_differences": [d.as_dict() for d in self.differences],
                   "store_fingerprint": (opened[0].fingerprint if len(opened) == 1
                                         else {label: s.fingerprint for label, s in self.stores.items()}),
@@ -79,11 +90,23 @@ class SweepEvaluation:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(r.as_dict() for r in self.rows)
+        survival = [r for r in self.rows if r.task != "grade"]
         with open(out / "sweep_predictions.csv", "w", newline="") as f:  # held-out risks: for the user's own statistics
             writer = csv.writer(f)
             writer.writerow(["encoder", "task", "head", "pooling", "patient_id", "fold", "time", "event", "risk"])
             writer.writerows([r.encoder, r.task, r.head, r.pooling, p["patient_id"], p["fold"], p["time"],
-                              int(p["event"]), repr(p["risk"])] for r in self.rows for p in r.predictions)
+                              int(p["event"]), repr(p["risk"])] for r in survival for p in r.predictions)
+        grade = [r for r in self.rows if r.task == "grade"]
+        if grade:  # held-out grades and class probabilities, as `evaluate grade` writes predictions.csv
+            probabilities = list(dict.fromkeys(k for r in grade for p in r.predictions for k in p if k.startswith("p_")))
+            with open(out / "sweep_grade_predictions.csv", "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["encoder", "task", "head", "pooling", "patient_id", "fold", "true", "predicted",
+                                 *probabilities])
+                writer.writerows([r.encoder, r.task, r.head, r.pooling, p["patient_id"], p["fold"], p["true"],
+                                  p["predicted"], *(repr(p[k]) if k in p else "" for k in probabilities)]
+                                 for r in grade for p in r.predictions)
+        write_html(out, self.rows, self.bootstrap)
 
     def warnings(self) -> list[str]:
         return [f"warning: {n} patients of {label} are not in every store: left out, so that every encoder is "
@@ -92,6 +115,9 @@ class SweepEvaluation:
 
     def lines(self) -> list[str]:
         lines = [format_table(self.rows)]
+        if any(r.intervals for r in self.rows):
+            lines += ["", format_intervals(self.rows, self.bootstrap.get("resamples", RESAMPLES),
+                                           self.bootstrap.get("seed", 0))]
         if self.differences:
             lines += ["", "paired differences of Harrell's C (b - a) on the same held-out patients, "
                           "bootstrap resampling them jointly (across stores; a set against the pooled tiles):",
@@ -108,8 +134,9 @@ class SweepEvaluation:
 
     def wrote(self, out: Path) -> str:
         where = "the store" if len(self.stores) == 1 else f"{len(self.stores)} stores"
-        return (f"wrote {out}/sweep.json, sweep.csv, sweep_predictions.csv; re-encoded nothing: {len(self.rows)} fits "
-                f"from {where}, the encoder was never imported")
+        grade = ", sweep_grade_predictions.csv" if any(r.task == "grade" for r in self.rows) else ""
+        return (f"wrote {out}/sweep.json, sweep.csv, sweep_predictions.csv{grade}, sweep.html, sweep_forest.png; "
+                f"re-encoded nothing: {len(self.rows)} fits from {where}, the encoder was never imported")
 
 
 def store_labels(stores: Sequence[EmbeddingStore]) -> list[str]:
@@ -156,10 +183,18 @@ def evaluate_sweep(settings: SweepSettings, out: Path, config: Mapping[str, Any]
         return cohort.folds_of(data, None if task == "grade" else task)
 
     sets, coverage = sweep_sets(stores, clinical, settings.slide_embeddings)
+    check_references(settings.references, sweep_plan(labels, settings.tasks, settings.heads, settings.grade_heads,
+                                                     settings.poolings, sets))  # before an hour of fitting
     rows, dropped = run_sweeps(stores, clinical, settings.tasks, settings.heads, settings.grade_heads,
                                settings.poolings, folds_for, cohort.seed, settings.abmil, settings.max_tiles,
-                               lambda row: log(progress_line(row)), sets)
+                               lambda row: log(progress_line(row)), sets, settings.resamples)
+    seconds = attach_differences(rows, choose_references(rows, settings.references), settings.resamples, cohort.seed)
+    bootstrap = {"resamples": settings.resamples, "seed": cohort.seed, "level": 0.95,
+                 "seconds": round(seconds + sum(r.bootstrap_seconds for r in rows), 3),
+                 "how": "percentile bootstrap of the mean over folds, each fold's held-out patients resampled; "
+                        "differences on the patients both rows hold out, resampled jointly; the training folds, AUC "
+                        "times and IBS grids fixed as the fold's own estimate chose them"}
     differences = paired_differences(rows, cohort.seed) if len(stores) > 1 else []
     differences += set_differences(rows, settings.poolings[0], cohort.seed)
     loaded = sorted(set(encoder_modules_loaded()) - already)  # imported by this sweep
-    return SweepEvaluation(rows, stores, dropped, differences, loaded, config, coverage)
+    return SweepEvaluation(rows, stores, dropped, differences, loaded, config, coverage, bootstrap)
