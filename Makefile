@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/store_bench.py
 	$(PY) bench/extract_bench.py
 	$(PY) bench/eval_bench.py
+	$(PY) bench/slide_encoder_bench.py
 	$(PY) bench/bootstrap_bench.py
 	$(PY) bench/train_bench.py
 	$(PY) bench/loss_bench.py

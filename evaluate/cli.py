@@ -145,14 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cohort = argparse.ArgumentParser(add_help=False)  # what every command but `sweep` (several stores) shares
     cohort.add_argument("--clinical", required=True, nargs="+", help="clinical table(s): TCGA-CDR, SurvPath, slidecache")
-    cohort.add_argument("--endpoint", default="OS", choices=ENDPOINTS)
     cohort.add_argument("--cancer-type", help="keep only this cancer type (pan-cancer tables)")
     cohort.add_argument("--folds", type=int, default=5)
     cohort.add_argument("--seed", type=int, default=0)
     common = argparse.ArgumentParser(add_help=False, parents=[cohort])
     common.add_argument("--store", required=True)
+    # the survival endpoint: what `split` stratifies by and `survival` predicts (grade and sweep have their own)
+    endpoint = argparse.ArgumentParser(add_help=False)
+    endpoint.add_argument("--endpoint", default="OS", choices=ENDPOINTS)
 
-    p = sub.add_parser("split", parents=[common], help="write a patient-level split file (patient_id,fold)")
+    p = sub.add_parser("split", parents=[common, endpoint], help="write a patient-level split file (patient_id,fold)")
     p.add_bool("--site-preserving", help="keep each tissue source site in one fold")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_split)
@@ -180,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "attention; a slide-vector head's occlusion (its output with minus without each tile, "
                                "or k x k tile groups on slides of over 2,000 tiles); not with --slide-embeddings")
 
-    p = sub.add_parser("survival", parents=[common, abmil, heatmaps], help="cross-validated survival head from the cache")
+    p = sub.add_parser("survival", parents=[common, endpoint, abmil, heatmaps], help="cross-validated survival head from the cache")
     p.add_argument("--head", default="coxnet", choices=list(HEADS))
     p.add_argument("--pooling", choices=POOLINGS, help="slide-vector heads (MIL heads read tiles); default mean")
     p.add_argument("--slide-embeddings", metavar="NAME", help=SET_HELP)

@@ -1,8 +1,8 @@
 """sweep.html: the sweep as one page to read or send, beside sweep.json in the output folder.
 
-One table (a row per encoder × task × head × aggregator: each metric as mean [95% CI] and its difference to the
-task's reference row [95% CI], the reference row marked, a row that could not be fitted with its reason) and one
-forest plot (sweep_forest.png: per task, each row's primary metric, Harrell's C or QWK, with its interval and the
+One table, a section per task (a row per encoder × head × aggregator: each metric as mean [95% CI] and its
+difference to the task's reference row [95% CI], the reference row marked, a row that could not be fitted with its
+reason, resamples skipped counted with the reason as a footnote), after one forest plot (sweep_forest.png: per task, each row's primary metric, Harrell's C or QWK, with its interval and the
 reference's value as a vertical line). Every text is escaped; the picture is linked by its file name, so the
 folder can be moved; no script.
 """
@@ -18,14 +18,33 @@ from evaluate.sweep import GRADE_COLUMNS, SURVIVAL_COLUMNS, SweepRow
 FOREST = "sweep_forest.png"
 LABELS = {"harrell_c": "Harrell's C", "uno_c": "Uno's C", "mean_auc": "mean AUC(t)", "ibs": "IBS (lower is better)",
           "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "qwk": "QWK", "auc": "AUC"}
-STYLE = """body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; font-size: 13px; }
-th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; white-space: nowrap; }
+STYLE = """body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1500px; }
+table { border-collapse: collapse; font-size: 13px; margin-bottom: 0.6em; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; white-space: nowrap; vertical-align: top; }
 th { background: #f2f2f2; } td.text { text-align: left; }
+small { color: #666; } sup { color: #a33; }
+td.clear { font-weight: 600; } td.clear small { color: #222; }
 tr.reference td { background: #fff6d5; font-weight: 600; }
 tr.error td.why, span.why { color: #a33; white-space: normal; text-align: left; font-size: 12px; }
 span.why { display: block; max-width: 22em; }
-p.note { max-width: 60em; font-size: 13px; }"""
+p.note, ol.notes { max-width: 70em; font-size: 13px; }"""
+
+
+class _Notes:
+    """Footnotes of one table: a reason given once, its number in every cell it concerns."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, int] = {}
+
+    def mark(self, reason: str) -> str:
+        number = self.reasons.setdefault(reason, len(self.reasons) + 1)
+        return f"<sup>{number}</sup>"
+
+    def html(self) -> str:
+        if not self.reasons:
+            return ""
+        items = "".join(f"<li>{html.escape(reason)}</li>" for reason in self.reasons)
+        return f'<ol class="notes">{items}</ol>'
 
 
 def primary_metric(task: str) -> str:
@@ -42,17 +61,21 @@ def _first_reason(row: SweepRow, metric: str, record: dict[str, Any]) -> str:
     return next(iter(folds.values()), None) or record.get("not_computed") or "not computed"
 
 
-def _interval_cell(row: SweepRow, metric: str) -> str:
+def _interval_cell(row: SweepRow, metric: str, notes: _Notes) -> str:
     if metric not in row.metrics:
         return "<td></td>"
     value, interval = row.metrics[metric], row.intervals.get(metric) or {}
     if value.get("mean") is None:
         return f'<td>n/a<span class="why">{html.escape(_first_reason(row, metric, interval))}</span></td>'
     ci = interval.get("ci95")
-    text = f"{value['mean']:.3f} " + (f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "[n/a]")
-    why = interval.get("not_computed") or (f"{interval['skipped']} of {interval['resamples']} resamples skipped: "
-                                           f"{interval.get('skipped_because', '')}" if interval.get("skipped") else "")
-    return f"<td>{html.escape(text)}" + (f'<span class="why">{html.escape(why)}</span>' if why else "") + "</td>"
+    bounds = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "[n/a]"
+    if interval.get("not_computed"):
+        bounds += notes.mark(f"no interval: {interval['not_computed']}")
+    elif interval.get("skipped"):  # the count in the cell, the reason once below the table
+        bounds += f" {interval['skipped']} skipped" + notes.mark(
+            f"resamples (of {interval['resamples']}) skipped: "
+            f"{interval.get('skipped_because') or 'the metric was undefined on them'}")
+    return f"<td>{value['mean']:.3f}<br><small>{bounds}</small></td>"
 
 
 def _difference_cell(row: SweepRow, metric: str) -> str:
@@ -64,28 +87,42 @@ def _difference_cell(row: SweepRow, metric: str) -> str:
     if delta.get("difference") is None:
         return f'<td>n/a<span class="why">{html.escape(delta.get("not_computed", "not computed"))}</span></td>'
     ci = delta.get("ci95")
-    text = f"{delta['difference']:+.3f} " + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "[n/a]")
-    return f"<td>{html.escape(text)}</td>"
+    clear = bool(ci) and (ci[0] > 0 or ci[1] < 0)  # the interval excludes 0: shown in bold
+    bounds = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "[n/a]"
+    return f'<td{" class=clear" if clear else ""}>{delta["difference"]:+.3f}<br><small>{bounds}</small></td>'
 
 
-def table(rows: Sequence[SweepRow]) -> str:
+def task_table(rows: Sequence[SweepRow]) -> str:
+    """The rows of one task: its own metrics, each as mean over folds [95% CI] and Δ to the reference [95% CI]."""
     metrics = [m for m in (*SURVIVAL_COLUMNS, *GRADE_COLUMNS) if any(m in r.metrics for r in rows)]
-    lead = ["encoder", "task", "head", "aggregator", "patients"]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in lead)
-    head += "".join(f"<th>{html.escape(LABELS[m])} [95% CI]</th><th>Δ {html.escape(LABELS[m])} [95% CI]</th>"
-                    for m in metrics)
+    lead = ["encoder", "head", "aggregator", "patients"]  # the task is the section's
+    head = "".join(f'<th rowspan="2">{html.escape(c)}</th>' for c in lead)
+    head += "".join(f'<th colspan="2">{html.escape(LABELS[m])}</th>' for m in metrics)
+    head += "</tr><tr>" + "<th>mean [95% CI]</th><th>Δ to reference</th>" * len(metrics)
+    notes = _Notes()
     body = []
     for r in rows:
-        cells = "".join(f'<td class="text">{html.escape(v)}</td>' for v in (r.encoder or "-", r.task, r.head,
+        cells = "".join(f'<td class="text">{html.escape(v)}</td>' for v in (r.encoder or "-", r.head,
                                                                           aggregator(r.pooling)))
         if r.error:
             body.append(f'<tr class="error">{cells}<td>-</td><td class="why" colspan="{max(1, 2 * len(metrics))}">'
                         f"could not be fitted: {html.escape(r.error)}</td></tr>")
             continue
-        cells += f"<td>{r.patients}</td>" + "".join(_interval_cell(r, m) + _difference_cell(r, m) for m in metrics)
+        cells += f"<td>{r.patients}</td>" + "".join(_interval_cell(r, m, notes) + _difference_cell(r, m)
+                                                    for m in metrics)
         mark = ' class="reference"' if r.is_reference else ""
         body.append(f"<tr{mark}>{cells}</tr>")
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>"
+    return (f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>\n"
+            + notes.html())
+
+
+def table(rows: Sequence[SweepRow]) -> str:
+    """One section per task (a survival endpoint's metrics are not a grade's), in the order the sweep ran them."""
+    sections = []
+    for task in dict.fromkeys(r.task for r in rows):
+        title = "grade" if task == "grade" else f"{task} (survival)"
+        sections.append(f"<h2>{html.escape(title)}</h2>\n" + task_table([r for r in rows if r.task == task]))
+    return "\n".join(sections)
 
 
 def forest_plot(rows: Sequence[SweepRow], path: Path) -> None:
@@ -135,7 +172,8 @@ def write_html(out: Path, rows: Sequence[SweepRow], bootstrap: dict[str, Any]) -
             f"patients (seed {bootstrap.get('seed', '?')}), the mean over the folds that define the metric. Δ: the row "
             "minus its task's reference row on the patients both hold out, resampled jointly. Reference rows: "
             + (", ".join(f"{task}: {name}" for task, name in references.items()) or "none")
-            + ". n/a: not computable (the reason below it); every fold's reasons are in sweep.json.")
+            + ". A difference in bold: its interval excludes 0. n/a: not computable (the reason below it); every "
+              "fold's reasons are in sweep.json.")
     page = f"""<!DOCTYPE html>
 <html lang="en">
 <head><meta charset="utf-8"><title>slidecache sweep</title>
@@ -145,9 +183,8 @@ def write_html(out: Path, rows: Sequence[SweepRow], bootstrap: dict[str, Any]) -
 <body>
 <h1>Sweep: {len(rows)} rows</h1>
 <p class="note">{html.escape(note)}</p>
-{table(rows)}
-<h2>Forest plot of the primary metric</h2>
 <p><a href="{FOREST}"><img src="{FOREST}" alt="forest plot: per task, each row's Harrell's C or QWK with its 95% interval"></a></p>
+{table(rows)}
 </body>
 </html>
 """

@@ -52,7 +52,8 @@ EXEMPT = {
     "bash bench/gpu_extract.sh": "needs a CUDA GPU: run on the device machine, results in bench/RESULTS.md",
     "bash bench/gpu_pipeline.sh": "needs a CUDA GPU and minutes; its --device cpu dry run is run by "
                                   "tests/extract/test_gpu_pipeline_dry_run.py",
-    "bash bench/gpu_train_eval.sh OUT": "needs a CUDA GPU: run on the device machine, results in bench/RESULTS.md",
+    "bash bench/gpu_train_eval.sh OUT": "needs a CUDA GPU: run on the device machine, results in bench/RESULTS.md; its "
+                                       "--device cpu dry run is run by tests/test_benches.py",
     "bash bench/gpu_reporter.sh": "needs a CUDA GPU and a prepared cohort: run on the device machine; its CPU dry run "
                                   "(--max-steps 2) is in bench/RESULTS.md",
     "ray job submit": "a mention in the prose; the whole command is in the extraction block and is run",

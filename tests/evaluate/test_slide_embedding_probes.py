@@ -26,6 +26,10 @@ SURVIVAL = ("python -m evaluate survival --store STORE --clinical TABLE --slide-
 GRADE = "python -m evaluate grade --store STORE --clinical TABLE --slide-embeddings NAME [--head logreg] --out DIR"
 SWEEP = ("python -m evaluate sweep --store STORE --clinical TABLE --tasks OS grade --heads coxnet coxph "
          "--grade-heads logreg --poolings mean --slide-embeddings NAME [NAME ...] --out DIR")
+# docs/heads.md: tile stores x aggregators (mean, each MIL head, a slide-embedding set), one reference row
+EVERY_AGGREGATOR = ("python -m evaluate sweep --store STORE_A STORE_B --clinical TABLE --tasks OS grade "
+                    "--heads coxnet abmil-cox transmil-cox clam-sb-cox dsmil-cox --grade-heads logreg abmil transmil "
+                    "clam-sb dsmil --poolings mean --slide-embeddings NAME --reference coxnet/mean --out DIR")
 SET = "titan-random"  # the set `extract slide-embeddings --slide-encoder titan-random` makes
 PARTIAL = "titan-partial"  # the same vectors, some slides never made, one failed
 SET_DIM = 16
@@ -202,3 +206,37 @@ def test_sweep_rows_for_the_set_beside_the_pooled_rows(planted, tmp_path):
             folds.setdefault(row["pooling"] + row["head"], {})[row["patient_id"]] = row["fold"]
     assert folds[f"{label}coxnet"] == folds["meancoxnet"] and len(folds["meancoxnet"]) == 120
     assert f"OS     coxnet       {label}" in result.stdout and "set:titan-random vs mean" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.readme(EVERY_AGGREGATOR)
+def test_a_sweep_of_every_aggregator_over_two_stores_against_one_reference(planted, permuted, tmp_path):
+    """Store A's set carries the outcome, its tiles and all of store B do not (B's vectors follow other patients'
+    risks): only A's set rows beat the reference (A's pooled coxnet) with intervals above 0; every row has its
+    intervals, and the HTML table and forest plot name every row."""
+    result = run(EVERY_AGGREGATOR, tmp_path, STORE_A=planted[0], STORE_B=permuted[0], TABLE=str(planted[1]), NAME=SET,
+                 DIR="out")
+    sweep = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    rows = {(r["encoder"], r["task"], r["head"], r["pooling"]): r for r in sweep["rows"]}
+    encoders = sorted({r["encoder"] for r in sweep["rows"]})
+    assert len(encoders) == 2 and not any(r["error"] for r in sweep["rows"]), result.log[-3000:]
+    survival = {("coxnet", "mean"), ("coxnet", f"set:{SET}"), *((h, "tiles") for h in
+                ("abmil-cox", "transmil-cox", "clam-sb-cox", "dsmil-cox"))}
+    grade = {("logreg", "mean"), ("logreg", f"set:{SET}"), *((h, "tiles") for h in ("abmil", "transmil", "clam-sb",
+                                                                                        "dsmil"))}
+    assert set(rows) == {(e, "OS", h, p) for e in encoders for h, p in survival} | {
+        (e, "grade", h, p) for e in encoders for h, p in grade}
+    a, b = encoders if rows[(encoders[0], "OS", "coxnet", f"set:{SET}")]["harrell_c_mean"] > 0.75 else encoders[::-1]
+    reference = rows[(a, "OS", "coxnet", "mean")]
+    assert reference["reference"] and not reference.get("harrell_c_diff")  # the reference is not compared with itself
+    assert sweep["reference_rows"]["OS"] == f"{a}/OS/coxnet/mean"
+    on_set = rows[(a, "OS", "coxnet", f"set:{SET}")]
+    assert on_set["harrell_c_diff"] > 0.2 and on_set["harrell_c_diff_ci95_low"] > 0
+    assert on_set["uno_c_ci95_low"] < on_set["uno_c_mean"] < on_set["uno_c_ci95_high"]
+    assert rows[(a, "grade", "logreg", f"set:{SET}")]["qwk_diff_ci95_low"] > 0
+    for key, row in rows.items():  # nothing else carries the outcome: no interval of C clear of 0.5 upwards
+        if key[1] == "OS" and row is not on_set:
+            assert row["harrell_c_ci95_low"] < 0.62, (key, row)
+    html = (tmp_path / "out" / "sweep.html").read_text()
+    assert 'src="sweep_forest.png"' in html and (tmp_path / "out" / "sweep_forest.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(head in html for _, _, head, _ in rows) and f"set:{SET}" in html

@@ -200,10 +200,12 @@ def test_sweep_html_names_every_row_and_links_its_forest_plot(planted, tmp_path)
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     for row in sweep["rows"]:
         aggregator = "tiles (MIL)" if row["pooling"] == "tiles" else row["pooling"]
-        cells = f'<td class="text">{row["encoder"]}</td><td class="text">{row["task"]}</td>' \
-                f'<td class="text">{row["head"]}</td><td class="text">{aggregator}</td>'
+        cells = f'<td class="text">{row["encoder"]}</td><td class="text">{row["head"]}</td>' \
+                f'<td class="text">{aggregator}</td>'
         assert cells in page, cells
-    assert page.count('<tr class="reference">') == 2 and "Δ Harrell&#x27;s C [95% CI]" in page
+    assert page.count('<tr class="reference">') == 2 and "<h2>OS (survival)</h2>" in page
+    assert "<h2>grade</h2>" in page
+    assert '<th colspan="2">Harrell&#x27;s C</th>' in page and "<th>Δ to reference</th>" in page
     assert 'src="sweep_forest.png"' in page and 'href="sweep_forest.png"' in page and "<script" not in page
     assert (tmp_path / "sweep_forest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
