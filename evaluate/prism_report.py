@@ -116,6 +116,10 @@ def run_prism_report(settings: PrismReportSettings, config: Mapping[str, Any] | 
     slides, chosen = select_slides(store, settings.slides, settings.references)
     reporter = load_prism_reporter(settings.weights, settings.tokenizer, device, settings.seed)
     notes = check_tile_store(reporter.slide_encoder(), store, settings.any_tiling)  # the loaded widths
+    if settings.max_new_tokens > reporter.max_new_tokens:
+        raise ConfigError(f"--max-new-tokens {settings.max_new_tokens}: PRISM's decoder ({reporter.weights_id}) has "
+                          f"positions for {reporter.max_new_tokens} new tokens after its start token: give at most "
+                          f"{reporter.max_new_tokens}")
     log(f"[prism-report] {display_url(store.url)}: {chosen}, reported by PRISM ({reporter.weights_id}) on {device} "
         f"({precision}), {settings.num_beams} beams, at most {settings.max_new_tokens} new tokens"
         + "".join(f"\n[prism-report] note: {n}" for n in notes))

@@ -367,6 +367,11 @@ class PrismReporter:
         return next(self.model.parameters()).device
 
     @property
+    def max_new_tokens(self) -> int:
+        """The tokens the decoder can add after its BOS: its learned positions end there (1024 for PRISM)."""
+        return int(self.model.text_decoder.config.max_position_embeddings) - 1
+
+    @property
     def tile_dim(self) -> int:
         return int(self.model.image_resampler.perceiver.layers[0]["xattn"]["xattn"].to_kv.in_features)
 

@@ -131,3 +131,11 @@ def test_a_store_of_another_tile_encoder_is_refused_naming_both(tmp_path, weight
     assert "prism reads virchow tile features (2560-d)" in result.log
     assert "this store holds conch-v1.5-random features (768-d)" in result.log
     assert "python -m extract --cohort SLIDES --store NEW_STORE --config configs/extract/virchow.yaml" in result.log
+
+
+def test_more_new_tokens_than_the_decoder_has_positions_is_refused_before_any_slide(tmp_path, weights):
+    store = make_store(tmp_path / "tiles.zarr")
+    result = run_main("evaluate", ["prism-report", "--store", store, "--weights", str(weights), "--device", "cpu",
+                                   "--max-new-tokens", "500", "--out", "out"], tmp_path)
+    assert result.code == 2 and "--max-new-tokens 500" in result.stderr and "at most 159" in result.stderr, result.log
+    assert not (tmp_path / "out" / "predictions.jsonl").exists()

@@ -25,7 +25,7 @@ WORDS = ["invasive", "ductal", "carcinoma", "grade", "1", "2", "3", "tumor", "ne
          "with", "and", "no", "high", "low"]
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # BioGPT's ids 0-3
 TINY_DECODER = dict(PRISM_DECODER_CONFIG, vocab_size=len(SPECIALS) + len(WORDS), hidden_size=32, num_hidden_layers=2,
-                    num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+                    num_attention_heads=4, intermediate_size=64, max_position_embeddings=160)
 TINY_CONTEXT = 32
 
 
