@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -20,7 +19,7 @@ from evaluate.grade import GRADE_HEADS
 from evaluate.grade_eval import GradeSettings, run_grade
 from evaluate.survival import HEADS
 from evaluate.survival_eval import SurvivalSettings, run_survival
-from slidecache.cli_args import ArgumentParser, run_command
+from slidecache.cli_args import ArgumentParser, output_path, run_command
 from slidecache.cohorts.clinical import ENDPOINTS
 from slidecache.cohorts.splits import import_published_splits, write_split
 from slidecache.errors import EvaluationError
@@ -42,6 +41,7 @@ def _recorded(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
+    output_path(args.out, folder=False)
     _, data = open_patients(args.store, _cohort(args))
     folds = site_folds(data, args.endpoint, args.folds, args.seed, args.site_preserving)
     write_split(args.out, folds)
@@ -53,6 +53,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_import_split(args: argparse.Namespace) -> int:
+    output_path(args.out, folder=False)
     patient_of = store_patient_of(args.store) if args.store else None
     folds = import_published_splits(args.files, patient_of)
     write_split(args.out, folds)
@@ -64,7 +65,7 @@ def cmd_import_split(args: argparse.Namespace) -> int:
 
 def _head_command(args: argparse.Namespace, run: Callable[..., Any], settings: Any) -> int:
     """survival and grade alike: run the evaluation, write its files, print its lines."""
-    out = Path(args.out)
+    out = output_path(args.out)
     evaluation = run(args.store, _cohort(args), settings, out, _recorded(args))
     evaluation.write(out)
     print("\n".join([*evaluation.lines(), evaluation.wrote(out)]))
@@ -100,7 +101,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              grade_heads=args.grade_heads, poolings=args.poolings, max_tiles=args.max_tiles,
                              abmil=_abmil(args), slide_embeddings=tuple(args.slide_embeddings or ()),
                              references=tuple(args.reference or ()))
-    out = Path(args.out)
+    out = output_path(args.out)
     evaluation = evaluate_sweep(settings, out, _recorded(args), log=lambda line: print(line, flush=True))
     for warning in evaluation.warnings():
         print(warning, file=sys.stderr)
@@ -114,7 +115,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_prism_report(args: argparse.Namespace) -> int:
     from evaluate.prism_report import PrismReportSettings, run_prism_report
 
-    settings = PrismReportSettings(args.store, args.out, weights=args.weights, tokenizer=args.tokenizer,
+    settings = PrismReportSettings(args.store, str(output_path(args.out)), weights=args.weights, tokenizer=args.tokenizer,
                                    slides=tuple(args.slides or ()), references=args.references, device=args.device,
                                    precision=args.precision, max_new_tokens=args.max_new_tokens,
                                    num_beams=args.num_beams, any_tiling=args.any_tiling, seed=args.seed)
@@ -125,6 +126,9 @@ def cmd_prism_report(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from evaluate.report_eval import ReportSettings, run_report
+
+    if args.out:
+        output_path(args.out)
 
     settings = ReportSettings(args.predictions, args.references, clinical=args.clinical, endpoint=args.endpoint,
                               protocol=args.protocol, store=args.store, checkpoint=args.checkpoint,

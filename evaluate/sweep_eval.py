@@ -106,7 +106,8 @@ class SweepEvaluation:
                 writer.writerows([r.encoder, r.task, r.head, r.pooling, p["patient_id"], p["fold"], p["true"],
                                   p["predicted"], *(repr(p[k]) if k in p else "" for k in probabilities)]
                                  for r in grade for p in r.predictions)
-        write_html(out, self.rows, self.bootstrap)
+        one = store_labels(list(self.stores.values()))[0] if len(self.stores) == 1 else ""
+        write_html(out, self.rows, self.bootstrap, one)  # one store: its rows carry no encoder label
 
     def warnings(self) -> list[str]:
         return [f"warning: {n} patients of {label} are not in every store: left out, so that every encoder is "
@@ -136,7 +137,8 @@ class SweepEvaluation:
         where = "the store" if len(self.stores) == 1 else f"{len(self.stores)} stores"
         grade = ", sweep_grade_predictions.csv" if any(r.task == "grade" for r in self.rows) else ""
         return (f"wrote {out}/sweep.json, sweep.csv, sweep_predictions.csv{grade}, sweep.html, sweep_forest.png; "
-                f"re-encoded nothing: {len(self.rows)} fits from {where}, the encoder was never imported")
+                f"re-encoded nothing: {len(self.rows)} fit{'' if len(self.rows) == 1 else 's'} from {where}, the encoder "
+                "was never imported")
 
 
 def store_labels(stores: Sequence[EmbeddingStore]) -> list[str]:
@@ -188,7 +190,8 @@ def evaluate_sweep(settings: SweepSettings, out: Path, config: Mapping[str, Any]
     rows, dropped = run_sweeps(stores, clinical, settings.tasks, settings.heads, settings.grade_heads,
                                settings.poolings, folds_for, cohort.seed, settings.abmil, settings.max_tiles,
                                lambda row: log(progress_line(row)), sets, settings.resamples)
-    seconds = attach_differences(rows, choose_references(rows, settings.references), settings.resamples, cohort.seed)
+    seconds = attach_differences(rows, choose_references(rows, settings.references, log), settings.resamples,
+                                 cohort.seed)
     bootstrap = {"resamples": settings.resamples, "seed": cohort.seed, "level": 0.95,
                  "seconds": round(seconds + sum(r.bootstrap_seconds for r in rows), 3),
                  "how": "percentile bootstrap of the mean over folds, each fold's held-out patients resampled; "

@@ -92,7 +92,7 @@ def _difference_cell(row: SweepRow, metric: str) -> str:
     return f'<td{" class=clear" if clear else ""}>{delta["difference"]:+.3f}<br><small>{bounds}</small></td>'
 
 
-def task_table(rows: Sequence[SweepRow]) -> str:
+def task_table(rows: Sequence[SweepRow], encoder: str = "") -> str:
     """The rows of one task: its own metrics, each as mean over folds [95% CI] and Δ to the reference [95% CI]."""
     metrics = [m for m in (*SURVIVAL_COLUMNS, *GRADE_COLUMNS) if any(m in r.metrics for r in rows)]
     lead = ["encoder", "head", "aggregator", "patients"]  # the task is the section's
@@ -102,7 +102,7 @@ def task_table(rows: Sequence[SweepRow]) -> str:
     notes = _Notes()
     body = []
     for r in rows:
-        cells = "".join(f'<td class="text">{html.escape(v)}</td>' for v in (r.encoder or "-", r.head,
+        cells = "".join(f'<td class="text">{html.escape(v)}</td>' for v in (r.encoder or encoder or "-", r.head,
                                                                           aggregator(r.pooling)))
         if r.error:
             body.append(f'<tr class="error">{cells}<td>-</td><td class="why" colspan="{max(1, 2 * len(metrics))}">'
@@ -116,12 +116,12 @@ def task_table(rows: Sequence[SweepRow]) -> str:
             + notes.html())
 
 
-def table(rows: Sequence[SweepRow]) -> str:
+def table(rows: Sequence[SweepRow], encoder: str = "") -> str:
     """One section per task (a survival endpoint's metrics are not a grade's), in the order the sweep ran them."""
     sections = []
     for task in dict.fromkeys(r.task for r in rows):
         title = "grade" if task == "grade" else f"{task} (survival)"
-        sections.append(f"<h2>{html.escape(title)}</h2>\n" + task_table([r for r in rows if r.task == task]))
+        sections.append(f"<h2>{html.escape(title)}</h2>\n" + task_table([r for r in rows if r.task == task], encoder))
     return "\n".join(sections)
 
 
@@ -164,8 +164,8 @@ def forest_plot(rows: Sequence[SweepRow], path: Path) -> None:
     plt.close(fig)
 
 
-def write_html(out: Path, rows: Sequence[SweepRow], bootstrap: dict[str, Any]) -> Path:
-    """sweep.html and sweep_forest.png in `out`; the page's path."""
+def write_html(out: Path, rows: Sequence[SweepRow], bootstrap: dict[str, Any], encoder: str = "") -> Path:
+    """sweep.html and sweep_forest.png in `out`; the page's path. `encoder`: the one store's, for rows without one."""
     forest_plot(rows, out / FOREST)
     references = {r.task: r.name for r in rows if r.is_reference}
     note = (f"Intervals: percentile bootstrap 95%, {bootstrap.get('resamples', '?')} resamples of each fold's held-out "
@@ -184,7 +184,7 @@ def write_html(out: Path, rows: Sequence[SweepRow], bootstrap: dict[str, Any]) -
 <h1>Sweep: {len(rows)} rows</h1>
 <p class="note">{html.escape(note)}</p>
 <p><a href="{FOREST}"><img src="{FOREST}" alt="forest plot: per task, each row's Harrell's C or QWK with its 95% interval"></a></p>
-{table(rows)}
+{table(rows, encoder)}
 </body>
 </html>
 """

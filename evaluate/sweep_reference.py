@@ -11,7 +11,7 @@ matches; a task that none matches, and every task without --reference, takes its
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from evaluate.sweep import SweepRow
 from evaluate.sweep_intervals import RESAMPLES, paired_difference
@@ -38,8 +38,10 @@ def check_references(references: Sequence[str], plan: Sequence[Sequence[str]]) -
                               + ", ".join(row_name(key) for key in plan))
 
 
-def choose_references(rows: Sequence[SweepRow], references: Sequence[str] = ()) -> dict[str, SweepRow]:
-    """Each task's reference row (see the module's docstring)."""
+def choose_references(rows: Sequence[SweepRow], references: Sequence[str] = (),
+                      log: Callable[[str], None] | None = None) -> dict[str, SweepRow]:
+    """Each task's reference row (see the module's docstring); a task that no --reference matches takes its first
+    fitted row, and `log` says so (easy to miss otherwise: `coxph/max` names no grade row)."""
     chosen = {}
     for task in dict.fromkeys(r.task for r in rows):
         candidates = [r for r in rows if r.task == task]
@@ -48,6 +50,11 @@ def choose_references(rows: Sequence[SweepRow], references: Sequence[str] = ()) 
             if matched:
                 candidates = matched
                 break
+        else:
+            if references and log:
+                first = next((r for r in candidates if not r.error), candidates[0])
+                log(f"note: --reference {' '.join(references)} names no {task} row: {task} rows are compared with "
+                    f"the first fitted one, {first.name}")
         chosen[task] = next((r for r in candidates if not r.error), candidates[0])
     return chosen
 

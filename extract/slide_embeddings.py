@@ -55,9 +55,11 @@ def _how_to_extract(spec: SlideEncoderSpec) -> str:
     settings = (f"--config configs/extract/{config.name}" if config.is_file() else
                 f"--encoder {spec.tile_encoder} --config YAML (with tile_px: {spec.tile_px}, "
                 f"target_mpp: {spec.target_mpp})")
+    twin = (f"; a random-weight slide encoder also reads the random tile twin's features, no weights needed: add "
+            f"`--encoder {spec.tile_encoder}-random`" if spec.weights is None else "")
     return (f"extract {spec.tile_encoder} features of {spec.tile_px} px tiles at {spec.target_mpp} µm/px into a "
             f"store of their own first (`python -m extract --cohort SLIDES --store NEW_STORE {settings}`) and run "
-            "this command on that store")
+            f"this command on that store{twin}")
 
 
 def check_tile_store(encoder: SlideEncoder, store: EmbeddingStore, any_tiling: bool = False) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from slidecache.errors import ConfigError, SlidecacheError
@@ -40,6 +41,18 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
     """Parse, run the chosen subcommand under `guarded`."""
     args = parser.parse_args(argv)
     return guarded(lambda: args.func(args))
+
+
+def output_path(value: str, flag: str = "--out", folder: bool = True) -> Path:
+    """`value` as an output folder (or, `folder` False, a file to write): refused, naming the flag, when it or a
+    folder above it is an existing file (mkdir would fail with a bare FileExistsError)."""
+    path = Path(value)
+    for part in (path, *path.parents) if folder else path.parents:
+        if part.exists() and not part.is_dir():
+            where = "it" if part == path else str(part)
+            advice = "give a new or existing folder for the outputs" if folder else "put the file in a folder"
+            raise ConfigError(f"{flag} {value}: {where} is an existing file, not a folder: {advice}")
+    return path
 
 
 def storage_options(text: str | None) -> dict[str, Any]:

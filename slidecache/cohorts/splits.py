@@ -24,7 +24,8 @@ def make_folds(patient_ids: Sequence[str], events: Sequence[bool] | None = None,
     if len(set(patient_ids)) != n:
         raise EvaluationError("patient ids must be unique: a patient's slides are pooled before splitting")
     if k < 2 or n < k:
-        raise EvaluationError(f"cannot make {k} folds from {n} patients")
+        raise EvaluationError(f"--folds {k}: cannot make {k} folds from {n} patients; give --folds between 2 and "
+                              f"{max(n, 2)}")
     y = np.asarray(events if events is not None else np.zeros(n), dtype=int)
     counts = np.bincount(y, minlength=2)
     if events is not None and 0 < counts.min() < k:

@@ -109,3 +109,15 @@ def test_a_report_result_prints_as_the_command_and_writes_report_metrics(tmp_pat
     assert quiet.scores_record() == {k: v for k, v in _without_provenance(path).items()}
     with pytest.raises(EvaluationError, match="needs --store"):
         evaluate_reports(ReportSettings(str(refs), str(refs), checkpoint="run"))
+
+
+def test_an_output_folder_that_is_a_file_is_refused_naming_the_flag(cohort, tmp_path):
+    from tests.readme import run_main
+
+    url, table = cohort
+    (tmp_path / "afile").write_text("not a folder")
+    for command, out in (("survival", "afile"), ("grade", "afile"), ("sweep", "afile/sweep"), ("split", "afile/s.csv")):
+        result = run_main("evaluate", [command, "--store", url, "--clinical", str(table), "--out", out], tmp_path)
+        assert result.code == 2 and f"--out {out}:" in result.stderr and "is an existing file" in result.stderr, \
+            result.log
+        assert "Traceback" not in result.log

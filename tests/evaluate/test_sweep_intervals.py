@@ -23,6 +23,7 @@ from evaluate.cli import main
 from evaluate.cohort import CohortSettings
 from evaluate.grade import _auc, _qwk, resampled_grade_metrics
 from evaluate.sweep_eval import SweepSettings, evaluate_sweep
+from store.embedding_store import EmbeddingStore
 from tests.evaluate.helpers import planted_cohort
 
 pytestmark = [pytest.mark.xdist_group("test_sweep_intervals"),  # module fixtures built once, on one worker
@@ -261,6 +262,10 @@ def test_cli_reference_picks_that_row_and_an_unknown_one_names_the_rows(planted,
         if key[0] == "OS" and key != ("OS", "coxph", "max"):
             assert row["harrell_c_diff"] == pytest.approx(row["harrell_c_mean"] - reference["harrell_c_mean"], abs=1e-9)
     assert "OS: row - OS/coxph/max [95% CI]" in out and "* OS/coxph/max" in out
+    assert "note: --reference coxph/max names no grade row: grade rows are compared with the first fitted one, " \
+           "grade/logreg/mean" in out
+    encoder = EmbeddingStore.open(planted["strong"]).spec["encoder"]["name"]  # one store: its encoder in the page
+    assert f'<td class="text">{encoder}</td><td class="text">coxph</td>' in (tmp_path / "a" / "sweep.html").read_text()
 
     code = main([*base, "--reference", "coxph/median", "--out", str(tmp_path / "b")])
     err = capsys.readouterr().err
