@@ -163,5 +163,8 @@ def test_statuses_are_the_bare_words_everywhere():
     assert json.dumps({"status": SlideStatus.FAILED_BEFORE}) == '{"status": "failed-before"}'
     summary = ExtractionSummary([SlideOutcome("s0", SlideStatus.DONE, 3),
                                  SlideOutcome("s1", SlideStatus.FAILED_BEFORE)])
-    assert "s0    done           3" in summary.table() and "s1    failed-before" in summary.table()
+    table = summary.table().splitlines()  # the status column as wide as failed-before: tiles stay aligned
+    assert table[1] == "s0    done                3                  -     0.0" and table[2].startswith("s1    failed-before       -")
+    end = table[0].index("tiles") + len("tiles") - 1  # the tiles column's last character, right-aligned
+    assert table[1][end] == "3" and table[2][end] == "-"
     assert summary.count(SlideStatus.DONE) == summary.count("done") == 1 and summary.failed[0].slide_id == "s1"
