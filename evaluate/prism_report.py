@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from extract.slide_embeddings import check_tile_store, resolve_precision
+from extract.slide_embeddings import autocast, check_tile_store, resolve_precision
 from extract.slide_encoders import SlideEncoder, registered_slide_encoder
 from extract.slide_encoders.prism_decoder import PRISM_HUB_ID, RANDOM_WEIGHTS, PrismReporter, load_prism_reporter
 from slidecache.cohorts.ids import SlideMatcher, patient_key
@@ -29,7 +29,6 @@ from store.backends import display_url
 from store.embedding_store import EmbeddingStore
 
 PREDICTIONS = "predictions.jsonl"
-_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -168,8 +167,7 @@ def _report(reporter: PrismReporter, store: EmbeddingStore, slide_id: str, setti
     slide = store.slide(slide_id)
     if not slide.n_tiles:
         raise EncoderError(f"slide {slide_id!r} has no tiles ({slide.attrs.get('empty_reason') or 'empty'})")
-    # autocast over fp32 weights, as PRISM runs: norms and softmax stay in fp32
-    with torch.autocast(device_type=device.type, dtype=_AUTOCAST[precision], enabled=precision != "fp32"):
+    with autocast(device, precision):
         ids = reporter.generate(slide.embeddings(), settings.num_beams, settings.max_new_tokens)
     return {"id": slide_id, "slide": slide_id, "patient_id": patient_key(slide.patient_id),
             "text": reporter.text(ids), "new_tokens": len(ids), "seconds": round(time.perf_counter() - started, 3)}

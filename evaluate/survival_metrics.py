@@ -185,7 +185,7 @@ def _harrell_pairs(times: np.ndarray, events: np.ndarray, risk: np.ndarray,
     return comparable.astype(float), comparable * score
 
 
-def _resample_counts(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
+def resample_counts(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
     """(n, size): how often each patient is drawn in each of n resamples of `size` patients with replacement."""
     draws = rng.integers(0, size, (n, size))  # the same stream as n draws of `size` one after another
     counts = np.zeros((n, size))
@@ -216,7 +216,7 @@ def _resampled_c(counts: np.ndarray, times: np.ndarray, events: np.ndarray,
     return [np.where(kept, v / safe, np.nan) for v in values], kept
 
 
-def _interval(values: np.ndarray, level: float) -> list[float]:
+def percentile_interval(values: np.ndarray, level: float) -> list[float]:
     alpha = (1 - level) / 2
     return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
 
@@ -226,12 +226,12 @@ def bootstrap_ci(times: np.ndarray, events: np.ndarray, risk: np.ndarray, n: int
     """Percentile bootstrap CI of Harrell's C over patients, and how many resamples were skipped because
     they held no comparable pair."""
     times, events, risk = np.asarray(times, float), np.asarray(events, bool), np.asarray(risk, float)
-    counts = _resample_counts(np.random.default_rng(seed), len(times), n)
+    counts = resample_counts(np.random.default_rng(seed), len(times), n)
     (c,), kept = _resampled_c(counts, times, events, risk)
     values = c[kept]
     if not len(values):
         raise NotComputed(f"none of the {n} bootstrap resamples held a comparable pair of patients")
-    low, high = _interval(values, level)
+    low, high = percentile_interval(values, level)
     return low, high, n - len(values)
 
 
@@ -253,7 +253,7 @@ def fold_bootstrap(times: np.ndarray, events: np.ndarray, folds: np.ndarray, ris
             continue
         scored.append(fold)
         points.append([harrell_c(times[test], events[test], r[test]) for r in risks])
-        counts = _resample_counts(rng, int(test.sum()), n)
+        counts = resample_counts(rng, int(test.sum()), n)
         values, _ = _resampled_c(counts, times[test], events[test], *(r[test] for r in risks))
         resampled.append(values)
     if not scored:
@@ -268,7 +268,7 @@ def c_index_ci(times: np.ndarray, events: np.ndarray, folds: np.ndarray, risk: n
     values = resampled[0][np.isfinite(resampled[0])]
     if not len(values):
         raise NotComputed(f"none of the {n} bootstrap resamples held a comparable pair in every fold")
-    return {"harrell_c": float(point[0]), "ci95": _interval(values, level), "folds": scored, "resamples": n,
+    return {"harrell_c": float(point[0]), "ci95": percentile_interval(values, level), "folds": scored, "resamples": n,
             "skipped": int(n - len(values)), "seed": seed}
 
 
@@ -282,7 +282,7 @@ def paired_c_difference(times: np.ndarray, events: np.ndarray, folds: np.ndarray
     values = delta[np.isfinite(delta)]
     if not len(values):
         raise NotComputed(f"none of the {n} joint bootstrap resamples held a comparable pair in every fold")
-    return {"difference": float(point[1] - point[0]), "ci95": _interval(values, level), "folds": scored,
+    return {"difference": float(point[1] - point[0]), "ci95": percentile_interval(values, level), "folds": scored,
             "resamples": n, "skipped": int(n - len(values)), "seed": seed}
 
 
@@ -366,11 +366,6 @@ def summarise(folds: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, A
 # tests/evaluate/test_sweep_intervals.py checks each against scikit-survival on the resampled patients.
 
 
-def resample_counts(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
-    """(n, size): how often each of `size` patients is drawn in each of n resamples (fold_bootstrap's draws)."""
-    return _resample_counts(rng, size, n)
-
-
 def ipcw_weights(train: np.ndarray, truncated: np.ndarray) -> np.ndarray:
     """1/G(T_i) at each (censored-at-tau) test event, 0 for the censored: Uno's C weighs pairs by its square,
     the time-dependent AUC its cases by it (as scikit-survival's predict_ipcw)."""
@@ -399,13 +394,9 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 
 def resampled_harrell_c(counts: np.ndarray, times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> np.ndarray:
-    """Harrell's C of each resample (NaN without a comparable pair), as _resampled_c."""
-    times, events = np.asarray(times, float), np.asarray(events, bool)
-    comparable, score = _harrell_pairs(times, events, np.asarray(risk, float))
-    drawn = counts > 0
-    first_event = np.where(drawn & events, times, np.inf).min(axis=1)
-    kept = first_event < np.where(drawn, times, -np.inf).max(axis=1)
-    return np.where(kept, _ratio(_pair_sums(counts, score), _pair_sums(counts, comparable)), np.nan)
+    """Harrell's C of each resample (NaN without a comparable pair): _resampled_c for one risk vector."""
+    (c,), _ = _resampled_c(counts, np.asarray(times, float), np.asarray(events, bool), np.asarray(risk, float))
+    return c
 
 
 def resampled_uno_c(counts: np.ndarray, truncated: np.ndarray, weights: np.ndarray, risk: np.ndarray) -> np.ndarray:

@@ -193,8 +193,7 @@ def _interval(values: np.ndarray, key: str, n: int, seed: int, folds: list[int])
     if not len(finite):
         return out | {"ci95": None, "not_computed": f"none of the {n} resamples could score it: "
                                                      f"{out['skipped_because']}"}
-    alpha = (1 - LEVEL) / 2
-    return out | {"ci95": [float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))]}
+    return out | {"ci95": sm.percentile_interval(finite, LEVEL)}
 
 
 def row_intervals(folds: Sequence[HeldOutFold], keys: Sequence[str], n: int = RESAMPLES,

@@ -28,7 +28,16 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def hub_download(repo: str, filenames: tuple[str, ...]) -> Path:
+def is_hub_id(text: str) -> bool:
+    """`owner/name`, not a path: what a hub download is tried for when no such local file or folder exists."""
+    return not text.startswith((".", "/", "~")) and text.count("/") == 1
+
+
+GATED_ADVICE = "The weights are gated: accept the licence on the hub and set HF_TOKEN, or pass a local weights file"
+
+
+def hub_download(repo: str, filenames: tuple[str, ...], revision: str | None = None,
+                 advice: str = GATED_ADVICE) -> Path:
     """The first of `filenames` the hub repository has (HF_TOKEN from the environment; never read by us)."""
     from huggingface_hub import hf_hub_download  # imported late: no network probe at import time
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
@@ -36,16 +45,14 @@ def hub_download(repo: str, filenames: tuple[str, ...]) -> Path:
     last: Exception | None = None
     for filename in filenames:
         try:
-            return Path(hf_hub_download(repo, filename))
+            return Path(hf_hub_download(repo, filename, revision=revision))
         except EntryNotFoundError as e:  # the repository exists but ships another file name: try the next
             last = e
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
             last = e
             break
-    raise EncoderError(
-        f"could not fetch {' or '.join(filenames)} of {repo!r} ({type(last).__name__}). The weights are gated: "
-        "accept the licence on the hub and set HF_TOKEN, or pass a local weights file"
-    ) from last
+    raise EncoderError(f"could not fetch {' or '.join(filenames)} of {repo!r} ({type(last).__name__}). {advice}") \
+        from last
 
 
 def resolve_weights_file(weights: str, names: tuple[str, ...], model: str, needs_config: bool = False) -> Path:
@@ -60,7 +67,7 @@ def resolve_weights_file(weights: str, names: tuple[str, ...], model: str, needs
         local = found[0]
     if local.is_file():
         path = local
-    elif weights.startswith((".", "/", "~")) or weights.count("/") != 1:
+    elif not is_hub_id(weights):
         raise EncoderError(f"weights {weights!r}: no such file, and not a hub id of the form owner/name")
     else:
         path = hub_download(weights, names)

@@ -43,6 +43,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Autocast over fp32 weights at a resolved `precision`, as TRIDENT runs these models: norms and softmax stay
+    in fp32; fp32 runs as it is."""
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision], enabled=precision != "fp32")
+
+
 def set_spec(encoder: SlideEncoder, precision: str, tiles_fingerprint: str) -> dict[str, Any]:
     """What a set's fingerprint hashes: the slide encoder as it describes itself, run at `precision`, over the
     tile features of the store whose fingerprint is `tiles_fingerprint`."""
@@ -242,8 +248,7 @@ class SlideEmbeddingJob:
             raise EncoderError(f"slide {slide.slide_id!r}: the store does not say how far apart its tiles are at "
                                f"level 0 (no tile_px_level0, mpp or tiling), and {encoder.name} places tiles by it: "
                                "extract the slide again, or import its tiles from an .h5 with patch_size_level0")
-        # autocast over fp32 weights, as TRIDENT runs these models: norms and softmax stay in fp32
-        with torch.autocast(device_type=device.type, dtype=_DTYPES[precision], enabled=precision != "fp32"):
+        with autocast(device, precision):
             vector = encoder.embed(features, coords, spacing or 1.0).numpy()  # PRISM ignores positions
         if not np.isfinite(vector).all():
             raise EncoderError(f"slide {slide.slide_id!r}: {encoder.name} gave NaN/Inf at {precision}; embed it at "

@@ -32,6 +32,7 @@ from torch import nn
 from transformers import BioGptConfig
 from transformers.models.biogpt.modeling_biogpt import BioGptLearnedPositionalEmbedding, BioGptScaledWordEmbedding
 
+from extract.encoder_weights import hub_download, is_hub_id, read_state_dict, resolve_weights_file, sha256_file
 from extract.slide_encoders.prism import PRISM_ARCH, PrismResampler
 from slidecache.errors import EncoderError
 
@@ -321,20 +322,14 @@ def load_biogpt_tokenizer(source: str | None, beside: Path | None = None) -> tup
     for folder in folders:
         if all((folder / name).is_file() for name in TOKENIZER_FILES):
             return BioGptTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")), str(folder)
-    if source is not None and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+    if source is not None and not is_hub_id(source):
         raise EncoderError(f"tokenizer {source!r}: not a folder holding {' and '.join(TOKENIZER_FILES)}, and not a "
                            "hub id of the form owner/name")
     repo = source or BIOGPT_TOKENIZER[0]
     revision = BIOGPT_TOKENIZER[1] if repo == BIOGPT_TOKENIZER[0] else None
-    from huggingface_hub import hf_hub_download  # imported late: no network probe at import time
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        files = [hf_hub_download(repo, name, revision=revision) for name in TOKENIZER_FILES]
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:  # offline, gated or absent
-        raise EncoderError(f"could not fetch BioGPT's {' and '.join(TOKENIZER_FILES)} from {repo!r} "
-                           f"({type(e).__name__}); pass --tokenizer DIR, a folder holding them") from e
-    return BioGptTokenizer(*files), f"{repo}@{revision}" if revision else repo
+    advice = "pass --tokenizer DIR, a folder holding BioGPT's vocab.json and merges.txt"
+    files = [hub_download(repo, (name,), revision, advice) for name in TOKENIZER_FILES]  # offline, gated or absent
+    return BioGptTokenizer(*map(str, files)), f"{repo}@{revision}" if revision else repo
 
 
 def load_report_state(model: PrismReportModel, state: dict[str, torch.Tensor], source: str) -> None:
@@ -415,8 +410,6 @@ def load_prism_reporter(weights: str = PRISM_HUB_ID, tokenizer: str | None = Non
     """PRISM's reporter from `weights`: the hub id (HF_TOKEN), a model.safetensors or its folder (a config.json
     beside it in the hub's format sets the architecture, else PRISM's), or `prism-random` (the full architecture,
     random init from `seed`). The tokenizer: see load_biogpt_tokenizer."""
-    from extract.encoder_weights import read_state_dict, resolve_weights_file, sha256_file
-
     path = None if weights == RANDOM_WEIGHTS else resolve_weights_file(weights, ("model.safetensors",), "PRISM")
     resampler, decoder, context = read_architecture(None if path is None else path.parent / "config.json")
     tok, tokenizer_id = load_biogpt_tokenizer(tokenizer, path)
